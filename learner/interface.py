@@ -1,0 +1,40 @@
+"""What the learner trains on and what it reports."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainSample:
+    sample_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]  # μ_t from the inference engine
+    advantage: float
+    policy_version: int  # version that generated it
+
+
+@dataclass
+class TrainBatch:
+    step: int
+    samples: list[TrainSample]
+    temperature: float  # the sampling temperature; the learner scores logits / temperature
+
+
+@dataclass
+class StepStats:
+    step: int
+    policy_version: int  # version after this step
+    loss: float
+    grad_norm: float
+    is_weight_mean: float
+    is_weight_max: float
+    is_truncated_frac: float
+    mismatch_kl: float  # KL(μ || π_old) estimated on the sampled tokens
+    clip_frac: float
+    entropy: float
+    kl_ref: float
+    tokens: int
+    step_seconds: float
+    skipped: bool = False  # non-finite loss/grad: step skipped, adapter unchanged
+    extra: dict[str, float] = field(default_factory=dict)

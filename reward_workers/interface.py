@@ -1,0 +1,15 @@
+"""What the reward workers return for each rollout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rollout_workers.interface import Rollout
+
+
+@dataclass
+class ScoredRollout:
+    rollout: Rollout
+    reward: float
+    components: dict[str, float] = field(default_factory=dict)
+    grader_error: str | None = None  # why the grader failed (then reward is 0)
+    hack_flags: list[str] = field(default_factory=list)

@@ -1,0 +1,66 @@
+"""What a rollout worker takes and returns, and the engine interface both engines implement."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from weight_sync.adapter import AdapterWeights
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sample to generate: sample `sample_index` of the group for prompt `prompt_id`."""
+    prompt_id: str
+    sample_index: int
+    prompt_ids: list[int]
+
+    @property
+    def sample_id(self) -> str:
+        return f"{self.prompt_id}#{self.sample_index}"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """temperature 0 = greedy (evaluation). Sampling uses the full distribution softened by
+    `temperature` (no top-k/top-p), which is exactly what the learner scores."""
+    temperature: float
+    max_new_tokens: int
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    completion_ids: list[int]
+    # log p(token) under softmax(logits / temperature), one per completion token.
+    behaviour_logprobs: list[float]
+    finish_reason: str  # "stop" (EOS) or "length"
+    text: str
+
+
+@dataclass
+class Rollout:
+    prompt_id: str
+    sample_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float]
+    policy_version: int
+    finish_reason: str
+    text: str
+    worker_id: str = ""
+
+    @property
+    def sample_id(self) -> str:
+        return f"{self.prompt_id}#{self.sample_index}"
+
+
+class InferenceEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        """One completion per prompt, in order."""
+        ...
+
+    def load_adapter(self, adapter: AdapterWeights) -> None:
+        """Generate with this LoRA adapter from now on (replacing any earlier one)."""
+        ...

@@ -1,0 +1,115 @@
+"""The `rft` command line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer
+import yaml
+
+from services.config import ConfigError, GraderConfig, RewardConfig, load_config
+from services.data import DatasetError
+from services.model_store import ModelNotFoundError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Reinforcement fine-tuning of language models with verifiable rewards.")
+
+# Errors a user can fix from the message alone: print it, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, FileNotFoundError)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="job config YAML (default with --resume: RUN_DIR/config.yaml)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in RUN_DIR from its last checkpoint"),
+    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of starting one"),
+    override: list[str] = typer.Option([], "--set", "-o", help="override a config field: section.field=value"),
+) -> None:
+    """Run a job on this machine (an embedded Ray unless --address is given)."""
+    from services.driver import run_job
+    from services.job_setup import prepare_inputs
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if resume is not None:
+            config = config or resume / "config.yaml"
+            override = [f"run_root={resume.parent}", f"name={resume.name}", *override]
+        if config is None:
+            _fail("give a job config, or --resume RUN_DIR")
+        cfg = load_config(config, override + ([f"cluster.address={address}"] if address else []))
+        if resume is None and (cfg.run_dir / "checkpoints").exists():
+            _fail(f"{cfg.run_dir} already has checkpoints: use --resume {cfg.run_dir} or another name (-o name=...)")
+        inputs = prepare_inputs(cfg)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    summary = run_job(cfg, inputs, resume=resume is not None)
+    base, final = summary["heldout_base"], summary["heldout_final"]
+    if base and final:
+        typer.echo(f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
+                   f"({100 * (final['accuracy'] - base['accuracy']):+.1f} points, n={final['count']})")
+    typer.echo(f"adapter: {summary['adapter']}")
+
+
+def load_grader_spec(spec: str) -> GraderConfig:
+    """A grader spec is a .py file with grade(sample, item), or a YAML/JSON grader config."""
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--grader: {spec} not found")
+    if path.suffix == ".py":
+        return GraderConfig(source=str(path.resolve()))
+    raw = yaml.safe_load(path.read_text())
+    grader = GraderConfig.model_validate(raw)
+    if not Path(grader.source).is_absolute():
+        grader.source = str((path.parent / grader.source).resolve())
+    return grader
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Optional[str] = typer.Option(None, "--model", help="HF model dir (default: embedded SmolLM2-135M-Instruct)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="peft LoRA adapter dir to apply"),
+    data: Path = typer.Option(..., "--data", help="JSONL items in the job format"),
+    grader: str = typer.Option(..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"),
+    engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N items"),
+    output: Optional[Path] = typer.Option(None, "--output", help="write per-item results as JSONL"),
+) -> None:
+    """Greedy accuracy and mean reward of a model (+ adapter) on a dataset, graded in the sandbox."""
+    from services.offline_eval import evaluate_model
+
+    try:
+        grader_cfg = load_grader_spec(grader)
+        summary = evaluate_model(model, adapter, data, RewardConfig(grader=grader_cfg), engine,
+                                 max_new_tokens, limit, output)
+    except USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"accuracy {summary['accuracy']:.3f}  mean reward {summary['reward_mean']:.3f}  (n={summary['count']})")
+
+
+@app.command(name="prepare-model")
+def prepare_model() -> None:
+    """Convert the embedded SmolLM2-135M-Instruct into the user cache (done once; idempotent)."""
+    from services.model_store import ensure_default_model
+
+    try:
+        typer.echo(ensure_default_model())
+    except USER_ERRORS as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,45 @@
+"""Held-out evaluation: greedy completions, graded, summarised. Shared by `rft run` and `rft eval`."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from reward_workers.interface import ScoredRollout
+from rollout_workers.interface import GenerationRequest, SamplingSettings
+
+# An item counts as solved when its grader gives (nearly) full reward.
+SOLVED_REWARD = 1.0 - 1e-6
+
+
+def greedy_settings(max_new_tokens: int) -> SamplingSettings:
+    return SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
+
+
+def eval_requests(items: list[dict], prompt_ids: dict[str, list[int]]) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt_id=item["id"], sample_index=0, prompt_ids=prompt_ids[item["id"]])
+            for item in items]
+
+
+def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
+    """accuracy (share solved), reward_mean, grader error share and the mean of each component."""
+    n = len(scored)
+    if n == 0:
+        return {"accuracy": 0.0, "reward_mean": 0.0, "grader_error_rate": 0.0, "count": 0}
+    component_sums: dict[str, float] = defaultdict(float)
+    for s in scored:
+        for name, value in s.components.items():
+            component_sums[name] += value
+    summary = {
+        "accuracy": sum(s.reward >= SOLVED_REWARD for s in scored) / n,
+        "reward_mean": sum(s.reward for s in scored) / n,
+        "grader_error_rate": sum(s.grader_error is not None for s in scored) / n,
+        "count": n,
+    }
+    summary.update({f"component_{name}": total / n for name, total in sorted(component_sums.items())})
+    return summary
+
+
+def format_summary(summary: dict[str, float]) -> str:
+    parts = [f"accuracy {summary['accuracy']:.3f}", f"mean reward {summary['reward_mean']:.3f}"]
+    parts += [f"{k.removeprefix('component_')} {v:.3f}" for k, v in summary.items() if k.startswith("component_")]
+    parts.append(f"grader errors {summary['grader_error_rate']:.3f}")
+    return f"n={summary['count']}: " + ", ".join(parts)

@@ -1,0 +1,68 @@
+"""The unit of weight sync: one versioned, checksummed LoRA adapter."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+class AdapterIntegrityError(ValueError):
+    """An adapter whose tensors do not match the checksum it was published with."""
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class AdapterWeights:
+    """LoRA tensors named as peft's `get_peft_model_state_dict` names them (no adapter name),
+    the `LoraConfig` as a dict, the policy version they define, and a sha256 over the tensors."""
+    version: int
+    tensors: dict[str, torch.Tensor]
+    peft_config: dict[str, Any]
+    sha256: str = field(default="")
+
+    @classmethod
+    def create(cls, version: int, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> "AdapterWeights":
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        return cls(version=version, tensors=cpu, peft_config=peft_config, sha256=checksum(cpu))
+
+    def verify(self) -> None:
+        actual = checksum(self.tensors)
+        if actual != self.sha256:
+            raise AdapterIntegrityError(
+                f"adapter version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}")
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter in peft format (loadable by peft and by vLLM `--lora-modules`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(directory / "adapter_model.safetensors"),
+                  metadata={"format": "pt", "policy_version": str(self.version), "sha256": self.sha256})
+        (directory / "adapter_config.json").write_text(json.dumps(self.peft_config, indent=2, default=list))
+        return directory
+
+    @classmethod
+    def load_pretrained(cls, directory: str | Path, version: int = 1) -> "AdapterWeights":
+        """Read a peft-format adapter directory (as written by `save_pretrained` or peft)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+        if not (weights.is_file() and config.is_file()):
+            raise FileNotFoundError(f"{directory} is not a peft adapter (needs adapter_model.safetensors "
+                                    "and adapter_config.json)")
+        return cls.create(version, load_file(str(weights)), json.loads(config.read_text()))
