@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from weight_sync.adapter import AdapterWeights
+if TYPE_CHECKING:  # only for annotations: reward actors unpickle Rollouts without importing torch
+    from weight_sync.adapter import AdapterWeights
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,6 @@ class InferenceEngine(Protocol):
         """One completion per prompt, in order."""
         ...
 
-    def load_adapter(self, adapter: AdapterWeights) -> None:
+    def load_adapter(self, adapter: "AdapterWeights") -> None:
         """Generate with this LoRA adapter from now on (replacing any earlier one)."""
         ...

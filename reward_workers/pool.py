@@ -1,0 +1,128 @@
+"""Reward workers: Ray actors that score rollouts with a sandboxed grader, and the pool that
+spreads a batch over them.
+
+Each actor holds one warm GraderSandbox (graders never run in the actor's own process). The
+pool splits a batch across the actors, runs the shares in parallel and returns results in
+input order; a share whose actor died is re-scored on a replacement actor, so no sample is lost.
+"""
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.exceptions import RayActorError
+
+from reward_workers.interface import ScoredRollout
+from reward_workers.sandbox import GraderSandbox
+from rollout_workers.interface import Rollout
+from services.config import RewardConfig
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS_PER_SHARE = 3  # a share whose actors keep dying is an error, not a retry loop
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def grader_sample(rollout: Rollout) -> dict:
+    """What grade(sample, item) receives as `sample` (the OpenAI RFT grader convention)."""
+    return {"output_text": rollout.text, "finish_reason": rollout.finish_reason}
+
+
+def score_with(sandbox: GraderSandbox, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
+    results = sandbox.grade([grader_sample(r) for r in rollouts], items)
+    return [ScoredRollout(rollout=r, reward=g.reward, components=g.components, grader_error=g.error,
+                          hack_flags=g.hack_flags) for r, g in zip(rollouts, results)]
+
+
+def _items_for(rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> list[dict]:
+    missing = sorted({r.prompt_id for r in rollouts} - items_by_prompt_id.keys())
+    if missing:
+        raise KeyError(f"no dataset item for prompt ids {missing[:5]}")
+    return [items_by_prompt_id[r.prompt_id] for r in rollouts]
+
+
+def score_locally(reward_cfg: RewardConfig, rollouts: list[Rollout],
+                  items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
+    """Score without Ray (for `rft eval`/`rft grade`): one sandbox, started and closed here."""
+    items = _items_for(rollouts, items_by_prompt_id)
+    with GraderSandbox(reward_cfg.grader, reward_cfg) as sandbox:
+        return score_with(sandbox, rollouts, items)
+
+
+class RewardWorker:
+    """One reward worker: a warm sandboxed grader. Use as the Ray actor RewardWorkerActor."""
+
+    def __init__(self, reward_cfg: RewardConfig):
+        self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg)
+
+    def score(self, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
+        return score_with(self._sandbox, rollouts, items)
+
+    def protections(self) -> list[str]:
+        return self._sandbox.protections
+
+    def close(self) -> None:
+        self._sandbox.close()
+
+
+# Reward workers only wait on their sandboxes: they claim no CPU, so they fit any local cluster.
+RewardWorkerActor = ray.remote(num_cpus=0)(RewardWorker)
+
+
+class RewardPool:
+    """`num_workers` reward-worker actors (default reward_cfg.num_workers)."""
+
+    def __init__(self, reward_cfg: RewardConfig, num_workers: int | None = None):
+        self._cfg = reward_cfg
+        self._actors = [RewardWorkerActor.remote(reward_cfg)
+                        for _ in range(num_workers or reward_cfg.num_workers)]
+        # Wait until every sandbox is up, so that a grader that cannot be isolated fails here.
+        ray.get([actor.protections.remote() for actor in self._actors])
+
+    @property
+    def actors(self) -> list:
+        return list(self._actors)
+
+    def score(self, rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
+        """Score every rollout against its prompt's dataset item; results in input order."""
+        items = _items_for(rollouts, items_by_prompt_id)
+        # Round-robin shares: actor k gets positions k, k+n, k+2n, ...
+        shares = {slot: list(range(slot, len(rollouts), len(self._actors)))
+                  for slot in range(len(self._actors))}
+        pending = {}  # ObjectRef -> (slot, attempt)
+
+        def submit(slot: int, attempt: int) -> None:
+            share = shares[slot]
+            ref = self._actors[slot].score.remote([rollouts[i] for i in share], [items[i] for i in share])
+            pending[ref] = (slot, attempt)
+
+        for slot, share in shares.items():
+            if share:
+                submit(slot, attempt=1)
+        results: list[ScoredRollout | None] = [None] * len(rollouts)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            slot, attempt = pending.pop(ref)
+            try:
+                scored = ray.get(ref)
+            except RayActorError as e:
+                if attempt >= MAX_ATTEMPTS_PER_SHARE:
+                    raise RuntimeError(f"reward worker died {attempt} times scoring the same share") from e
+                log.warning("reward worker %d died (%s); re-scoring its %d samples on a new one",
+                            slot, type(e).__name__, len(shares[slot]))
+                self._actors[slot] = RewardWorkerActor.remote(self._cfg)
+                submit(slot, attempt + 1)
+                continue
+            for i, scored_rollout in zip(shares[slot], scored):
+                results[i] = scored_rollout
+        return results
+
+    def shutdown(self) -> None:
+        """Close the sandboxes (bounded wait: a dead or stuck actor is simply killed), then the actors."""
+        if not self._actors:
+            return
+        ray.wait([actor.close.remote() for actor in self._actors], num_returns=len(self._actors),
+                 timeout=SHUTDOWN_TIMEOUT_S)
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []

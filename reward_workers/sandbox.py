@@ -1,0 +1,289 @@
+"""Run untrusted grader code (and, through it, untrusted model output) outside this process.
+
+One GraderSandbox keeps one warm runner (sandbox_runner.py) in fresh user, network, pid and
+mount namespaces made by `unshare`: no network, an empty environment, a read-only filesystem
+with private /tmp, /run and a minimal /dev, no capabilities, and rlimits. The runner loads the
+grader once and grades each sample in a forked child with its own CPU, wall-clock, process
+and output limits. If the runner itself dies, the sample in flight scores 0 with the reason
+and a new runner grades the rest.
+
+Not enforced: reads. The grader runs as the service's own user (namespace root is mapped onto
+it; host root when the service runs as root), so it can read what that user can read outside
+the hidden /tmp, /run and /dev, though with no network it can only leak it through its result.
+Memory and CPU limits are per process, not for the sandbox as a whole (no cgroups).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.config import GraderConfig, RewardConfig
+
+log = logging.getLogger(__name__)
+
+RUNNER = Path(__file__).with_name("sandbox_runner.py")
+NAMESPACE_FLAGS = ("--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc",
+                   "--kill-child=SIGKILL")
+SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+# RLIMIT_NPROC of each grading child. The kernel ignores it for host root; the runner then
+# caps its pid namespace instead (Linux >= 6.14).
+MAX_PROCESSES = 64
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_OPEN_FILES = 256
+LOAD_TIMEOUT_S = 60.0  # runner start + grader import
+RUNNER_GRACE_S = 5.0   # beyond timeout_s: fork, kill and clean-up of one sample
+MAX_ERROR_CHARS = 4000
+RESULT_KEYS = {"reward", "components", "hack_flags"}
+
+
+class SandboxUnavailableError(RuntimeError):
+    """Graders cannot be isolated here and the config does not accept weaker isolation."""
+
+
+@dataclass
+class GradeResult:
+    reward: float
+    components: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # why the sample scored 0 (the grader failed); None on success
+    hack_flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def failed(cls, reason: str) -> GradeResult:
+        return cls(reward=0.0, error=reason[:MAX_ERROR_CHARS])
+
+
+class _RunnerFailure(Exception):
+    """The runner died, hung or broke the protocol."""
+
+
+@functools.cache
+def namespace_problem() -> str | None:
+    """None if `unshare` can make the sandbox's namespaces here, else why not (probed once)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return "the `unshare` program (util-linux) is not installed"
+    try:
+        probe = subprocess.run([unshare, *NAMESPACE_FLAGS, "true"], capture_output=True, text=True,
+                               env=SANDBOX_ENV, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`unshare` failed to run: {e}"
+    if probe.returncode != 0:
+        return f"`unshare {' '.join(NAMESPACE_FLAGS)}` failed: {probe.stderr.strip()}"
+    return None
+
+
+def _finite(value, what: str) -> float:
+    number = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"grader returned {type(value).__name__} {value!r:.80} as {what}, "
+                         "expected a finite number")
+    return number
+
+
+def _validated(value) -> GradeResult:
+    """Turn what grade() returned (decoded from JSON) into a GradeResult, or raise ValueError."""
+    if not isinstance(value, dict):
+        try:
+            return GradeResult(_finite(value, "the reward"))
+        except ValueError as e:
+            raise ValueError(f"{e} (grade() must return one, or a dict with a 'reward' key)") from None
+    if "reward" not in value or not RESULT_KEYS.issuperset(value):
+        raise ValueError(f"grader returned a dict with keys {sorted(value)}; "
+                         f"expected 'reward' and optionally 'components', 'hack_flags'")
+    components = value.get("components", {})
+    flags = value.get("hack_flags", [])
+    if not isinstance(components, dict):
+        raise ValueError(f"grader's components is {type(components).__name__}, expected a dict")
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise ValueError("grader's hack_flags must be a list of strings")
+    return GradeResult(reward=_finite(value["reward"], "the reward"),
+                       components={k: _finite(v, f"component {k!r}") for k, v in components.items()},
+                       hack_flags=flags)
+
+
+def _result_from_reply(reply: dict) -> GradeResult:
+    if "error" in reply:
+        return GradeResult.failed(str(reply["error"]))
+    try:
+        return _validated(reply.get("value"))
+    except ValueError as e:
+        return GradeResult.failed(str(e))
+
+
+class GraderSandbox:
+    """One warm sandboxed runner for one grader. Not thread-safe; use as a context manager."""
+
+    def __init__(self, grader: GraderConfig, limits: RewardConfig):
+        self._grader = grader
+        self._limits = limits
+        problem = namespace_problem()
+        if problem and not limits.allow_weak_isolation:
+            raise SandboxUnavailableError(
+                f"cannot isolate graders: {problem}. Graders would run with network access and "
+                "the host's filesystem; set reward.allow_weak_isolation=true to accept that.")
+        self._isolated = problem is None
+        if not self._isolated:
+            log.warning("grader isolation is WEAKER: %s; graders run with rlimits, an empty "
+                        "environment and a temp dir only (network and filesystem are the host's)",
+                        problem)
+        # Inside the namespaces /tmp is a private tmpfs; without them, a temp dir of our own.
+        self._scratch = "/tmp" if self._isolated else tempfile.mkdtemp(prefix="rft-grader-")
+        self._runner: subprocess.Popen | None = None
+        self._buffer = b""
+        self._load_error: str | None = None
+        self.protections: list[str] = []  # what the running sandbox enforces, as reported by it
+        try:
+            self._start_runner()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> GraderSandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def grade(self, samples: list[dict], items: list[dict]) -> list[GradeResult]:
+        """Grade sample i against item i; every sample gets a result, in order."""
+        if len(samples) != len(items):
+            raise ValueError(f"{len(samples)} samples but {len(items)} items")
+        return [self._grade_one(sample, item) for sample, item in zip(samples, items)]
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._stop_runner()
+        if not self._isolated:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    # -- one sample ---------------------------------------------------------------------------
+
+    def _grade_one(self, sample: dict, item: dict) -> GradeResult:
+        request = (json.dumps({"sample": sample, "item": item}, default=str) + "\n").encode()
+        for attempt in range(2):
+            if self._runner is None and self._load_error is None:
+                self._start_runner()
+            if self._load_error is not None:
+                return GradeResult.failed(self._load_error)
+            try:
+                self._runner.stdin.write(request)
+                self._runner.stdin.flush()
+                break
+            except OSError:  # it died after its last reply (not this sample's doing): start afresh
+                self._stop_runner()
+        else:
+            return GradeResult.failed("the sandbox runner keeps dying before taking a sample")
+        try:
+            reply = self._read_reply(self._limits.timeout_s + RUNNER_GRACE_S)
+        except _RunnerFailure as e:
+            self._stop_runner()
+            return GradeResult.failed(f"sandbox runner {e} while grading this sample")
+        return _result_from_reply(reply)
+
+    # -- the runner process -------------------------------------------------------------------
+
+    def _start_runner(self) -> None:
+        path = self._grader.source
+        try:
+            source = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            self._load_error = f"grader {path} cannot be read: {e}"
+            return
+        command = [sys.executable, "-I", str(RUNNER)]
+        if self._isolated:
+            command = [shutil.which("unshare"), *NAMESPACE_FLAGS, *command]
+        self._runner = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**SANDBOX_ENV, "HOME": self._scratch, "TMPDIR": self._scratch},
+            cwd="/" if self._isolated else self._scratch, start_new_session=True)
+        self._buffer = b""
+        limits = self._limits
+        config = {"path": path, "source": source, "scratch": self._scratch, "isolated": self._isolated,
+                  "limits": {"timeout_s": limits.timeout_s, "cpu_s": limits.cpu_s,
+                             "memory_mb": limits.memory_mb, "max_output_bytes": limits.max_output_bytes,
+                             "max_processes": MAX_PROCESSES, "max_file_bytes": MAX_FILE_BYTES,
+                             "max_open_files": MAX_OPEN_FILES}}
+        try:
+            self._runner.stdin.write((json.dumps(config) + "\n").encode())
+            self._runner.stdin.flush()
+            reply = self._read_reply(LOAD_TIMEOUT_S)
+        except (OSError, _RunnerFailure) as e:
+            stderr = self._stop_runner()
+            self._load_error = (f"grader {path}: the sandbox runner failed to start or to load it "
+                                f"({e}) {stderr}").strip()
+            return
+        if "setup_error" in reply:  # the machine's fault, not the grader's: do not score 0 quietly
+            self._stop_runner()
+            raise SandboxUnavailableError(f"the grader sandbox could not be set up: {reply['setup_error']}")
+        if "load_error" in reply:
+            self._load_error = str(reply["load_error"])
+            self._stop_runner()
+        else:
+            self.protections = list(reply.get("protections", []))
+
+    def _read_reply(self, timeout_s: float) -> dict:
+        """The runner's next JSON line, or _RunnerFailure if it dies, hangs or sends garbage."""
+        deadline = time.monotonic() + timeout_s
+        stdout = self._runner.stdout.fileno()
+        # The runner caps a result at max_output_bytes; re-encoding as ASCII JSON can triple it.
+        max_line = 4 * self._limits.max_output_bytes + MAX_ERROR_CHARS
+        while b"\n" not in self._buffer:
+            readable, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                raise _RunnerFailure(f"did not answer within {timeout_s:g} s")
+            chunk = os.read(stdout, 65536)
+            if not chunk:
+                raise _RunnerFailure(f"died ({self._exit_description()})")
+            self._buffer += chunk
+            if len(self._buffer) > max_line:
+                raise _RunnerFailure("sent an oversized reply")
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise _RunnerFailure("sent a malformed reply") from None
+        if not isinstance(reply, dict):
+            raise _RunnerFailure("sent a malformed reply")
+        return reply
+
+    def _exit_description(self) -> str:
+        try:
+            code = self._runner.wait(timeout=RUNNER_GRACE_S)
+        except subprocess.TimeoutExpired:
+            return "closed its output but kept running"
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+    def _stop_runner(self) -> str:
+        """Kill the runner's whole process group (and with it its pid namespace); returns the
+        start of what it wrote to stderr, for diagnosing a runner that failed to start."""
+        runner, self._runner = self._runner, None
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        runner.wait()
+        os.set_blocking(runner.stderr.fileno(), False)
+        try:
+            stderr = (runner.stderr.read(2000) or b"").decode(errors="replace").strip()
+        except OSError:
+            stderr = ""
+        for pipe in (runner.stdin, runner.stdout, runner.stderr):
+            try:
+                pipe.close()
+            except OSError:  # stdin's buffered bytes cannot be flushed into a dead runner
+                pass
+        return stderr

@@ -1,0 +1,324 @@
+"""The program that runs inside the grader sandbox (started by reward_workers/sandbox.py).
+
+Standard library only: it runs as `python -I`, so it cannot import the rft package.
+Protocol, JSON lines over stdin/stdout:
+  parent -> {"path", "source", "scratch", "isolated", "limits": {...}}
+  runner -> {"protections": [...]} once the grader is loaded, or {"load_error"/"setup_error": "..."}
+  parent -> {"sample": {...}, "item": {...}}        (one line per sample)
+  runner -> {"value": <what grade() returned>} or {"error": "..."}
+The grader is loaded once; each sample is graded in a forked child, so a crash, hang or fork
+bomb costs only that sample, and the per-sample cost is a fork, not a Python start.
+"""
+import ctypes
+import gc
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+# Linux ABI constants (include/uapi/linux/{mount,prctl,capability}.h, fcntl.h).
+MS_NOSUID, MS_BIND, MS_MOVE = 0x2, 0x1000, 0x2000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442  # same number on x86-64 and arm64
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# A pid namespace's own pid_max (settable since Linux 6.14) caps its process count. This
+# matters when the service runs as root: RLIMIT_NPROC never applies to processes whose real
+# uid is host root, and a user namespace mapped onto root is that. The kernel refuses a pid_max
+# below 301, and after pids first wrap it allocates only from RESERVED_PIDS up; so we set
+# pid_max = RESERVED_PIDS + cap and move the pid cursor past RESERVED_PIDS at once.
+RESERVED_PIDS = 300
+DEVICES = ("null", "zero", "full", "random", "urandom")
+HIDDEN_DIRS = ("/tmp", "/run")  # host scratch files, Ray's session sockets, docker.sock, ...
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                      ctypes.c_ulong(flags), data.encode()), f"mount {target}")
+
+
+def _write_sysctl(name: str, value: int) -> bool:
+    try:
+        fd = os.open(f"/proc/sys/kernel/{name}", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        os.write(fd, str(value).encode())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _cap_pid_namespace(max_processes: int) -> str | None:
+    """Cap the number of processes in our pid namespace; None on kernels before 6.14, where
+    pid_max is global: namespace root mapped onto host root could write it for the whole host."""
+    release = tuple(int(part) for part in os.uname().release.split(".")[:2] if part.isdigit())
+    if release < (6, 14) or not _write_sysctl("pid_max", RESERVED_PIDS + max_processes):
+        return None
+    if _write_sysctl("ns_last_pid", RESERVED_PIDS):
+        return f"at most {max_processes} processes (pid namespace)"
+    return f"at most {RESERVED_PIDS + max_processes - 1} processes (pid namespace)"
+
+
+def _build_minimal_dev(scratch: str) -> None:
+    """Replace /dev by a tmpfs holding only null/zero/full/random/urandom: the host's /dev has
+    raw disks that namespace root (host root, when the service runs as root) could open."""
+    staging = os.path.join(scratch, ".dev")
+    os.mkdir(staging)
+    _mount("tmpfs", staging, "tmpfs", MS_NOSUID, "size=64k,mode=0755")
+    for name in DEVICES:
+        open(os.path.join(staging, name), "w").close()
+        _mount(f"/dev/{name}", os.path.join(staging, name), None, MS_BIND)
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", os.path.join(staging, name))
+    os.symlink("/proc/self/fd", os.path.join(staging, "fd"))
+    _mount(staging, "/dev", None, MS_MOVE)
+    os.rmdir(staging)
+
+
+def _drop_capabilities() -> None:
+    """Namespace root has every capability in its namespaces; without this a grader could
+    unmount the private /tmp or make / writable again."""
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    for cap in range(last_cap + 1):
+        _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop bounding capability")
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    _check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    # Not dumpable: a grader (same uid) cannot ptrace the runner or write its /proc/1/mem.
+    _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+
+
+def harden(scratch: str, max_processes: int) -> list[str]:
+    """Run as pid 1 of fresh user/net/pid/mount namespaces: lock the filesystem down, then give
+    up every capability. Returns what is enforced."""
+    interfaces = [name for _, name in socket.if_nameindex()]
+    if interfaces != ["lo"]:
+        raise RuntimeError(f"the network namespace has interfaces {interfaces}")
+    protections = ["no network (empty network namespace)", "own pid namespace"]
+    process_cap = _cap_pid_namespace(max_processes + 2)  # + the runner and the grading child
+    if process_cap:  # (before /proc becomes read-only)
+        protections.append(process_cap)
+    attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
+                        ctypes.sizeof(attr)), "make / read-only")
+    protections.append("read-only filesystem")
+    python_dirs = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix)}
+    for hidden in HIDDEN_DIRS:
+        for p in python_dirs:
+            if p.startswith(hidden + "/"):
+                raise RuntimeError(f"Python ({p}) lies under {hidden}, which the sandbox hides")
+        if os.path.isdir(hidden):
+            size = "64m" if hidden == scratch else "64k"
+            _mount("tmpfs", hidden, "tmpfs", MS_NOSUID, f"size={size},mode=0755")
+            protections.append(f"private empty {hidden}")
+    _build_minimal_dev(scratch)
+    protections.append("minimal /dev")
+    _drop_capabilities()
+    protections.append("no capabilities")
+    return protections
+
+
+def set_runner_limits(limits: dict) -> None:
+    """Limits that every process in the sandbox inherits. Each child adds the CPU limit and the
+    process limit (without a user namespace RLIMIT_NPROC counts all the user's processes on
+    the host, so the runner itself must not carry it)."""
+    for which, value in ((resource.RLIMIT_AS, limits["memory_mb"] * 1024 * 1024),
+                         (resource.RLIMIT_FSIZE, limits["max_file_bytes"]),
+                         (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+                         (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(which, (value, value))
+
+
+def load_grader(path: str, source: str):
+    module = {"__name__": "grader", "__file__": path}
+    exec(compile(source, path, "exec"), module)
+    grade = module.get("grade")
+    if not callable(grade):
+        raise ValueError(f"{path} does not define a function grade(sample, item)")
+    return grade
+
+
+def _as_json_number(value):
+    """json.dumps fallback: numpy scalars and other number-likes become floats."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{type(value).__name__} is not a number") from None
+
+
+def _encode_result(payload: dict) -> bytes:
+    try:
+        return json.dumps(payload, default=_as_json_number).encode()
+    except Exception as e:  # noqa: BLE001 - e.g. not a number, or nested too deep
+        return json.dumps({"error": f"grader's result cannot be encoded: {e}"[:2000]}).encode()
+
+
+def run_child(grade, request: dict, limits: dict, workdir: str, result_fd: int, output_fd: int) -> None:
+    """In the forked child: confine, grade, write one JSON result, exit. Never returns: whatever
+    happens, this process must not fall back into the runner's loop."""
+    pid = os.getpid()
+    try:
+        try:
+            os.setpgid(0, 0)
+            # Die with the runner even without a pid namespace (which would otherwise see to it).
+            _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            os.closerange(3, result_fd)  # close the protocol pipes: the grader cannot forge replies
+            os.closerange(result_fd + 1, limits["max_open_files"])
+            os.chdir(workdir)
+            resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"],) * 2)
+            payload = {"value": grade(request["sample"], request["item"])}
+        except MemoryError:
+            payload = {"error": f"exceeded the memory limit ({limits['memory_mb']} MB)"}
+        except BaseException as e:  # noqa: BLE001 - anything the grader raises scores 0
+            summary = "".join(traceback.format_exception_only(e)).strip()[:1000]
+            trace = "".join(traceback.format_exception(e))[-2000:]
+            payload = {"error": f"grader raised {summary}\n{trace}"}
+        if os.getpid() == pid:  # processes the grader forked must not report a result
+            os.write(result_fd, _encode_result(payload))
+    finally:
+        os._exit(0)
+
+
+def read_child(exited_fd: int, result_fd: int, output_fd: int, limits: dict) -> tuple[bytes, str | None]:
+    """Collect the child's result until it exits, bounding its output and its wall-clock time.
+    Returns (result bytes, reason it was stopped or None)."""
+    result, output_bytes, child_exited = b"", 0, False
+    open_fds = [exited_fd, result_fd, output_fd]
+    deadline = time.monotonic() + limits["timeout_s"]
+    while open_fds:
+        # Once the child is gone, only drain what is already there: a grandchild may hold the pipes.
+        wait = 0.0 if child_exited else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select(open_fds, [], [], wait)
+        if not readable and child_exited:
+            return result, None
+        if not readable:
+            return result, f"timed out after {limits['timeout_s']:g} s (wall-clock limit)"
+        for fd in readable:
+            chunk = b"" if fd == exited_fd else os.read(fd, 65536)
+            if fd == exited_fd:
+                child_exited = True
+            elif fd == result_fd:
+                result += chunk
+            else:
+                output_bytes += len(chunk)
+            if not chunk:
+                open_fds.remove(fd)
+        if max(output_bytes, len(result)) > limits["max_output_bytes"]:
+            return result, f"wrote more than {limits['max_output_bytes']} bytes of output"
+    return result, None
+
+
+def kill_leftovers(child: int) -> tuple[int, resource.struct_rusage]:
+    """Kill the child's process group and, when we are the pid namespace's init, every other
+    process in the namespace (daemons that left the group too), and reap them. Returns the
+    child's wait status and resource usage."""
+    for target in [child, -child] + ([-1] if os.getpid() == 1 else []):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, status, usage = os.wait4(child, 0)
+    while os.getpid() == 1:  # as init we inherit the orphans
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    return status, usage
+
+
+def describe_failure(status: int, usage: resource.struct_rusage, limits: dict) -> str:
+    signalled = os.WIFSIGNALED(status)
+    # SIGXCPU at the soft limit; SIGKILL at the hard one (soft + 1 s) if SIGXCPU was caught.
+    cpu_s = usage.ru_utime + usage.ru_stime
+    if (signalled and os.WTERMSIG(status) == signal.SIGXCPU) or cpu_s >= limits["cpu_s"]:
+        return f"exceeded the CPU-time limit of {limits['cpu_s']} s"
+    if signalled:
+        return f"grader process was killed by {signal.Signals(os.WTERMSIG(status)).name} before returning"
+    return f"grader process exited with status {os.waitstatus_to_exitcode(status)} before returning"
+
+
+def grade_sample(grade, request: dict, limits: dict, scratch: str) -> dict:
+    workdir = tempfile.mkdtemp(dir=scratch)  # fresh per sample: samples cannot see each other's files
+    result_r, result_w = os.pipe()
+    output_r, output_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(result_r)
+        os.close(output_r)
+        run_child(grade, request, limits, workdir, result_w, output_w)
+    os.close(result_w)
+    os.close(output_w)
+    exited = os.pidfd_open(child)
+    result, reason = read_child(exited, result_r, output_r, limits)
+    status, usage = kill_leftovers(child)
+    for fd in (exited, result_r, output_r):
+        os.close(fd)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if reason is None:
+        try:
+            return json.loads(result)
+        except ValueError:
+            reason = describe_failure(status, usage, limits)
+    return {"error": reason}
+
+
+def main() -> None:
+    # Keep the protocol on private descriptors; whatever the grader module prints goes nowhere.
+    requests = os.fdopen(os.dup(0), "rb")
+    replies = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message).encode() + b"\n")
+        replies.flush()
+
+    config = json.loads(requests.readline())
+    limits = config["limits"]
+    try:
+        protections = harden(config["scratch"], limits["max_processes"]) if config["isolated"] else []
+        os.chdir(config["scratch"])
+        set_runner_limits(limits)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on
+        reply({"setup_error": f"{type(e).__name__}: {e}"})
+        return
+    try:
+        grade = load_grader(config["path"], config["source"])
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which scores 0
+        reply({"load_error": f"grader {config['path']} failed to load: {type(e).__name__}: {e}"})
+        return
+    gc.freeze()  # forked children then do not copy the loaded objects' pages when the GC runs
+    reply({"protections": protections})
+    for line in requests:
+        reply(grade_sample(grade, json.loads(line), limits=limits, scratch=config["scratch"]))
+
+
+if __name__ == "__main__":
+    main()
