@@ -61,7 +61,7 @@ def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) ->
     """Chat items go through the model's chat template; plain prompts are tokenized as they are."""
     if item.get("messages") is not None:
         ids = tokenizer.apply_chat_template(item["messages"], tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
     else:
         ids = tokenizer(item["prompt"], add_special_tokens=True)["input_ids"]
