@@ -48,7 +48,9 @@ def actor_env() -> dict[str, str]:
     """Environment every actor process gets: offline hub, CPU DeepSpeed when there is no GPU."""
     import torch
 
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           # Ray gives actors with num_cpus=0 a single OpenMP thread; ours do the heavy math.
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):

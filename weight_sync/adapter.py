@@ -37,7 +37,8 @@ class AdapterWeights:
 
     @classmethod
     def create(cls, version: int, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> "AdapterWeights":
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        # A copy: the published version must not change while the learner keeps training.
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         return cls(version=version, tensors=cpu, peft_config=peft_config, sha256=checksum(cpu))
 
     def verify(self) -> None:

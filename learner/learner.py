@@ -1,0 +1,246 @@
+"""The learner: a LoRA adapter on a Hugging Face causal LM, trained by a DeepSpeed engine.
+
+One `train_step` = one optimizer step on one TrainBatch, accumulated over micro-batches.
+The same code runs on CPU (gloo, DS_ACCELERATOR=cpu) and CUDA (nccl). The driver wraps the
+class with `ray.remote`; in a plain process it starts a one-rank process group itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from learner.interface import StepStats, TrainBatch, TrainSample
+from learner.logprobs import completion_logprobs, right_pad
+from learner.losses import policy_loss
+from services.config import JobConfig
+from weight_sync.adapter import AdapterWeights
+
+log = logging.getLogger(__name__)
+
+ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a checkpoint directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed() -> Any:
+    """Import deepspeed for this machine and join (or start) its process group.
+
+    A launcher (torchrun, the deepspeed CLI) sets RANK/WORLD_SIZE/MASTER_*; alone, this process
+    is rank 0 of 1 on a free loopback port.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed is imported
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return deepspeed
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move a fully written directory into place; the old one is removed only afterwards."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Learner:
+    def __init__(self, cfg: JobConfig, model_path: str):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, cfg.model.dtype)
+        if cfg.learner.zero_stage == 0 and dtype == torch.float32:
+            # DeepSpeed's plain fp32 optimizer applies non-finite gradients; every ZeRO stage and
+            # its bf16 optimizer skip such a step, which train_step relies on.
+            raise ValueError("learner.zero_stage=0 with model.dtype=float32 cannot skip non-finite steps; "
+                             "use zero_stage >= 1 or bfloat16")
+        self.deepspeed = _init_distributed()
+        self.cfg = cfg
+        self.policy_version = 0
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        lora = cfg.learner
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the adapter's random init is the job's, not the process's
+            self.model = get_peft_model(model, LoraConfig(
+                r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM"))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # gradient_accumulation_steps stays 1: batches vary in size, so train_step marks the
+        # last micro-batch as the accumulation boundary itself, and steps once per batch.
+        ds_config = {
+            "train_micro_batch_size_per_gpu": lora.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": lora.grad_clip,
+            "zero_optimization": {"stage": lora.zero_stage},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            # torch_adam: no fused-Adam JIT build (~65 s on CPU) for a few MB of LoRA weights.
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": lora.learning_rate, "weight_decay": lora.weight_decay, "torch_adam": True}},
+        }
+        self.engine, *_ = self.deepspeed.initialize(
+            model=self.model, model_parameters=self.trainable, config=ds_config)
+
+    # ---- log-probs -------------------------------------------------------------------------
+
+    def _micro_batches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
+        size = self.cfg.learner.micro_batch_size
+        return [samples[i:i + size] for i in range(0, len(samples), size)]
+
+    def _logprobs(self, samples: list[TrainSample], temperature: float):
+        return completion_logprobs(self.engine, [(s.prompt_ids, s.completion_ids) for s in samples], temperature)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, samples: list[TrainSample], temperature: float) -> torch.Tensor:
+        # π_ref is the base model: the same weights with the adapter switched off.
+        with self.model.disable_adapter():
+            return self._logprobs(samples, temperature)[0]
+
+    @torch.no_grad()
+    def score(self, samples: list[TrainSample], temperature: float) -> list[list[float]]:
+        """Per-token log-probs of each completion under the current policy."""
+        self.engine.eval()
+        scores = []
+        for chunk in self._micro_batches(samples):
+            logprobs, _, _ = self._logprobs(chunk, temperature)
+            scores += [row[:len(s.completion_ids)].tolist() for row, s in zip(logprobs.float().cpu(), chunk)]
+        return scores
+
+    # ---- training --------------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch) -> StepStats:
+        """One optimizer step on the batch (skipped, adapter unchanged, on non-finite numbers)."""
+        started = time.perf_counter()
+        samples = batch.samples
+        if not samples:
+            raise ValueError(f"step {batch.step}: empty batch")
+        for s in samples:
+            if len(s.behaviour_logprobs) != len(s.completion_ids):
+                raise ValueError(f"sample {s.sample_id}: {len(s.behaviour_logprobs)} behaviour logprobs "
+                                 f"for {len(s.completion_ids)} completion tokens")
+        tokens = sum(len(s.completion_ids) for s in samples)
+        behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
+        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        if not (behaviour.isfinite().all() and advantages.isfinite().all()):
+            # Checked here, not left to the loss: sequence_mask mode would silently drop the sample.
+            log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
+            return self._skipped_stats(batch.step, tokens, started)
+
+        # Token-mean over the whole batch: every micro-batch divides by the batch's count.
+        denominator = tokens if self.cfg.algorithm.loss_aggregation == "token_mean" else len(samples)
+        old, mask, entropy, ref = self._backward(batch, behaviour, advantages, denominator)
+        self.engine.step()
+        # DeepSpeed's optimizers skip a step whose gradient norm is not finite and zero the grads.
+        skipped = not self.engine.was_step_applied()
+        if not skipped:
+            self.policy_version += 1
+
+        # Reported numbers come from one call over the whole batch (detached, elementwise work),
+        # so they need no re-weighting across micro-batches; its loss equals their sum.
+        loss, metrics = policy_loss(old, old, behaviour, ref, advantages, mask, self.cfg.algorithm)
+        return StepStats(
+            step=batch.step, policy_version=self.policy_version, loss=loss.item(),
+            grad_norm=float(self.engine.get_global_grad_norm()), entropy=entropy[mask].mean().item(),
+            tokens=tokens, step_seconds=time.perf_counter() - started, skipped=skipped, **metrics)
+
+    def _backward(self, batch: TrainBatch, behaviour: torch.Tensor, advantages: torch.Tensor, denominator: int):
+        """Forward and backward every micro-batch, accumulating the gradient of the batch loss.
+
+        Returns the whole batch's (old_logprobs, mask, entropy, ref_logprobs | None) on CPU,
+        detached and padded to the batch's longest completion, for the step's metrics.
+        """
+        algo = self.cfg.algorithm
+        device = self.engine.device
+        self.engine.train()
+        chunks = self._micro_batches(batch.samples)
+        collected: dict[str, list[torch.Tensor]] = {"old": [], "mask": [], "entropy": [], "ref": []}
+        offset = 0
+        for k, chunk in enumerate(chunks):
+            rows = slice(offset, offset + len(chunk))
+            offset += len(chunk)
+            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+            new_logprobs, mask, entropy = self._logprobs(chunk, batch.temperature)
+            # One optimizer step per batch, so the weights at the start of the step are the ones
+            # being trained: π_old is π_θ detached, from the same forward pass (ρ = 1 here).
+            old_logprobs = new_logprobs.detach()
+            ref = self._reference_logprobs(chunk, batch.temperature) if algo.kl_coef > 0 else None
+            loss, _ = policy_loss(new_logprobs, old_logprobs, behaviour[rows, :mask.shape[1]].to(device), ref,
+                                  advantages[rows].to(device), mask, algo, denominator=denominator)
+            self.engine.backward(loss)
+            for name, value in (("old", old_logprobs), ("mask", mask), ("entropy", entropy), ("ref", ref)):
+                if value is not None:
+                    collected[name].append(F.pad(value, (0, behaviour.shape[1] - value.shape[1])).cpu())
+        return tuple(torch.cat(collected[name]) if collected[name] else None
+                     for name in ("old", "mask", "entropy", "ref"))
+
+    def _skipped_stats(self, step: int, tokens: int, started: float) -> StepStats:
+        nan = math.nan
+        return StepStats(
+            step=step, policy_version=self.policy_version, loss=nan, grad_norm=nan, is_weight_mean=nan,
+            is_weight_max=nan, is_truncated_frac=nan, mismatch_kl=nan, clip_frac=nan, entropy=nan,
+            kl_ref=nan, tokens=tokens, step_seconds=time.perf_counter() - started, skipped=True,
+            extra={"non_finite_inputs": 1.0})
+
+    # ---- adapter and checkpoints -----------------------------------------------------------
+
+    def export_adapter(self) -> AdapterWeights:
+        """The current adapter, as a copy (the live tensors keep training)."""
+        from peft import get_peft_model_state_dict
+
+        # A no-op except under ZeRO-3, where each parameter is gathered from its partitions.
+        with self.deepspeed.zero.GatheredParameters(self.trainable):
+            tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return AdapterWeights.create(version=self.policy_version, tensors=tensors, peft_config=self.peft_config())
+
+    def peft_config(self) -> dict[str, Any]:
+        """The LoraConfig as JSON-able data (sets as sorted lists), incl. base_model_name_or_path."""
+        return json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        return self.export_adapter().save_pretrained(directory)
+
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Adapter, optimizer state and policy_version, written next to `directory`, then renamed."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            # DeepSpeed writes the optimizer state (incl. fp32 master weights) for every ZeRO
+            # stage; frozen base weights are left out (they are the model directory's), except a
+            # tied output embedding its filter misses (+56 MB for SmolLM2-135M, restored unchanged).
+            self.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False,
+                                        client_state={"policy_version": self.policy_version},
+                                        exclude_frozen_parameters=True)
+            self.save_adapter(staging / "adapter")
+            _replace_dir(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        if not (directory / ENGINE_TAG).is_dir():
+            raise FileNotFoundError(f"{directory} is not a learner checkpoint (no {ENGINE_TAG}/)")
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=False)
+        self.policy_version = int(client_state["policy_version"])

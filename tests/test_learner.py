@@ -1,0 +1,225 @@
+"""The learner with a real DeepSpeed engine (gloo, CPU) on the tiny random Llama."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import learner.learner as learner_module
+from learner.interface import TrainBatch, TrainSample
+from learner.learner import Learner
+from learner.logprobs import completion_logprobs, right_pad
+from learner.losses import policy_loss
+from services.config import JobConfig
+
+TEMPERATURE = 0.7
+
+
+def job_config(dtype: str = "bfloat16", kl_coef: float = 0.0, **learner) -> JobConfig:
+    learner = {"learning_rate": 1e-2, "micro_batch_size": 2, **learner}
+    return JobConfig(data={"train": "unused.jsonl"}, reward={"grader": {"source": "unused.py"}},
+                     model={"dtype": dtype}, algorithm={"kl_coef": kl_coef}, learner=learner)
+
+
+def make_samples(advantages: list[float], seed: int = 0, shared_prompt: bool = False) -> list[TrainSample]:
+    """Random prompts and completions of different lengths (so padding is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 5000, (6,), generator=g).tolist()
+    samples = []
+    for i, advantage in enumerate(advantages):
+        if not shared_prompt:
+            prompt = torch.randint(0, 5000, (4 + 3 * i,), generator=g).tolist()
+        completion = torch.randint(0, 5000, (5 + 2 * i,), generator=g).tolist()
+        samples.append(TrainSample(f"s{i}", prompt, completion, [], advantage, policy_version=0))
+    return samples
+
+
+def on_policy(learner: Learner, samples: list[TrainSample]) -> list[TrainSample]:
+    """Behaviour log-probs as an engine running the learner's own weights would report them."""
+    for sample, logprobs in zip(samples, learner.score(samples, TEMPERATURE)):
+        sample.behaviour_logprobs = logprobs
+    return samples
+
+
+def hf_logprobs(model, samples: list[TrainSample]) -> list[list[float]]:
+    """Reference: each sequence alone, unpadded, through a plain forward pass."""
+    scores = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids + s.completion_ids])
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1]
+            logprobs = torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)
+            scores.append(logprobs.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1).tolist())
+    return scores
+
+
+def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    assert [len(x) for x in a] == [len(y) for y in b]
+    return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+
+
+# Before training the learner matches HF exactly in bf16 (measured 0.0). With a trained adapter,
+# peft upcasts LoRA weights to fp32 on load while the learner's bf16 engine computes the LoRA
+# branch in bf16: measured up to 6e-3. float32 agrees to ~1e-6 either way.
+TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-5}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_score_matches_hf_before_training(tiny_model_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    learner = Learner(job_config(dtype), str(tiny_model_dir))
+    samples = make_samples([0.0] * 5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype))
+    assert max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(base, samples)) < TOLERANCE[dtype]
+
+
+def test_train_step_follows_advantages(tiny_model_dir):
+    learner = Learner(job_config(kl_coef=0.01), str(tiny_model_dir))
+    samples = on_policy(learner, make_samples([1.0, -1.0], shared_prompt=True))
+    before = [sum(x) for x in learner.score(samples, TEMPERATURE)]
+
+    stats = learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
+    after = [sum(x) for x in learner.score(samples, TEMPERATURE)]
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+    assert not stats.skipped and stats.policy_version == learner.policy_version == 1
+    assert stats.tokens == sum(len(s.completion_ids) for s in samples)
+    assert math.isfinite(stats.grad_norm) and stats.grad_norm > 0
+    # Behaviour = the learner's own log-probs: no mismatch, unit weights, nothing clipped, and
+    # the adapter starts as a no-op, so π_θ = π_ref exactly.
+    assert stats.mismatch_kl == pytest.approx(0, abs=1e-6) and stats.is_weight_mean == pytest.approx(1, abs=1e-5)
+    assert stats.clip_frac == 0 and stats.kl_ref == 0 and stats.entropy > 0
+
+    stats = learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
+    assert stats.kl_ref > 0 and stats.mismatch_kl > 0 and stats.policy_version == 2
+
+
+def reference_grad_norm(model_dir, adapter, samples, cfg: JobConfig) -> float:
+    """The gradient norm of the batch loss with plain torch autograd: no DeepSpeed, no micro-batches."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(**{k: v for k, v in adapter.peft_config.items()
+                                               if k in ("r", "lora_alpha", "target_modules", "task_type")}))
+    set_peft_model_state_dict(model, adapter.tensors)
+    new, mask, _ = completion_logprobs(model, [(s.prompt_ids, s.completion_ids) for s in samples], TEMPERATURE)
+    behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
+    advantages = torch.tensor([s.advantage for s in samples])
+    loss, _ = policy_loss(new, new.detach(), behaviour, None, advantages, mask, cfg.algorithm)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+def test_micro_batches_accumulate_to_one_batch_step(tiny_model_dir):
+    """Token-mean over the whole batch regardless of micro-batching: same loss, grad norm, update,
+    and the grad norm DeepSpeed reports is the true one."""
+    samples = make_samples([1.0, -0.5, 0.25, -1.5])
+    results = []
+    for micro_batch_size in (1, 4):
+        cfg = job_config("float32", micro_batch_size=micro_batch_size)
+        learner = Learner(cfg, str(tiny_model_dir))
+        initial = learner.export_adapter()
+        stats = learner.train_step(TrainBatch(step=0, samples=on_policy(learner, samples), temperature=TEMPERATURE))
+        results.append((stats, learner.export_adapter().tensors))
+    (stats_1, tensors_1), (stats_4, tensors_4) = results
+    assert stats_1.loss == pytest.approx(stats_4.loss, rel=1e-5)
+    assert stats_1.grad_norm == pytest.approx(stats_4.grad_norm, rel=1e-4)
+    assert stats_1.grad_norm == pytest.approx(reference_grad_norm(tiny_model_dir, initial, samples, cfg), rel=1e-4)
+    # Adam's first step is ~lr·g/(|g| + eps): where g ~ eps, rounding-level gradient differences
+    # move an element by a visible fraction of lr (1e-2), hence atol = lr / 100.
+    for name in tensors_1:
+        torch.testing.assert_close(tensors_1[name], tensors_4[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_exported_adapter_loads_in_peft(tiny_model_dir, tmp_path, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    learner = Learner(job_config(dtype), str(tiny_model_dir))
+    samples = on_policy(learner, make_samples([1.0, -1.0, 0.5]))
+    learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
+    adapter = learner.export_adapter()
+    adapter.verify()
+    assert adapter.version == 1 and adapter.peft_config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert all(".default." not in name for name in adapter.tensors)
+
+    learner.save_adapter(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype))
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(peft_model, samples)) < TOLERANCE[dtype]
+
+    # The export is a copy: further training leaves it (and its checksum) intact.
+    learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
+    adapter.verify()
+    assert learner.export_adapter().sha256 != adapter.sha256
+
+
+def test_checkpoint_restores_adapter_optimizer_and_version(tiny_model_dir, tmp_path):
+    samples = make_samples([1.0, -1.0, 0.5])
+    batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
+    original = Learner(job_config(), str(tiny_model_dir))
+    on_policy(original, samples)
+    original.train_step(batch)
+    original.save_checkpoint(tmp_path / "ckpt")  # twice: replacing an existing checkpoint works
+    original.save_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging leftovers
+
+    restored = Learner(job_config(), str(tiny_model_dir))
+    restored.load_checkpoint(tmp_path / "ckpt")
+    assert restored.policy_version == original.policy_version == 1
+    assert restored.export_adapter().sha256 == original.export_adapter().sha256
+    assert restored.score(samples, TEMPERATURE) == original.score(samples, TEMPERATURE)
+    # Adam's moments came back too: a second step (Adam's update depends on them) agrees.
+    original.train_step(batch)
+    restored.train_step(batch)
+    assert restored.export_adapter().sha256 == original.export_adapter().sha256
+
+
+def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
+    learner = Learner(job_config(), str(tiny_model_dir))
+    samples = on_policy(learner, make_samples([1.0, -1.0]))
+    checksum = learner.export_adapter().sha256
+
+    def step(batch_samples):
+        stats = learner.train_step(TrainBatch(step=0, samples=batch_samples, temperature=TEMPERATURE))
+        return stats, learner.export_adapter().sha256
+
+    nan_behaviour = [TrainSample(**{**vars(s), "behaviour_logprobs": [math.nan] + s.behaviour_logprobs[1:]})
+                     for s in samples]
+    nan_advantage = [TrainSample(**{**vars(s), "advantage": math.nan}) for s in samples]
+    for bad in (nan_behaviour, nan_advantage):
+        stats, after = step(bad)
+        assert stats.skipped and stats.policy_version == 0 and after == checksum
+
+    # A non-finite loss from the computation itself: DeepSpeed's optimizer refuses the step.
+    real_loss = learner_module.policy_loss
+    monkeypatch.setattr(learner_module, "policy_loss",
+                        lambda *a, **k: (lambda loss, m: (loss * math.nan, m))(*real_loss(*a, **k)))
+    stats, after = step(samples)
+    assert stats.skipped and not math.isfinite(stats.grad_norm) and after == checksum
+    monkeypatch.undo()
+
+    stats, after = step(samples)  # the engine is left clean: the next step trains
+    assert not stats.skipped and stats.policy_version == 1 and after != checksum
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_other_zero_stages_train_and_export(tiny_model_dir, stage):
+    learner = Learner(job_config(zero_stage=stage), str(tiny_model_dir))
+    samples = on_policy(learner, make_samples([1.0, -1.0]))
+    initial = learner.export_adapter()
+    stats = learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
+    trained = learner.export_adapter()
+    assert not stats.skipped and trained.version == 1
+    assert trained.tensors.keys() == initial.tensors.keys()
+    assert all(trained.tensors[k].shape == initial.tensors[k].shape and trained.tensors[k].numel() > 0
+               for k in initial.tensors)
+    assert trained.sha256 != initial.sha256
+
+
+def test_zero_stage_0_float32_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="zero_stage"):
+        Learner(job_config("float32", zero_stage=0), str(tiny_model_dir))
