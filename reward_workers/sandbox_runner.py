@@ -29,6 +29,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 MS_NOSUID, MS_BIND, MS_MOVE = 0x2, 0x1000, 0x2000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442  # same number on x86-64 and arm64
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # likewise (the unified syscall table, Linux >= 5.2)
+OPEN_TREE_CLONE, O_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0o2000000, 0x4
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # A pid namespace's own pid_max (settable since Linux 6.14) caps its process count. This
@@ -54,6 +56,13 @@ def _check(ret: int, what: str) -> None:
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     _check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
                       ctypes.c_ulong(flags), data.encode()), f"mount {target}")
+
+
+def _clone_tree(path: str) -> int:
+    """A detached, read-only copy of the mount tree at `path`, as a file descriptor."""
+    fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | AT_RECURSIVE | O_CLOEXEC)
+    _check(0 if fd >= 0 else -1, f"open_tree {path}")
+    return fd
 
 
 def _write_sysctl(name: str, value: int) -> bool:
@@ -125,15 +134,23 @@ def harden(scratch: str, max_processes: int) -> list[str]:
     _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
                         ctypes.sizeof(attr)), "make / read-only")
     protections.append("read-only filesystem")
-    python_dirs = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix)}
+    # The standard library must stay visible; a venv under a hidden dir (a checkout in /tmp)
+    # is carried over into the private one, read-only, at the same path.
+    if any(os.path.realpath(sys.base_prefix).startswith(h + "/") for h in HIDDEN_DIRS):
+        raise RuntimeError(f"Python ({sys.base_prefix}) lies under {HIDDEN_DIRS}, which the sandbox hides")
+    venv = os.path.realpath(sys.prefix)
     for hidden in HIDDEN_DIRS:
-        for p in python_dirs:
-            if p.startswith(hidden + "/"):
-                raise RuntimeError(f"Python ({p}) lies under {hidden}, which the sandbox hides")
-        if os.path.isdir(hidden):
-            size = "64m" if hidden == scratch else "64k"
-            _mount("tmpfs", hidden, "tmpfs", MS_NOSUID, f"size={size},mode=0755")
-            protections.append(f"private empty {hidden}")
+        if not os.path.isdir(hidden):
+            continue
+        venv_tree = _clone_tree(venv) if venv.startswith(hidden + "/") else None
+        size = "64m" if hidden == scratch else "64k"
+        _mount("tmpfs", hidden, "tmpfs", MS_NOSUID, f"size={size},mode=0755")
+        protections.append(f"private empty {hidden}")
+        if venv_tree is not None:
+            os.makedirs(venv)
+            _check(libc.syscall(SYS_MOVE_MOUNT, venv_tree, b"", AT_FDCWD, venv.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+                   f"move_mount {venv}")
+            os.close(venv_tree)
     _build_minimal_dev(scratch)
     protections.append("minimal /dev")
     _drop_capabilities()
