@@ -5,6 +5,7 @@ state is its weights, so a dead worker is replaced by a fresh one loaded with th
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from services.config import JobConfig
@@ -23,6 +24,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.engine = make_engine(cfg.rollout.engine, model_path, cfg)
         self.version = 0  # the base model, before any adapter
+        self.load_seconds = 0.0
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingSettings) -> list[Rollout]:
         completions = self.engine.generate([r.prompt_ids for r in requests], sampling)
@@ -38,9 +40,15 @@ class RolloutWorker:
         if adapter.version <= self.version:
             raise StaleAdapterError(f"worker {self.worker_id}: adapter version {adapter.version} is not "
                                     f"newer than the served version {self.version}")
+        started = time.perf_counter()
         self.engine.load_adapter(adapter)  # verifies the checksum before touching the weights
+        self.load_seconds = time.perf_counter() - started
         self.version = adapter.version
         return self.version
+
+    def last_load_seconds(self) -> float:
+        """How long the last load_adapter took here (not counting time queued behind generation)."""
+        return self.load_seconds
 
     def policy_version(self) -> int:
         return self.version

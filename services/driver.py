@@ -210,7 +210,7 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
                     if stats.policy_version > state.policy_version:
                         sync = actors.channel.publish(stats.policy_version, actors.learner.export_adapter.remote(),
                                                       actors.rollout_workers)
-                        values["weight_sync_seconds"] = sync.seconds
+                        values["weight_sync_seconds"] = sync.load_seconds
                         state.policy_version = stats.policy_version
                 state.step, state.data_cursor = step + 1, order.cursor - (cfg.prompts_per_step if overlap else 0)
                 state.trained_sample_ids += len(batch.samples)

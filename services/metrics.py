@@ -19,7 +19,7 @@ GAUGES = {
     "heldout_reward_mean": "greedy held-out mean reward",
     "rollout_tokens_per_second": "completion tokens generated per second of generation wall time",
     "learner_step_seconds": "wall time of the learner's optimizer step",
-    "weight_sync_seconds": "wall time to publish an adapter and have every worker load it",
+    "weight_sync_seconds": "time the slowest rollout worker spent loading the new adapter",
     "is_weight_mean": "mean truncated importance weight",
     "is_weight_max": "max truncated importance weight",
     "is_truncated_fraction": "share of tokens (or sequences) whose importance ratio was truncated",

@@ -15,7 +15,8 @@ import ray
 @dataclass
 class SyncResult:
     version: int
-    seconds: float  # publish until every worker had loaded it
+    seconds: float  # publish until every worker had loaded it (includes queueing behind generation)
+    load_seconds: float  # the slowest worker's own load time
 
 
 class WeightSyncChannel:
@@ -34,8 +35,10 @@ class WeightSyncChannel:
         loaded = ray.get([worker.load_adapter.remote(adapter_ref) for worker in workers])
         if any(v != version for v in loaded):
             raise RuntimeError(f"workers loaded versions {loaded}, expected {version}")
+        seconds = time.perf_counter() - started
+        load_seconds = max(ray.get([worker.last_load_seconds.remote() for worker in workers]))
         self.version, self._latest_ref = version, adapter_ref
-        return SyncResult(version, time.perf_counter() - started)
+        return SyncResult(version, seconds, load_seconds)
 
     def catch_up(self, worker) -> ray.ObjectRef | None:
         """Bring a new (or replacement) worker to the current version; returns the ack ref."""
