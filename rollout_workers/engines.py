@@ -62,16 +62,13 @@ def check_adapter(adapter: AdapterWeights, lora: LearnerConfig, shapes: dict[str
     or do not have the job's LoRA shape. vLLM would accept e.g. a lower rank, or a missing layer,
     and silently serve a policy the learner never had."""
     adapter.verify()
-    expected = lora_config_kwargs(lora)
-    got = adapter.peft_config
-    mismatched = [key for key in ("r", "lora_alpha") if got.get(key) != expected[key]]
-    if sorted(got.get("target_modules") or []) != sorted(expected["target_modules"]):
-        mismatched.append("target_modules")
-    if got.get("use_rslora") or got.get("use_dora"):
-        mismatched.append("use_rslora/use_dora")
+    # What sets the LoRA scaling, which the tensor shapes below cannot reveal.
+    expected = {"r": lora.lora_rank, "lora_alpha": lora.lora_alpha, "use_rslora": False, "use_dora": False}
+    mismatched = {key: adapter.peft_config.get(key, False) for key, value in expected.items()
+                  if adapter.peft_config.get(key, False) != value}
     if mismatched:
-        raise ValueError(f"adapter version {adapter.version}: LoRA config differs from the job's "
-                         f"in {mismatched}: {({k: got.get(k) for k in mismatched})}")
+        raise ValueError(f"adapter version {adapter.version}: LoRA settings {mismatched} differ from "
+                         f"the job's {expected}")
     wrong = sorted(name for name in shapes.keys() | adapter.tensors.keys()
                    if name not in shapes or name not in adapter.tensors
                    or adapter.tensors[name].shape != shapes[name])

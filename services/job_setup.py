@@ -44,13 +44,16 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids)
 
 
-def actor_env() -> dict[str, str]:
-    """Environment every actor process gets: offline hub, CPU DeepSpeed when there is no GPU."""
+def actor_env(heavy_actors: int = 2) -> dict[str, str]:
+    """Environment every actor process gets: offline hub, CPU DeepSpeed when there is no GPU, and
+    the cores shared out among the processes that compute at the same time (the learner and the
+    rollout workers): oversubscribed OpenMP threads spin against each other, which measured
+    ~10x slower here than one thread each."""
     import torch
 
+    threads = max(1, (os.cpu_count() or 1) // max(1, heavy_actors))
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           # Ray gives actors with num_cpus=0 a single OpenMP thread; ours do the heavy math.
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
@@ -64,11 +67,12 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    env = actor_env(heavy_actors=1 + cfg.rollout.num_workers)
     if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": actor_env()})
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": actor_env()}, log_to_driver=True)
+                 runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 @dataclass

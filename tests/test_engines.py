@@ -151,10 +151,22 @@ def test_greedy_is_deterministic_and_stops_at_eos(engine_setup, reference_models
     assert first[0].text == engine.tokenizer.decode(first[0].completion_ids, skip_special_tokens=True)
 
 
-def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir):
+def test_adapter_of_another_lora_shape_is_refused(engine_setup, model_dir):
+    engine, _ = engine_setup
+    sampling = SamplingSettings(1.0, max_new_tokens=6, seed=2)
+    before = [c.completion_ids for c in engine.generate(PROMPTS, sampling)]
+    good = make_adapter(model_dir, 7, seed=7)
+    rank_4 = {name: t[:4] if "lora_A" in name else t[:, :4] for name, t in good.tensors.items()}
+    for bad in (AdapterWeights.create(7, rank_4, good.peft_config),  # vLLM alone would serve it
+                AdapterWeights.create(7, good.tensors, {**good.peft_config, "lora_alpha": 64})):
+        with pytest.raises(ValueError, match="another shape|LoRA settings"):
+            engine.load_adapter(bad)
+    assert [c.completion_ids for c in engine.generate(PROMPTS, sampling)] == before
+
+
+def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir, reference_models):
     from peft import set_peft_model_state_dict
     engine, dtype = engine_setup
-    base = load_hf(model_dir, dtype)
     sampling = SamplingSettings(0.7, max_new_tokens=12, seed=3)
     try:
         for version in (1, 2):  # the second, different adapter replaces the first
@@ -166,7 +178,7 @@ def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir):
             error = max_logprob_error(reference, PROMPTS, completions, 0.7)
             print(f"{engine.name} {dtype} adapter v{version}: max |logprob error| {error:.2e}")
             assert error < TOLERANCE[dtype]
-            assert max_logprob_error(base, PROMPTS, completions, 0.7) > 0.1  # the policy did change
+            assert max_logprob_error(reference_models[dtype], PROMPTS, completions, 0.7) > 0.1  # it changed
     finally:
         engine.load_adapter(make_adapter(model_dir, 3, seed=None))  # B = 0: back to the base model
 
