@@ -1,8 +1,11 @@
 """Arithmetic grader with partial credit. Runs inside the reward sandbox.
 
-reward = 0.2 for ending with a well-formed 'Answer: <number>' line + 0.8 if that number is right.
-Components: format, correct (the strict score the held-out accuracy counts) and
-lenient_correct (the last number anywhere in the reply is right, whatever the format).
+reward = 0.2 for a well-formed 'Answer: <number>' line
+       + 0.3 if the last number in the reply is right, whatever the format (a denser signal: the
+             base model rarely uses the format, so format-only credit leaves most groups flat)
+       + 0.5 if the 'Answer:' number is right.
+Full reward (1.0) = right answer in the required format: what held-out accuracy counts.
+Components: format, lenient_correct, correct.
 """
 import re
 
@@ -28,6 +31,6 @@ def grade(sample, item):
     last_number = _to_float(numbers[-1]) if numbers else None
     lenient = last_number is not None and abs(last_number - truth) < 1e-6
     return {
-        "reward": 0.2 * formatted + 0.8 * correct,
+        "reward": 0.2 * formatted + 0.3 * lenient + 0.5 * correct,
         "components": {"format": float(formatted), "correct": float(correct), "lenient_correct": float(lenient)},
     }
