@@ -50,24 +50,23 @@ class DriverState:
 # ---------------------------------------------------------------- rollouts on the workers
 
 def generate(actors: Actors, requests: list[GenerationRequest], sampling: SamplingSettings) -> list:
-    """Split requests over the workers; returns pending (share, ObjectRef) pairs."""
+    """Split requests over the workers; returns pending (worker index, share, ObjectRef) triples."""
     workers = actors.rollout_workers
     shares = [requests[i::len(workers)] for i in range(len(workers))]
-    return [(share, workers[i].generate.remote(share, sampling)) for i, share in enumerate(shares) if share]
+    return [(i, share, workers[i].generate.remote(share, sampling)) for i, share in enumerate(shares) if share]
 
 
 def collect(actors: Actors, pending: list, sampling: SamplingSettings) -> list:
-    """Wait for every share; a share whose worker died is re-issued on a replacement."""
+    """Wait for every share; a share whose worker died is re-issued on its replacement."""
     rollouts = []
-    for share, ref in pending:
+    for index, share, ref in pending:
         while True:
             try:
                 rollouts += ray.get(ref)
                 break
             except ray.exceptions.RayActorError as e:
-                log.warning("rollout worker died (%s); replacing it and re-issuing %d requests", e, len(share))
-                worker = actors.replace_dead_rollout_workers()[0]
-                ref = worker.generate.remote(share, sampling)
+                log.warning("rollout worker %d died (%s); re-issuing its %d requests", index, e, len(share))
+                ref = actors.live_rollout_worker(index).generate.remote(share, sampling)
     return rollouts
 
 

@@ -97,21 +97,18 @@ class Actors:
             num_gpus=self.cfg.rollout.num_gpus_per_worker, max_concurrency=1,
         ).remote(worker_id, self.cfg, str(self.model_path))
 
-    def replace_dead_rollout_workers(self) -> list:
-        """Swap every worker that no longer answers for a fresh one synced to the current version."""
+    def live_rollout_worker(self, index: int):
+        """The worker at `index`, replaced by a fresh one synced to the current version if dead."""
         import ray
 
-        replaced = []
-        for i, worker in enumerate(self.rollout_workers):
-            try:
-                ray.get(worker.ping.remote())
-            except ray.exceptions.RayActorError:
-                self.rollout_workers[i] = self.new_rollout_worker()
-                ack = self.channel.catch_up(self.rollout_workers[i])
-                if ack is not None:
-                    ray.get(ack)
-                replaced.append(self.rollout_workers[i])
-        return replaced
+        try:
+            ray.get(self.rollout_workers[index].ping.remote())
+        except ray.exceptions.RayActorError:
+            self.rollout_workers[index] = self.new_rollout_worker()
+            ack = self.channel.catch_up(self.rollout_workers[index])
+            if ack is not None:
+                ray.get(ack)
+        return self.rollout_workers[index]
 
     def shutdown(self) -> None:
         import ray
