@@ -44,7 +44,7 @@ class DriverState:
     policy_version: int = 0
     data_cursor: int = 0
     base_heldout: dict = field(default_factory=dict)
-    trained_sample_ids: int = 0
+    samples_trained: int = 0
 
 
 # ---------------------------------------------------------------- rollouts on the workers
@@ -105,7 +105,7 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
     return batch, zero_signal, stale
 
 
-def rollout_stats(scored: list[ScoredRollout], seconds: float, max_new_tokens: int) -> dict[str, float]:
+def rollout_stats(scored: list[ScoredRollout], seconds: float) -> dict[str, float]:
     rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
     lengths = [len(s.rollout.completion_ids) for s in scored]
     return {
@@ -194,7 +194,7 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
 
                 scored = actors.reward_pool.score(rollouts, inputs.items_by_id)
                 batch, zero_signal, stale = build_batch(cfg, step, scored, state.policy_version)
-                values = rollout_stats(scored, generation_seconds, cfg.rollout.max_new_tokens)
+                values = rollout_stats(scored, generation_seconds)
                 values.update(zero_signal_groups=zero_signal,
                               staleness_max=max(state.policy_version - r.policy_version for r in rollouts))
                 counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
@@ -212,7 +212,7 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
                         values["weight_sync_seconds"] = sync.load_seconds
                         state.policy_version = stats.policy_version
                 state.step, state.data_cursor = step + 1, order.cursor - (cfg.prompts_per_step if overlap else 0)
-                state.trained_sample_ids += len(batch.samples)
+                state.samples_trained += len(batch.samples)
                 values.update(step=state.step, policy_version=state.policy_version)
                 for s in scored:
                     samples_log.write(json.dumps({"step": state.step, "sample_id": s.rollout.sample_id,
