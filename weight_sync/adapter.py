@@ -56,6 +56,24 @@ class AdapterWeights:
         (directory / "adapter_config.json").write_text(json.dumps(self.peft_config, indent=2, default=list))
         return directory
 
+    def merged_into(self, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base model's weights with this adapter folded in: W + (alpha / r) * B @ A for every
+        LoRA-targeted module, in W's dtype; the other tensors are passed through unchanged. Keys
+        are the base checkpoint's names (peft's `base_model.model.` prefix removed)."""
+        scale = self.peft_config["lora_alpha"] / self.peft_config["r"]
+        merged = dict(base_weights)
+        for name, lora_a in self.tensors.items():
+            if not name.endswith(".lora_A.weight"):
+                continue
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            lora_b = self.tensors[name.replace(".lora_A.", ".lora_B.")]
+            weight = base_weights[f"{module}.weight"]
+            # fp32 for the update, one rounding at the end: what the learner's bf16 model computes
+            # as W x + s B (A x) differs from this only by that rounding.
+            delta = scale * (lora_b.float() @ lora_a.float())
+            merged[f"{module}.weight"] = (weight.float() + delta).to(weight.dtype)
+        return merged
+
     @classmethod
     def load_pretrained(cls, directory: str | Path, version: int = 1) -> "AdapterWeights":
         """Read a peft-format adapter directory (as written by `save_pretrained` or peft)."""
