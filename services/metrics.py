@@ -1,9 +1,18 @@
 """Run metrics: one record per step, exported three ways — a Prometheus endpoint (127.0.0.1 by
-default), `runs/<job>/metrics.jsonl`, and the terminal's progress bar (by the driver)."""
+default), `runs/<job>/metrics.jsonl`, and the terminal's progress bar (by the driver).
+
+So that a Prometheus server finds the endpoint, `RunMetrics` writes a file_sd target group
+(`[{"targets": ["host:port"], "labels": {"job": <job>, "component": "driver"}}]`) to
+`runs/<job>/prometheus_targets.json` and to `runs/prometheus-targets/<job>.json`, the directory
+that `deploy/prometheus/prometheus.yml` watches (file_sd globs only match a file name, not a
+directory); `close()` removes the latter, so a finished job stops being scraped.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -33,6 +42,9 @@ GAUGES = {
     "completion_length_mean": "mean completion length in tokens",
     "truncated_completions_fraction": "share of completions that hit max_new_tokens",
     "staleness_max": "largest policy lag of a trained rollout",
+    # Set by RunMetrics itself (the driver need not pass them):
+    "last_progress_timestamp_seconds": "unix time of the job's start or of its last step/evaluation record",
+    "step_wall_seconds": "wall time between the last two step records (generation to sync, evaluation included)",
 }
 # Counters: totals over the run. Name -> help text.
 COUNTERS = {
@@ -40,19 +52,51 @@ COUNTERS = {
     "stale_rollouts_dropped": "rollouts dropped for exceeding sync.max_staleness",
     "skipped_steps": "steps skipped for a non-finite loss or gradient",
     "samples_trained": "rollouts trained on",
+    "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
 }
+
+TARGETS_FILE = "prometheus_targets.json"  # in the run dir
+TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
+ADVERTISE_HOST_ENV = "RFT_METRICS_ADVERTISE_HOST"  # the host name Prometheus should scrape
+
+
+def advertised_host(bind_host: str) -> str:
+    """The host name a scraper should use: $RFT_METRICS_ADVERTISE_HOST, else the bind address,
+    else (bound to all interfaces) this machine's host name."""
+    if os.environ.get(ADVERTISE_HOST_ENV):
+        return os.environ[ADVERTISE_HOST_ENV]
+    return socket.gethostname() if bind_host in ("", "0.0.0.0", "::") else bind_host
+
+
+def write_targets_file(path: Path, target: str, job: str) -> None:
+    """One file_sd target group, written atomically (Prometheus may read it at any moment)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": "driver"}}], indent=2))
+    os.replace(staging, path)
 
 
 class RunMetrics:
-    def __init__(self, job: str, run_dir: Path, host: str = "127.0.0.1", port: int = 9400):
+    def __init__(self, job: str, run_dir: Path, host: str = "127.0.0.1", port: int = 9400,
+                 targets_dir: Path | None = None):
+        """Serve the metrics on host:port (0 = any free port) and announce the endpoint in
+        run_dir/prometheus_targets.json and targets_dir/<job>.json (default: the run dir's
+        sibling `prometheus-targets/`)."""
         self.registry = CollectorRegistry()
         self.job = job
         self._gauges = {n: Gauge(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in GAUGES.items()}
         self._counters = {n: Counter(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in COUNTERS.items()}
+        self._last_step_time: float | None = None
+        self._gauges["last_progress_timestamp_seconds"].labels(job).set(time.time())
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
         self.address = f"{host}:{self._server.server_port}"
+        self.scrape_target = f"{advertised_host(host)}:{self._server.server_port}"
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.targets_file = run_dir / TARGETS_FILE
+        self.discovery_file = (targets_dir or run_dir.parent / TARGETS_DIRNAME) / f"{job}.json"
+        for path in (self.targets_file, self.discovery_file):
+            write_targets_file(path, self.scrape_target, job)
 
     def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None) -> None:
         """Set gauges, add to counters, and append one JSON line with everything."""
@@ -62,11 +106,18 @@ class RunMetrics:
         for name, amount in (counts or {}).items():
             if amount:
                 self._counters[name].labels(self.job).inc(amount)
-        line = {"step": step, "time": time.time(), **values, **{f"{k}_count": v for k, v in (counts or {}).items()}}
+        now = time.time()
+        self._gauges["last_progress_timestamp_seconds"].labels(self.job).set(now)
+        if "step" in values:
+            if self._last_step_time is not None:
+                self._gauges["step_wall_seconds"].labels(self.job).set(now - self._last_step_time)
+            self._last_step_time = now
+        line = {"step": step, "time": now, **values, **{f"{k}_count": v for k, v in (counts or {}).items()}}
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:
+        self.discovery_file.unlink(missing_ok=True)
         self._jsonl.close()
         self._server.shutdown()
         self._server.server_close()
