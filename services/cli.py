@@ -111,5 +111,9 @@ def prepare_model() -> None:
         _fail(str(e))
 
 
+from services.jobs_cli import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)
+
+register_job_commands(app)
+
 if __name__ == "__main__":
     sys.exit(app())

@@ -60,6 +60,7 @@ class JobStopped(BaseException):
 class StateChange:
     state: str
     at: float  # unix seconds
+    source: str = "driver"  # who reported it: driver, submit, or ray (the CLI copying Ray's final state)
 
 
 @dataclass
@@ -97,7 +98,8 @@ class JobRegistry:
 
     # ------------------------------------------------------------------ writes
 
-    def register(self, job_id: str, config_yaml: str, run_dir: str | Path, owner: str | None = None) -> JobRecord:
+    def register(self, job_id: str, config_yaml: str, run_dir: str | Path, owner: str | None = None,
+                 source: str = "driver") -> JobRecord:
         """Create the job as PENDING; for a known job, refresh config and run dir (a finished job
         that is started again goes back to PENDING, keeping its history)."""
         if not job_id or ":" in job_id:
@@ -109,17 +111,29 @@ class JobRegistry:
         if self.redis.hsetnx(key, "state", PENDING):
             pipe = self.redis.pipeline()
             pipe.hset(key, mapping={**fields, "job_id": job_id, "created_at": now, "step": 0, "policy_version": 0})
-            pipe.rpush(history_key(job_id), json.dumps({"state": PENDING, "at": now}))
+            pipe.rpush(history_key(job_id), json.dumps({"state": PENDING, "at": now, "source": source}))
             pipe.zadd(INDEX_KEY, {job_id: now})
             pipe.execute()
         else:
             self.redis.hset(key, mapping=fields)
             if self.get(job_id).state in TERMINAL_STATES:
-                self.transition(job_id, PENDING)
+                self.transition(job_id, PENDING, source)
         return self.get(job_id)
 
-    def transition(self, job_id: str, state: str) -> None:
-        """Move the job to `state`, appending (state, time) to its history."""
+    def transition(self, job_id: str, state: str, source: str = "driver") -> None:
+        """Move the job to `state`, appending (state, time, source) to its history."""
+        self._change_state(job_id, state, source, check_allowed=True)
+
+    def reconcile_with_ray(self, job_id: str, ray_state: str) -> bool:
+        """Copy Ray's final state when the driver could not report its own (killed, or never
+        started); True if the record changed. Running states are the driver's to report."""
+        record = self.find(job_id)
+        if record is None or ray_state not in TERMINAL_STATES or record.state in TERMINAL_STATES:
+            return False
+        self._change_state(job_id, ray_state, "ray", check_allowed=False)
+        return True
+
+    def _change_state(self, job_id: str, state: str, source: str, check_allowed: bool) -> None:
         if state not in STATES:
             raise InvalidTransitionError(f"state {state!r}: must be one of {', '.join(STATES)}")
         key = job_key(job_id)
@@ -130,12 +144,12 @@ class JobRegistry:
                     current = _text(pipe.hget(key, "state"))
                     if current is None:
                         raise JobNotFoundError(job_id)
-                    if state != current and state not in ALLOWED_TRANSITIONS[current]:
+                    if check_allowed and state != current and state not in ALLOWED_TRANSITIONS[current]:
                         raise InvalidTransitionError(f"job {job_id!r}: cannot go from {current} to {state}")
                     now = time.time()
                     pipe.multi()
                     pipe.hset(key, mapping={"state": state, "updated_at": now})
-                    pipe.rpush(history_key(job_id), json.dumps({"state": state, "at": now}))
+                    pipe.rpush(history_key(job_id), json.dumps({"state": state, "at": now, "source": source}))
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -143,10 +157,12 @@ class JobRegistry:
 
     def update_progress(self, job_id: str, step: int, policy_version: int, metrics: dict,
                         workers: dict | None = None) -> None:
-        """Where the job is after a step; `metrics` replaces the last metrics (JSON-able values)."""
+        """Where the job is after a step. `metrics` (JSON-able values) is merged into the last
+        metrics, so each one keeps its latest value (held-out scores exist only on eval steps)."""
         self._require(job_id)
+        last = json.loads(_text(self.redis.hget(job_key(job_id), "metrics")) or "{}")
         fields = {"step": int(step), "policy_version": int(policy_version), "updated_at": time.time(),
-                  "metrics": json.dumps(metrics, default=float)}
+                  "metrics": json.dumps({**last, **metrics}, default=float)}
         if workers is not None:
             fields["workers"] = json.dumps(workers)
         self.redis.hset(job_key(job_id), mapping=fields)
