@@ -5,18 +5,20 @@ state is its weights, so a dead worker is replaced by a fresh one loaded with th
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from services.config import JobConfig
-from weight_sync.adapter import AdapterWeights
+from weight_sync.adapter import AdapterWeights, WeightsRefused
+from weight_sync.full_weights import FullWeights
 
 from .engines import make_engine
 from .interface import GenerationRequest, Rollout, SamplingSettings
 
 
-class StaleAdapterError(ValueError):
-    """An adapter whose version is not newer than the one the worker already serves."""
+class StaleAdapterError(WeightsRefused):
+    """Weights whose version is not newer than the one the worker already serves."""
 
 
 class RolloutWorker:
@@ -24,7 +26,9 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.engine = make_engine(cfg.rollout.engine, model_path, cfg)
         self.version = 0  # the base model, before any adapter
+        self.sha256 = ""  # checksum of the adapter served
         self.load_seconds = 0.0
+        self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingSettings) -> list[Rollout]:
         completions = self.engine.generate([r.prompt_ids for r in requests], sampling)
@@ -34,17 +38,29 @@ class RolloutWorker:
                         worker_id=self.worker_id)
                 for r, c in zip(requests, completions, strict=True)]
 
-    def load_adapter(self, adapter: AdapterWeights) -> int:
-        """Serve `adapter` from now on; returns the new policy version. Raises
-        AdapterIntegrityError (checksum) or StaleAdapterError, keeping the current weights."""
+    def load_adapter(self, adapter: AdapterWeights | FullWeights) -> int:
+        """Serve `adapter` (a LoRA adapter, or full weights) from now on; returns the new policy
+        version. Raises AdapterIntegrityError (checksum) or StaleAdapterError, keeping the current
+        weights.
+        The version already served, with the same checksum, is a no-op: a retried sync."""
+        if adapter.version == self.version and adapter.sha256 == self.sha256:
+            return self.version
         if adapter.version <= self.version:
             raise StaleAdapterError(f"worker {self.worker_id}: adapter version {adapter.version} is not "
                                     f"newer than the served version {self.version}")
         started = time.perf_counter()
-        self.engine.load_adapter(adapter)  # verifies the checksum before touching the weights
+        # Both verify the checksum and the shapes before touching the served weights.
+        if isinstance(adapter, FullWeights):
+            self.engine.load_full_weights(adapter)
+        else:
+            self.engine.load_adapter(adapter)
         self.load_seconds = time.perf_counter() - started
-        self.version = adapter.version
+        self.version, self.sha256 = adapter.version, adapter.sha256
         return self.version
+
+    def run_weight_sync(self, step, *args):
+        """Run one worker-side step of a weight-sync transport (`weight_sync.transports`) here."""
+        return step(self, *args)
 
     def last_load_seconds(self) -> float:
         """How long the last load_adapter took here (not counting time queued behind generation)."""
@@ -58,3 +74,6 @@ class RolloutWorker:
 
     def ping(self) -> str:
         return self.worker_id
+
+    def process_id(self) -> int:
+        return os.getpid()

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import ray
 import torch
@@ -47,27 +48,14 @@ class DriverState:
     samples_trained: int = 0
 
 
-# ---------------------------------------------------------------- rollouts on the workers
+# ---------------------------------------------------------------- prompts
 
-def generate(actors: Actors, requests: list[GenerationRequest], sampling: SamplingSettings) -> list:
-    """Split requests over the workers; returns pending (worker index, share, ObjectRef) triples."""
-    workers = actors.rollout_workers
-    shares = [requests[i::len(workers)] for i in range(len(workers))]
-    return [(i, share, workers[i].generate.remote(share, sampling)) for i, share in enumerate(shares) if share]
+class JobControl(Protocol):
+    """Instructions a running job takes from outside (e.g. `rft scale` through the registry)."""
 
-
-def collect(actors: Actors, pending: list, sampling: SamplingSettings) -> list:
-    """Wait for every share; a share whose worker died is re-issued on its replacement."""
-    rollouts = []
-    for index, share, ref in pending:
-        while True:
-            try:
-                rollouts += ray.get(ref)
-                break
-            except ray.exceptions.RayActorError as e:
-                log.warning("rollout worker %d died (%s); re-issuing its %d requests", index, e, len(share))
-                ref = actors.live_rollout_worker(index).generate.remote(share, sampling)
-    return rollouts
+    def desired_rollout_workers(self) -> int | None:
+        """How many rollout workers the job should have now; None = leave as is."""
+        ...
 
 
 def step_requests(cfg: JobConfig, inputs: JobInputs, order: PromptOrder) -> list[GenerationRequest]:
@@ -121,8 +109,8 @@ def rollout_stats(scored: list[ScoredRollout], seconds: float) -> dict[str, floa
 
 def evaluate(cfg: JobConfig, inputs: JobInputs, actors: Actors) -> dict[str, float]:
     sampling = greedy_settings(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    rollouts = collect(actors, generate(actors, eval_requests(inputs.heldout_items, inputs.prompt_ids), sampling),
-                       sampling)
+    actors.rollouts.submit("eval", eval_requests(inputs.heldout_items, inputs.prompt_ids), sampling)
+    rollouts = actors.rollouts.collect("eval")
     return summarize(actors.reward_pool.score(rollouts, inputs.items_by_id))
 
 
@@ -157,14 +145,14 @@ def restore(run_dir: Path, actors: Actors) -> DriverState:
     state = DriverState(**json.loads((latest / DRIVER_STATE).read_text()))
     ray.get(actors.learner.load_checkpoint.remote(str(latest / "learner")))
     if state.policy_version > 0:
-        actors.channel.publish(state.policy_version, actors.learner.export_adapter.remote(), actors.rollout_workers)
+        actors.rollouts.publish(state.policy_version, actors.learner.export_adapter.remote())
     log.info("resumed from %s (step %d, policy version %d)", latest, state.step, state.policy_version)
     return state
 
 
 # ---------------------------------------------------------------- the loop
 
-def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
+def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None) -> dict:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -182,43 +170,60 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
         order = PromptOrder(len(inputs.train_items), cfg.seed, state.data_cursor)
         sampling = lambda step: SamplingSettings(cfg.rollout.temperature, cfg.rollout.max_new_tokens,
                                                  seed=cfg.seed * 1_000_003 + step)
-        pending, started = generate(actors, step_requests(cfg, inputs, order), sampling(state.step)), time.perf_counter()
+
+        def start_generation(step: int) -> float:
+            desired = control.desired_rollout_workers() if control else None
+            if desired is not None and desired != len(actors.rollouts.workers):
+                actors.rollouts.resize(desired)
+            actors.rollouts.submit(step, step_requests(cfg, inputs, order), sampling(step))
+            return time.perf_counter()
+
+        started = start_generation(state.step)
         last_heldout = {}
+        replaced_before = reissued_before = 0
         with StepProgress(cfg.steps, state.step) as progress:
             for step in range(state.step, cfg.steps):
-                rollouts = collect(actors, pending, sampling(step))
+                rollouts = actors.rollouts.collect(step)
                 generation_seconds = time.perf_counter() - started
                 overlap = cfg.sync.max_staleness >= 1 and step + 1 < cfg.steps
                 if overlap:  # the next step's rollouts start now, from the current weights
-                    pending, started = generate(actors, step_requests(cfg, inputs, order), sampling(step + 1)), time.perf_counter()
+                    started = start_generation(step + 1)
 
                 scored = actors.reward_pool.score(rollouts, inputs.items_by_id)
                 batch, zero_signal, stale = build_batch(cfg, step, scored, state.policy_version)
                 values = rollout_stats(scored, generation_seconds)
                 values.update(zero_signal_groups=zero_signal,
                               staleness_max=max(state.policy_version - r.policy_version for r in rollouts))
-                counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
-                          "stale_rollouts_dropped": stale, "samples_trained": len(batch.samples)}
 
+                trained_ids: set[str] = set()  # a skipped (non-finite) step trains nothing
                 if batch.samples:
                     stats = ray.get(actors.learner.train_step.remote(batch))
+                    if not stats.skipped:
+                        trained_ids = {sample.sample_id for sample in batch.samples}
                     values.update({k: v for k, v in stats.__dict__.items() if isinstance(v, (int, float))})
                     values["learner_step_seconds"] = stats.step_seconds
                     values["clip_fraction"], values["is_truncated_fraction"] = stats.clip_frac, stats.is_truncated_frac
-                    counts["skipped_steps"] = int(stats.skipped)
                     if stats.policy_version > state.policy_version:
-                        sync = actors.channel.publish(stats.policy_version, actors.learner.export_adapter.remote(),
-                                                      actors.rollout_workers)
+                        sync = actors.rollouts.publish(stats.policy_version, actors.learner.export_adapter.remote())
                         values["weight_sync_seconds"] = sync.load_seconds
                         state.policy_version = stats.policy_version
+                values["rollout_workers"] = len(actors.rollouts.workers)
+                counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
+                          "stale_rollouts_dropped": stale, "samples_trained": len(trained_ids),
+                          "skipped_steps": int(bool(batch.samples) and stats.skipped),
+                          "rollout_workers_replaced": actors.rollouts.workers_replaced - replaced_before,
+                          "requests_reissued": actors.rollouts.requests_reissued - reissued_before}
+                replaced_before, reissued_before = actors.rollouts.workers_replaced, actors.rollouts.requests_reissued
                 state.step, state.data_cursor = step + 1, order.cursor - (cfg.prompts_per_step if overlap else 0)
-                state.samples_trained += len(batch.samples)
+                state.samples_trained += len(trained_ids)
                 values.update(step=state.step, policy_version=state.policy_version)
                 for s in scored:
                     samples_log.write(json.dumps({"step": state.step, "sample_id": s.rollout.sample_id,
-                                                  "policy_version": s.rollout.policy_version, "text": s.rollout.text,
+                                                  "policy_version": s.rollout.policy_version,
+                                                  "worker_id": s.rollout.worker_id, "text": s.rollout.text,
                                                   "reward": s.reward, "components": s.components,
-                                                  "grader_error": s.grader_error}) + "\n")
+                                                  "grader_error": s.grader_error,
+                                                  "trained": s.rollout.sample_id in trained_ids}) + "\n")
                 samples_log.flush()
 
                 last_step = state.step == cfg.steps
@@ -231,7 +236,7 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False) -> dict:
                 if state.step % cfg.checkpoint.every_steps == 0 or last_step:
                     save_checkpoint(cfg, run_dir, actors, state)
                 if not overlap and not last_step:
-                    pending, started = generate(actors, step_requests(cfg, inputs, order), sampling(step + 1)), time.perf_counter()
+                    started = start_generation(step + 1)
 
         adapter_dir = Path(ray.get(actors.learner.save_adapter.remote(str(run_dir / "adapter"))))
         summary = {"job": cfg.name, "steps": state.step, "policy_version": state.policy_version,

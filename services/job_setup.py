@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.config import JobConfig
 from services.data import DatasetError, load_items, prompt_token_ids
 from services.model_store import resolve_model_path
+from services.rollout_scheduler import RolloutScheduler
 
 log = logging.getLogger("rft.setup")
 
@@ -77,45 +78,37 @@ def init_ray(cfg: JobConfig) -> None:
 
 @dataclass
 class Actors:
-    cfg: JobConfig
-    model_path: Path
     learner: object
-    rollout_workers: list
+    rollouts: RolloutScheduler  # the rollout workers, behind the scheduler that keeps them alive
     reward_pool: object
     channel: object
-    _next_worker_index: int = field(default=0)
-
-    def new_rollout_worker(self):
-        import ray
-
-        from rollout_workers.worker import RolloutWorker
-
-        worker_id = f"rollout-{self._next_worker_index}"
-        self._next_worker_index += 1
-        return ray.remote(RolloutWorker).options(
-            name=f"{self.cfg.name}-{worker_id}", num_cpus=self.cfg.rollout.num_cpus_per_worker,
-            num_gpus=self.cfg.rollout.num_gpus_per_worker, max_concurrency=1,
-        ).remote(worker_id, self.cfg, str(self.model_path))
-
-    def live_rollout_worker(self, index: int):
-        """The worker at `index`, replaced by a fresh one synced to the current version if dead."""
-        import ray
-
-        try:
-            ray.get(self.rollout_workers[index].ping.remote())
-        except ray.exceptions.RayActorError:
-            self.rollout_workers[index] = self.new_rollout_worker()
-            ack = self.channel.catch_up(self.rollout_workers[index])
-            if ack is not None:
-                ray.get(ack)
-        return self.rollout_workers[index]
 
     def shutdown(self) -> None:
         import ray
 
         self.reward_pool.shutdown()
-        for actor in [self.learner, *self.rollout_workers]:
-            ray.kill(actor)
+        self.rollouts.shutdown()
+        ray.kill(self.learner)
+
+
+def rollout_worker_factory(cfg: JobConfig, model_path: Path):
+    """A function that starts one more rollout-worker actor: (worker_id, handle)."""
+    import itertools
+
+    import ray
+
+    from rollout_workers.worker import RolloutWorker
+
+    worker_numbers = itertools.count()
+
+    def start_worker() -> tuple[str, object]:
+        worker_id = f"rollout-{next(worker_numbers)}"
+        handle = ray.remote(RolloutWorker).options(
+            name=f"{cfg.name}-{worker_id}", num_cpus=cfg.rollout.num_cpus_per_worker,
+            num_gpus=cfg.rollout.num_gpus_per_worker, max_concurrency=1,
+        ).remote(worker_id, cfg, str(model_path))
+        return worker_id, handle
+    return start_worker
 
 
 def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
@@ -128,9 +121,10 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     init_ray(cfg)
     learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus).remote(
         cfg, str(inputs.model_path))
-    actors = Actors(cfg, inputs.model_path, learner, [], RewardPool(cfg.reward), WeightSyncChannel())
-    actors.rollout_workers = [actors.new_rollout_worker() for _ in range(cfg.rollout.num_workers)]
-    engines = ray.get([w.engine_name.remote() for w in actors.rollout_workers])
+    channel = WeightSyncChannel()
+    rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path), channel, cfg.rollout.num_workers)
+    actors = Actors(learner, rollouts, RewardPool(cfg.reward), channel)
+    engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
     log.info("actors up: learner, %d rollout workers (%s), %d reward workers",
              len(engines), ", ".join(engines), cfg.reward.num_workers)
     return actors

@@ -42,6 +42,7 @@ GAUGES = {
     "completion_length_mean": "mean completion length in tokens",
     "truncated_completions_fraction": "share of completions that hit max_new_tokens",
     "staleness_max": "largest policy lag of a trained rollout",
+    "rollout_workers": "live rollout workers (not counting ones retiring after a scale-down)",
     # Set by RunMetrics itself (the driver need not pass them):
     "last_progress_timestamp_seconds": "unix time of the job's start or of its last step/evaluation record",
     "step_wall_seconds": "wall time between the last two step records (generation to sync, evaluation included)",
@@ -52,6 +53,8 @@ COUNTERS = {
     "stale_rollouts_dropped": "rollouts dropped for exceeding sync.max_staleness",
     "skipped_steps": "steps skipped for a non-finite loss or gradient",
     "samples_trained": "rollouts trained on",
+    "rollout_workers_replaced": "rollout workers that died and were replaced",
+    "requests_reissued": "generation requests re-issued because their rollout worker died",
     "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
 }
 

@@ -1,0 +1,95 @@
+"""Rollout workers die and are resized while a job runs; every prompt of every step is still
+trained exactly once (proved with sample ids from the run's own samples.jsonl)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections import Counter, defaultdict
+
+import pytest
+import ray
+
+from services.config import load_config
+from services.data import PromptOrder
+from services.driver import run_job
+from services.job_setup import prepare_inputs
+from tests.test_e2e import write_job
+
+pytestmark = pytest.mark.slow
+STEPS, PROMPTS_PER_STEP, SAMPLES_PER_PROMPT = 5, 2, 4
+
+
+class ScriptedControl:
+    """The job's control input, scripted per call: how many rollout workers to run, and (the
+    fault) a rollout worker to kill with SIGKILL shortly after a given step's generation starts."""
+
+    def __init__(self, job_name: str, sizes: dict[int, int], kill_at_call: int | None = None):
+        self.job_name, self.sizes, self.kill_at_call = job_name, sizes, kill_at_call
+        self.calls = 0
+        self.killed_pid: int | None = None
+
+    def desired_rollout_workers(self) -> int | None:
+        call, self.calls = self.calls, self.calls + 1
+        if call == self.kill_at_call:
+            worker = ray.get_actor(f"{self.job_name}-rollout-0")
+            self.killed_pid = ray.get(worker.process_id.remote())
+            # The generate call for this step is submitted right after we return: the kill lands
+            # while it is queued or running on the worker, i.e. in flight from the driver's view.
+            threading.Timer(0.2, os.kill, (self.killed_pid, signal.SIGKILL)).start()
+        return self.sizes.get(call)
+
+
+def run(tmp_path, tiny_model_dir, control_for):
+    config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=1)
+    cfg = load_config(config, [f"steps={STEPS}", f"prompts_per_step={PROMPTS_PER_STEP}",
+                               f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}", "rollout.max_new_tokens=24",
+                               "algorithm.skip_zero_signal_groups=false", "eval.at_start=false",
+                               "eval.every_steps=100", "checkpoint.every_steps=100", "reward.num_workers=1"])
+    # 6 train items, 2 per step: steps 1-3 are epoch 1, steps 4-5 epoch 2 (the same prompts again).
+    control = control_for(cfg.name)
+    inputs = prepare_inputs(cfg)
+    try:
+        run_job(cfg, inputs, control=control)
+    finally:
+        ray.shutdown()
+    records = [json.loads(line) for line in (cfg.run_dir / "samples.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, inputs, control, records, metrics
+
+
+def assert_trained_exactly_once(cfg, inputs, records):
+    order = PromptOrder(len(inputs.train_items), cfg.seed, 0)
+    expected = {step: sorted(f"{inputs.train_items[i]['id']}#{k}" for i in order.take(PROMPTS_PER_STEP)
+                             for k in range(SAMPLES_PER_PROMPT)) for step in range(1, STEPS + 1)}
+    trained = defaultdict(list)
+    for record in records:
+        assert record["trained"], record  # nothing dropped: no stale rollout, no skipped group
+        trained[record["step"]].append(record["sample_id"])
+    assert {step: sorted(ids) for step, ids in trained.items()} == expected
+
+
+def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp_path, tiny_model_dir):
+    cfg, inputs, control, records, metrics = run(
+        tmp_path, tiny_model_dir, lambda name: ScriptedControl(name, sizes={0: 2}, kill_at_call=2))
+    assert control.killed_pid is not None
+    assert_trained_exactly_once(cfg, inputs, records)
+    replaced = sum(m.get("rollout_workers_replaced_count", 0) for m in metrics)
+    reissued = sum(m.get("requests_reissued_count", 0) for m in metrics)
+    assert replaced == 1 and reissued > 0, (replaced, reissued)
+    # The replacement (rollout-2) served rollouts after the kill, synced first: trained at a step
+    # whose starting version (records' "step" counts completed steps) was at most one ahead.
+    late = [r for r in records if r["worker_id"] == "rollout-2"]
+    assert late and all((r["step"] - 1) - r["policy_version"] <= cfg.sync.max_staleness for r in late)
+
+
+def test_scale_one_to_three_to_one_mid_run(tmp_path, tiny_model_dir):
+    cfg, inputs, control, records, metrics = run(
+        tmp_path, tiny_model_dir, lambda name: ScriptedControl(name, sizes={1: 3, 3: 1}))
+    assert_trained_exactly_once(cfg, inputs, records)
+    workers_per_step = [m["rollout_workers"] for m in metrics if "rollout_workers" in m]
+    assert 3 in workers_per_step and workers_per_step[-1] == 1, workers_per_step
+    served_by = Counter(r["worker_id"] for r in records)
+    assert {"rollout-0", "rollout-1", "rollout-2"} <= served_by.keys(), served_by
+    assert sum(m.get("rollout_workers_replaced_count", 0) for m in metrics) == 0
