@@ -25,6 +25,7 @@ from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
 from services.config import JobConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.full_weights import FullWeights, base_parameters
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Learner:
         self.deepspeed = _init_distributed()
         self.cfg = cfg
         self.policy_version = 0
+        self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         lora = cfg.learner
         with torch.random.fork_rng(devices=[]):
@@ -213,6 +215,18 @@ class Learner:
         with self.deepspeed.zero.GatheredParameters(self.trainable):
             tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         return AdapterWeights.create(version=self.policy_version, tensors=tensors, peft_config=self.peft_config())
+
+    def export_full_weights(self) -> FullWeights:
+        """The current policy as full weights under checkpoint names: the base weights with the
+        adapter merged in (in the model's dtype), for a full-weight sync."""
+        adapter = self.export_adapter()
+        with self.deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            base = {name: p.detach() for name, p in base_parameters(self.model).items()}
+            return FullWeights.create(adapter.version, adapter.merged_into(base))
+
+    def run_weight_sync(self, step, *args):
+        """Run one learner-side step of a weight-sync transport (`weight_sync.transports`) here."""
+        return step(self, *args)
 
     def peft_config(self) -> dict[str, Any]:
         """The LoraConfig as JSON-able data (sets as sorted lists), incl. base_model_name_or_path."""

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.config import LearnerConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.full_weights import FullWeights, base_parameters
 
 from .engines import check_adapter, eos_token_ids, lora_config_kwargs
 from .interface import Completion, SamplingSettings
@@ -40,6 +41,17 @@ class HFEngine:
     def load_adapter(self, adapter: AdapterWeights) -> None:
         check_adapter(adapter, self.lora, self.lora_shapes)
         set_peft_model_state_dict(self.model, adapter.tensors)
+
+    @torch.no_grad()
+    def load_full_weights(self, weights: FullWeights) -> None:
+        """Copy every weight in place; the LoRA is zeroed (full weights already contain it)."""
+        params = base_parameters(self.model)
+        weights.check({name: p.shape for name, p in params.items()})
+        for name, tensor in weights.tensors.items():
+            params[name].copy_(tensor)
+        for name, param in self.model.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:

@@ -35,6 +35,7 @@ from vllm.platforms import current_platform
 
 from services.config import LearnerConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.full_weights import FullWeights, full_weight_shapes
 
 from .engines import check_adapter, eos_token_ids, lora_tensor_shapes
 from .interface import Completion, SamplingSettings
@@ -53,6 +54,7 @@ class VLLMEngine:
             raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.lora_rank}")
         self.lora = lora
         self.lora_shapes = lora_tensor_shapes(model_path, lora)
+        self.full_shapes = full_weight_shapes(model_path)
         lora_serving = {} if merge_adapter else dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         self.llm = LLM(
             model=str(model_path), dtype=dtype, max_model_len=max_model_len,
@@ -74,9 +76,7 @@ class VLLMEngine:
     def load_adapter(self, adapter: AdapterWeights) -> None:
         check_adapter(adapter, self.lora, self.lora_shapes)
         if self.base_weights is not None:
-            merged = adapter.merged_into(self.base_weights)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged.items())})
-            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self._reload(adapter.merged_into(self.base_weights))
             return
         previous = self.lora_request
         # A new directory per load: vLLM may cache by path, and a reload of the same version
@@ -95,6 +95,20 @@ class VLLMEngine:
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+    def load_full_weights(self, weights: FullWeights) -> None:
+        """Load every weight in place (`reload_weights`); any LoRA request is dropped, since full
+        weights already contain the policy."""
+        weights.check(self.full_shapes)
+        self._reload(weights.tensors)
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+            self.lora_request = None
+
+    def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
         if not prompts:

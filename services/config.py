@@ -89,7 +89,16 @@ class LearnerConfig(Section):
 
 
 class SyncConfig(Section):
-    transport: Literal["object_store"] = "object_store"
+    # object_store: one Ray object, any machine; broadcast: a torch.distributed group of the learner
+    # and the workers (nccl on GPUs, gloo on CPU); file: versioned directories the workers read.
+    transport: Literal["object_store", "broadcast", "file"] = "object_store"
+    # lora: the adapter tensors; full: every weight (the adapter merged in), in buckets of bucket_mb.
+    payload: Literal["lora", "full"] = "lora"
+    bucket_mb: int = Field(default=256, ge=1)
+    broadcast_timeout_s: float = Field(default=600, gt=0, description="a broadcast waits this long for every rank")
+    file_dir: str | None = Field(default=None, description="file transport: a directory every worker can read "
+                                 "(default: a temporary directory, one machine)")
+    max_refetches: int = Field(default=2, ge=0, description="re-fetches of a refused version per worker")
     max_staleness: int = Field(default=1, ge=0)
 
 

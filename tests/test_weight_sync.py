@@ -55,6 +55,8 @@ def test_worker_logprobs_match_learner_after_sync(local_ray, tiny_model_dir, eng
     channel = WeightSyncChannel()
     sync = channel.publish(1, learner.export_adapter.remote(), [worker])
     assert sync.version == 1 and ray.get(worker.policy_version.remote()) == 1
+    # What the driver exports: per-worker latency, and how long generation was held up.
+    assert 0 < sync.pause_seconds["w0"] <= sync.worker_seconds["w0"] <= sync.seconds
     after = ray.get(worker.generate.remote(requests, SAMPLING))
     assert all(r.policy_version == 1 for r in after)
     synced_gap = mean_abs_gap(after, ray.get(learner.score.remote(as_samples(after, [0] * 8), SAMPLING.temperature)))

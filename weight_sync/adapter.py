@@ -11,8 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 
-class AdapterIntegrityError(ValueError):
-    """An adapter whose tensors do not match the checksum it was published with."""
+class WeightsRefused(ValueError):
+    """A worker refused a published version and kept serving its current weights."""
+
+
+class AdapterIntegrityError(WeightsRefused):
+    """Weights (an adapter or full weights) whose tensors do not match the checksum they were
+    published with."""
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
