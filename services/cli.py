@@ -111,6 +111,21 @@ def prepare_model() -> None:
         _fail(str(e))
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory, runs/<job>"),
+    output: Optional[Path] = typer.Option(None, "--output", help="where to write (default: RUN_DIR/report)"),
+    samples: int = typer.Option(6, "--samples", min=1, help="sample completions shown for the first and last step"),
+) -> None:
+    """PNG plots of the run's curves and an HTML page with them and sample completions."""
+    from services.report import ReportError, write_report
+
+    try:
+        typer.echo(write_report(run_dir, output, samples))
+    except (*USER_ERRORS, ReportError) as e:
+        _fail(str(e))
+
+
 from services.jobs_cli import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)
 
 register_job_commands(app)
