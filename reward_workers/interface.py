@@ -12,4 +12,5 @@ class ScoredRollout:
     reward: float
     components: dict[str, float] = field(default_factory=dict)
     grader_error: str | None = None  # why the grader failed (then reward is 0)
-    hack_flags: list[str] = field(default_factory=list)
+    hack_flags: list[str] = field(default_factory=list)  # anti-hacking probes that fired (reward 0)
+    diagnostics: list[str] = field(default_factory=list)  # e.g. failing test names and stack traces

@@ -12,10 +12,11 @@ import logging
 import ray
 from ray.exceptions import RayActorError
 
+from reward_workers.grader_spec import MultiGrader
 from reward_workers.interface import ScoredRollout
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
-from services.config import RewardConfig
+from services.config import GraderConfig, RewardConfig, check_grader
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,20 @@ def grader_sample(rollout: Rollout) -> dict:
 def score_with(sandbox: GraderSandbox, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
     results = sandbox.grade([grader_sample(r) for r in rollouts], items)
     return [ScoredRollout(rollout=r, reward=g.reward, components=g.components, grader_error=g.error,
-                          hack_flags=g.hack_flags) for r, g in zip(rollouts, results)]
+                          hack_flags=g.hack_flags, diagnostics=g.diagnostics) for r, g in zip(rollouts, results)]
+
+
+def hack_rates(grader: GraderConfig, scored: list[ScoredRollout]) -> dict[str, float]:
+    """Share of the rollouts each grader flagged as a hack: the grader (any flag) and, for a
+    multi grader, each sub-grader (flags it prefixes with `name:`)."""
+    if not scored:
+        return {}
+    rates = {grader.name: sum(bool(s.hack_flags) for s in scored) / len(scored)}
+    if isinstance(grader, MultiGrader):
+        for name in grader.graders:
+            flagged = sum(any(f.startswith(f"{name}:") for f in s.hack_flags) for s in scored)
+            rates[name] = flagged / len(scored)
+    return rates
 
 
 def _items_for(rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> list[dict]:
@@ -73,6 +87,7 @@ class RewardPool:
     """`num_workers` reward-worker actors (default reward_cfg.num_workers)."""
 
     def __init__(self, reward_cfg: RewardConfig, num_workers: int | None = None):
+        check_grader(reward_cfg.grader)  # a grader that cannot run stops the job before any actor
         self._cfg = reward_cfg
         self._actors = [RewardWorkerActor.remote(reward_cfg)
                         for _ in range(num_workers or reward_cfg.num_workers)]

@@ -2,9 +2,9 @@
 
 One GraderSandbox keeps one warm runner (sandbox_runner.py) in fresh user, network, pid and
 mount namespaces made by `unshare`: no network, an empty environment, a read-only filesystem
-with private /tmp, /run and a minimal /dev, no capabilities, and rlimits. The runner loads the
-grader once and grades each sample in a forked child with its own CPU, wall-clock, process
-and output limits. If the runner itself dies, the sample in flight scores 0 with the reason
+with private /tmp, /run and a minimal /dev, no capabilities, and rlimits. The runner builds the
+grader once from its spec (any type of the grader library, reward_workers/graders/) and grades
+each sample in a forked child with its own CPU, wall-clock, process and output limits. If the runner itself dies, the sample in flight scores 0 with the reason
 and a new runner grades the rest.
 
 Not enforced: reads. The grader runs as the service's own user (namespace root is mapped onto
@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reward_workers.grader_spec import PythonGrader
 from services.config import GraderConfig, RewardConfig
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ MAX_OPEN_FILES = 256
 LOAD_TIMEOUT_S = 60.0  # runner start + grader import
 RUNNER_GRACE_S = 5.0   # beyond timeout_s: fork, kill and clean-up of one sample
 MAX_ERROR_CHARS = 4000
-RESULT_KEYS = {"reward", "components", "hack_flags"}
+RESULT_KEYS = {"reward", "components", "hack_flags", "diagnostics"}
+MAX_DIAGNOSTICS = 20
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -58,6 +60,7 @@ class GradeResult:
     components: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # why the sample scored 0 (the grader failed); None on success
     hack_flags: list[str] = field(default_factory=list)
+    diagnostics: list[str] = field(default_factory=list)  # e.g. failing tests and their traces
 
     @classmethod
     def failed(cls, reason: str) -> GradeResult:
@@ -66,6 +69,26 @@ class GradeResult:
 
 class _RunnerFailure(Exception):
     """The runner died, hung or broke the protocol."""
+
+
+class _UnreadableSource(Exception):
+    """A python grader's file cannot be read."""
+
+
+def runner_spec(grader) -> dict:
+    """The grader spec as the runner gets it: JSON, with every python grader's code inlined
+    (the runner's filesystem view may not include the file) and `path` naming it in errors."""
+    spec = grader.model_dump(mode="json")
+    if isinstance(grader, PythonGrader):
+        if grader.is_inline:
+            return {**spec, "path": f"<{grader.name}>", "code": grader.source}
+        try:
+            return {**spec, "path": grader.source, "code": Path(grader.source).read_text()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise _UnreadableSource(f"grader {grader.source} cannot be read: {e}") from None
+    if spec["type"] == "multi":
+        spec["graders"] = {name: runner_spec(sub) for name, sub in grader.graders.items()}
+    return spec
 
 
 @functools.cache
@@ -103,16 +126,17 @@ def _validated(value) -> GradeResult:
             raise ValueError(f"{e} (grade() must return one, or a dict with a 'reward' key)") from None
     if "reward" not in value or not RESULT_KEYS.issuperset(value):
         raise ValueError(f"grader returned a dict with keys {sorted(value)}; "
-                         f"expected 'reward' and optionally 'components', 'hack_flags'")
+                         f"expected 'reward' and optionally 'components', 'hack_flags', 'diagnostics'")
     components = value.get("components", {})
-    flags = value.get("hack_flags", [])
     if not isinstance(components, dict):
         raise ValueError(f"grader's components is {type(components).__name__}, expected a dict")
-    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-        raise ValueError("grader's hack_flags must be a list of strings")
+    flags, diagnostics = value.get("hack_flags", []), value.get("diagnostics", [])
+    for key, strings in (("hack_flags", flags), ("diagnostics", diagnostics)):
+        if not isinstance(strings, list) or not all(isinstance(f, str) for f in strings):
+            raise ValueError(f"grader's {key} must be a list of strings")
     return GradeResult(reward=_finite(value["reward"], "the reward"),
                        components={k: _finite(v, f"component {k!r}") for k, v in components.items()},
-                       hack_flags=flags)
+                       hack_flags=flags, diagnostics=[d[:MAX_ERROR_CHARS] for d in diagnostics[:MAX_DIAGNOSTICS]])
 
 
 def _result_from_reply(reply: dict) -> GradeResult:
@@ -197,12 +221,12 @@ class GraderSandbox:
     # -- the runner process -------------------------------------------------------------------
 
     def _start_runner(self) -> None:
-        path = self._grader.source
         try:
-            source = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            self._load_error = f"grader {path} cannot be read: {e}"
+            spec = runner_spec(self._grader)
+        except _UnreadableSource as e:
+            self._load_error = str(e)
             return
+        label = spec.get("path", spec["name"])
         command = [sys.executable, "-I", str(RUNNER)]
         if self._isolated:
             command = [shutil.which("unshare"), *NAMESPACE_FLAGS, *command]
@@ -212,7 +236,7 @@ class GraderSandbox:
             cwd="/" if self._isolated else self._scratch, start_new_session=True)
         self._buffer = b""
         limits = self._limits
-        config = {"path": path, "source": source, "scratch": self._scratch, "isolated": self._isolated,
+        config = {"grader": spec, "scratch": self._scratch, "isolated": self._isolated,
                   "limits": {"timeout_s": limits.timeout_s, "cpu_s": limits.cpu_s,
                              "memory_mb": limits.memory_mb, "max_output_bytes": limits.max_output_bytes,
                              "max_processes": MAX_PROCESSES, "max_file_bytes": MAX_FILE_BYTES,
@@ -223,7 +247,7 @@ class GraderSandbox:
             reply = self._read_reply(LOAD_TIMEOUT_S)
         except (OSError, _RunnerFailure) as e:
             stderr = self._stop_runner()
-            self._load_error = (f"grader {path}: the sandbox runner failed to start or to load it "
+            self._load_error = (f"grader {label}: the sandbox runner failed to start or to load it "
                                 f"({e}) {stderr}").strip()
             return
         if "setup_error" in reply:  # the machine's fault, not the grader's: do not score 0 quietly

@@ -1,9 +1,10 @@
 """The program that runs inside the grader sandbox (started by reward_workers/sandbox.py).
 
-Standard library only: it runs as `python -I`, so it cannot import the rft package.
+It runs as `python -I`: of the rft package it imports only the grader library
+(reward_workers/graders/, standard library at import time), before it hides the host's files.
 Protocol, JSON lines over stdin/stdout:
-  parent -> {"path", "source", "scratch", "isolated", "limits": {...}}
-  runner -> {"protections": [...]} once the grader is loaded, or {"load_error"/"setup_error": "..."}
+  parent -> {"grader": spec, "scratch", "isolated", "limits": {...}}  (python code inlined)
+  runner -> {"protections": [...]} once the grader is built, or {"load_error"/"setup_error": "..."}
   parent -> {"sample": {...}, "item": {...}}        (one line per sample)
   runner -> {"value": <what grade() returned>} or {"error": "..."}
 The grader is loaded once; each sample is graded in a forked child, so a crash, hang or fork
@@ -22,6 +23,9 @@ import sys
 import tempfile
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from reward_workers.graders import build_grader  # noqa: E402 - needs the path above
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -167,15 +171,6 @@ def set_runner_limits(limits: dict) -> None:
                          (resource.RLIMIT_NOFILE, limits["max_open_files"]),
                          (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(which, (value, value))
-
-
-def load_grader(path: str, source: str):
-    module = {"__name__": "grader", "__file__": path}
-    exec(compile(source, path, "exec"), module)
-    grade = module.get("grade")
-    if not callable(grade):
-        raise ValueError(f"{path} does not define a function grade(sample, item)")
-    return grade
 
 
 def _as_json_number(value):
@@ -326,10 +321,12 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on
         reply({"setup_error": f"{type(e).__name__}: {e}"})
         return
+    spec = config["grader"]
     try:
-        grade = load_grader(config["path"], config["source"])
+        grade = build_grader(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which scores 0
-        reply({"load_error": f"grader {config['path']} failed to load: {type(e).__name__}: {e}"})
+        label = spec.get("path", spec["name"])
+        reply({"load_error": f"grader {label} failed to load: {type(e).__name__}: {e}"})
         return
     gc.freeze()  # forked children then do not copy the loaded objects' pages when the GC runs
     reply({"protections": protections})

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from reward_workers.grader_spec import GraderConfig, LlmJudgeGrader, PythonGrader, resolve_source_paths, walk
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -43,13 +45,8 @@ class RolloutConfig(Section):
     num_gpus_per_worker: float = Field(default=0, ge=0)
 
 
-class GraderConfig(Section):
-    type: Literal["python"] = "python"
-    source: str = Field(description="path of a .py file defining grade(sample, item)")
-    name: str = "grader"
-
-
 class RewardConfig(Section):
+    # One grader spec (reward_workers/grader_spec.py): a discriminated union on `type`.
     grader: GraderConfig
     num_workers: int = Field(default=2, ge=1)
     timeout_s: float = Field(default=10.0, gt=0, description="wall-clock limit per sample")
@@ -158,6 +155,17 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and field."""
 
 
+def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
+    """Refuse, at job start, a grader that validates but cannot run: a missing python file, or
+    an llm_judge (not implemented yet). Raises ConfigError naming the field."""
+    for path, spec in walk(grader, where):
+        if isinstance(spec, LlmJudgeGrader):
+            raise ConfigError(f"{path}: llm_judge (OpenAI score_model) is not implemented yet; "
+                              "use another grader type for now")
+        if isinstance(spec, PythonGrader) and not spec.is_inline and not Path(spec.source).is_file():
+            raise ConfigError(f"{path}.source: {spec.source} not found")
+
+
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
@@ -190,7 +198,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     fix(data, "train")
     fix(data, "heldout")
     fix(raw.get("model"), "path")
-    fix((raw.get("reward") or {}).get("grader"), "source")
+    resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

@@ -9,7 +9,8 @@ from ray.exceptions import RayActorError
 
 from reward_workers.pool import RewardPool, score_locally
 from rollout_workers.interface import Rollout
-from services.config import GraderConfig, RewardConfig
+from reward_workers.grader_spec import PythonGrader
+from services.config import RewardConfig
 
 # Reward 1 for the right answer; item["delay_s"] makes grading take a while (work, not syncing).
 GRADER = '''
@@ -33,7 +34,7 @@ def ray_cluster():
 def reward_cfg(tmp_path_factory) -> RewardConfig:
     path = tmp_path_factory.mktemp("grader") / "grader.py"
     path.write_text(GRADER)
-    return RewardConfig(grader=GraderConfig(source=str(path)), num_workers=2, timeout_s=10.0)
+    return RewardConfig(grader=PythonGrader(source=str(path)), num_workers=2, timeout_s=10.0)
 
 
 @pytest.fixture(scope="module")

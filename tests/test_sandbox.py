@@ -18,7 +18,8 @@ import pytest
 
 from reward_workers import sandbox as sandbox_module
 from reward_workers.sandbox import GraderSandbox, SandboxUnavailableError
-from services.config import GraderConfig, RewardConfig
+from reward_workers.grader_spec import PythonGrader
+from services.config import RewardConfig
 
 GOOD_SAMPLE = {"output_text": "42", "finish_reason": "stop"}
 GOOD_ITEM = {"id": "q1", "reward_model": {"ground_truth": "42"}}
@@ -124,13 +125,13 @@ def list_dev(item):
 '''
 
 
-def write_grader(directory: Path, code: str, name: str = "grader.py") -> GraderConfig:
+def write_grader(directory: Path, code: str, name: str = "grader.py") -> PythonGrader:
     path = directory / name
     path.write_text(textwrap.dedent(code))
-    return GraderConfig(source=str(path))
+    return PythonGrader(source=str(path))
 
 
-def make_limits(grader: GraderConfig, **overrides) -> RewardConfig:
+def make_limits(grader: PythonGrader, **overrides) -> RewardConfig:
     # A generous wall-clock limit: shared test machines can be very busy.
     settings = dict(timeout_s=20.0, cpu_s=1, memory_mb=256, max_output_bytes=65536)
     return RewardConfig(grader=grader, **{**settings, **overrides})
@@ -208,7 +209,7 @@ def test_grader_that_fails_to_load_scores_every_sample_zero(tmp_path, code, reas
 
 
 def test_missing_grader_file_names_the_file(tmp_path):
-    grader = GraderConfig(source=str(tmp_path / "nowhere.py"))
+    grader = PythonGrader(source=str(tmp_path / "nowhere.py"))
     with GraderSandbox(grader, make_limits(grader)) as sandbox:
         result, = sandbox.grade([GOOD_SAMPLE], [GOOD_ITEM])
     assert result.reward == 0.0 and "nowhere.py" in result.error

@@ -1,0 +1,35 @@
+"""The grader library: each grader type builds, from its spec (a dict: the validated config,
+see reward_workers/grader_spec.py), a function grade(sample, item) -> float | dict with
+"reward" and optionally "components", "hack_flags", "diagnostics".
+
+It runs inside the sandbox runner (sandbox_runner.py), which imports this package before it
+locks the filesystem down and builds the grader once; every sample is graded in a forked child.
+Standard library only at import time: third-party libraries load when a grader is built.
+"""
+from __future__ import annotations
+
+from reward_workers.graders import (code_tests, json_match, multi, numeric, python_grader, regex_match, sql,
+                                    string_check, text_similarity)
+
+BUILDERS = {
+    "string_check": string_check.build,
+    "regex": regex_match.build,
+    "numeric": numeric.build,
+    "json_match": json_match.build,
+    "text_similarity": text_similarity.build,
+    "python": python_grader.build,
+    "code_tests": code_tests.build,
+    "sql": sql.build,
+}
+
+
+def build_grader(spec: dict):
+    """grade(sample, item) for a grader spec; raises if the spec cannot be built."""
+    kind = spec["type"]
+    if kind == "multi":
+        return multi.build(spec, build_grader)
+    if kind in ("llm_judge", "score_model"):
+        raise NotImplementedError("llm_judge (OpenAI score_model) is not implemented yet")
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown grader type {kind!r}")
+    return BUILDERS[kind](spec)
