@@ -137,16 +137,23 @@ def samples_section(samples: list[dict], per_step: int) -> str:
         step_samples = by_step[step]
         means = component_means(step_samples)
         mean_reward = sum(s.get("reward", 0.0) for s in step_samples) / len(step_samples)
-        parts.append(f"<h3>Step {step}: {len(step_samples)} rollouts, mean reward {mean_reward:.3f}</h3>")
+        flagged = sum(bool(s.get("hack_flags")) for s in step_samples)
+        errors = sum(bool(s.get("grader_error")) for s in step_samples)
+        parts.append(f"<h3>Step {step}: {len(step_samples)} rollouts, mean reward {mean_reward:.3f}, "
+                     f"{errors} grader errors, {flagged} flagged as hacks</h3>")
         parts.append(html_table(["component", "mean"], [[name, value] for name, value in means.items()]))
         for sample in pick_samples(step_samples, per_step):
             components = sample.get("components") or {}
             breakdown = ", ".join(f"{html.escape(str(k))} = {cell(v)}" for k, v in components.items())
-            error = f'<p class="error">grader error: {cell(sample["grader_error"])}</p>' if sample.get("grader_error") else ""
+            problems = [f"grader error: {sample['grader_error']}"] if sample.get("grader_error") else []
+            problems += [f"hack flag: {flag}" for flag in sample.get("hack_flags") or []]
+            notes = "".join(f'<p class="error">{cell(problem)}</p>' for problem in problems)
+            origin = ", ".join(f"{label} {cell(sample[key])}" for key, label in
+                               (("policy_version", "policy version"), ("worker_id", "worker"), ("trained", "trained"))
+                               if key in sample)
             parts.append(
-                f'<div class="sample"><p><b>{cell(sample.get("sample_id"))}</b> (policy version '
-                f'{cell(sample.get("policy_version"))}) reward <b>{cell(sample.get("reward"))}</b>: {breakdown}</p>'
-                f'{error}<pre>{cell(sample.get("text"))}</pre></div>')
+                f'<div class="sample"><p><b>{cell(sample.get("sample_id"))}</b> ({origin}) reward '
+                f'<b>{cell(sample.get("reward"))}</b>: {breakdown}</p>{notes}<pre>{cell(sample.get("text"))}</pre></div>')
     return "".join(parts)
 
 

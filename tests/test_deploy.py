@@ -88,7 +88,8 @@ def test_alert_rules_cover_the_issue():
     names = {r["alert"] for r in rules}
     assert names >= {"RftRewardFlat", "RftEntropyCollapse", "RftKLToReferenceExploding",
                      "RftImportanceWeightsExploding", "RftMismatchKLRising", "RftGraderErrorRate",
-                     "RftRewardHackRate", "RftMetricsEndpointDown", "RftWorkersLost", "RftNoProgress"}
+                     "RftRewardHackRate", "RftMetricsEndpointDown", "RftWorkersLost", "RftRolloutWorkerReplaced",
+                     "RftNoProgress"}
     assert all(r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"] for r in rules)
 
 

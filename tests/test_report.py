@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.metrics import RunMetrics
+from services.report import pick_samples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_REWARDS = {1: 0.125, 2: 0.25, 3: 0.4375}
@@ -38,9 +39,11 @@ def write_run(run_dir: Path) -> None:
                 correct = float(k == 0)
                 f.write(json.dumps({
                     "step": step, "sample_id": f"train-0000{step}#{k}", "policy_version": step - 1,
-                    "text": f"step {step} sample {k}: 3 < 4 so\nAnswer: {7 + k}", "reward": 0.2 + 0.8 * correct,
+                    "worker_id": "rollout-0", "text": f"step {step} sample {k}: 3 < 4 so\nAnswer: {7 + k}",
+                    "reward": 0.2 + 0.8 * correct,
                     "components": {"format": 1.0, "correct": correct, "lenient_correct": correct},
-                    "grader_error": "TimeoutError: grader exceeded 5 s" if (step, k) == (3, 3) else None}) + "\n")
+                    "grader_error": "TimeoutError: grader exceeded 5 s" if (step, k) == (3, 3) else None,
+                    "hack_flags": ["answer_only"] if (step, k) == (3, 2) else [], "trained": k != 3}) + "\n")
     (run_dir / "summary.json").write_text(json.dumps({
         "job": "synthetic", "steps": 3, "policy_version": 3,
         "heldout_base": {"accuracy": 0.05, "reward_mean": 0.1, "count": 20},
@@ -54,7 +57,7 @@ def rft(*args: str):
 def test_report_writes_plots_and_a_page_with_curves_and_samples(tmp_path):
     run_dir = tmp_path / "runs" / "synthetic"
     write_run(run_dir)
-    result = rft("report", str(run_dir), "--samples", "2")
+    result = rft("report", str(run_dir), "--samples", "4")
     assert result.exit_code == 0, result.output
     report_dir = run_dir / "report"
     assert Path(result.output.strip()) == report_dir / "index.html"
@@ -69,8 +72,17 @@ def test_report_writes_plots_and_a_page_with_curves_and_samples(tmp_path):
     # samples of the first and last step, escaped, with their grader breakdown and error
     assert "step 1 sample 0: 3 &lt; 4 so\nAnswer: 7" in page and "step 3 sample" in page
     assert "correct = 1" in page and "lenient_correct = 0" in page
-    assert "<h3>Step 1: 4 rollouts, mean reward 0.400</h3>" in page
+    assert "<h3>Step 1: 4 rollouts, mean reward 0.400, 0 grader errors, 0 flagged as hacks</h3>" in page
+    assert "3 grader errors" not in page and "1 grader errors, 1 flagged as hacks" in page
+    assert "grader error: TimeoutError: grader exceeded 5 s" in page and "hack flag: answer_only" in page
+    assert "policy version 0, worker rollout-0, trained True" in page
     assert "step 2 sample" not in page, "only the first and last step are shown"
+
+
+def test_shown_samples_spread_over_the_reward_range():
+    samples = [{"step": 1, "sample_id": str(i), "reward": i / 10} for i in range(11)]
+    assert [s["sample_id"] for s in pick_samples(samples, 3)] == ["10", "5", "0"]
+    assert len(pick_samples(samples, 20)) == 11
 
 
 def test_report_output_option_and_a_run_without_samples(tmp_path):

@@ -83,6 +83,7 @@ PANELS = [
         ("Workers", "none", [
             (f"rft_workers{JOB}", "{{job}} {{kind}} workers"),
             ('up{component!="", job=~"$job"}', "{{job}} {{component}} {{instance}} up"),
+            (f"increase(rft_rollout_workers_replaced_total{JOB}[15m])", "{{job}} rollout workers replaced (15 min)"),
         ], "timeseries"),
     ]),
 ]
