@@ -185,6 +185,7 @@ def submit(
     job_id: Optional[str] = typer.Option(None, "--job-id", help="default: <name>-<date>-<time>"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     python: str = typer.Option("python", "--python", help="Python on the cluster that has rft installed"),
+    agent_wait_s: float = typer.Option(60, "--agent-wait", help="seconds to wait for a just-started head's job agent"),
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API)."""
     try:
@@ -214,10 +215,16 @@ def submit(
         open_registry(run_root, redis_url).register(job_id, dump_config(cfg), cfg.run_dir, owner, source="submit")
     except RedisUnavailableError as e:
         console.print(f"[yellow]registry: {e}; the job is submitted without a registry entry[/yellow]")
-    try:
-        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
-    except RuntimeError as e:
-        _fail(f"submitting {job_id} to {address}: {e}")
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+            break
+        except RuntimeError as e:
+            # A head that has just started answers this until its dashboard agent is up.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                _fail(f"submitting {job_id} to {cluster_address(address)}: {e}")
+            time.sleep(1)
     typer.echo(f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
                f" --address {cluster_address(address)}")
 

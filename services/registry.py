@@ -213,13 +213,17 @@ class JobRegistry:
     @contextlib.contextmanager
     def tracking(self, job_id: str) -> Iterator[None]:
         """RUNNING for the duration of the block; SUCCEEDED when it ends normally, STOPPED on SIGTERM
-        or Ctrl-C, FAILED on any other exception (which propagates)."""
+        or Ctrl-C, FAILED on any other exception (which propagates). `ray.init` replaces the SIGTERM
+        handler with its own `sys.exit(SIGTERM)`, so that exit counts as stopped too."""
         restore = _raise_on_sigterm()
         self.transition(job_id, RUNNING)
         try:
             yield
         except (JobStopped, KeyboardInterrupt):
             self.transition(job_id, STOPPED)
+            raise
+        except SystemExit as e:
+            self.transition(job_id, STOPPED if e.code == signal.SIGTERM else FAILED)
             raise
         except BaseException:
             self.transition(job_id, FAILED)

@@ -112,7 +112,7 @@ def test_bad_states_and_unknown_jobs_are_named(registry):
 
 def test_tracking_records_success_failure_and_sigterm(registry):
     handler_before = signal.getsignal(signal.SIGTERM)
-    for job_id in ("ok", "boom", "stopped"):
+    for job_id in ("ok", "boom", "stopped", "ray-stopped", "exited"):
         registry.register(job_id, "", f"/runs/{job_id}")
     with registry.tracking("ok"):
         assert registry.get("ok").state == RUNNING
@@ -123,7 +123,12 @@ def test_tracking_records_success_failure_and_sigterm(registry):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the handler raises here
             time.sleep(0.01)
-    assert [registry.get(j).state for j in ("ok", "boom", "stopped")] == [SUCCEEDED, FAILED, STOPPED]
+    with pytest.raises(SystemExit), registry.tracking("ray-stopped"):
+        sys.exit(signal.SIGTERM)  # what ray.init's own SIGTERM handler does in a driver
+    with pytest.raises(SystemExit), registry.tracking("exited"):
+        sys.exit(3)
+    assert [registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited")] == \
+        [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the driver's handler is undone
 
 
