@@ -26,6 +26,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 from reward_workers.graders import build_grader  # noqa: E402 - needs the path above
+from reward_workers.graders.templates import GraderInputError  # noqa: E402
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -207,6 +208,8 @@ def run_child(grade, request: dict, limits: dict, workdir: str, result_fd: int, 
             payload = {"value": grade(request["sample"], request["item"])}
         except MemoryError:
             payload = {"error": f"exceeded the memory limit ({limits['memory_mb']} MB)"}
+        except GraderInputError as e:  # the item lacks what the spec names: the message says it all
+            payload = {"error": f"grader input: {e}"}
         except BaseException as e:  # noqa: BLE001 - anything the grader raises scores 0
             summary = "".join(traceback.format_exception_only(e)).strip()[:1000]
             trace = "".join(traceback.format_exception(e))[-2000:]

@@ -14,7 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer
 import yaml
 
-from services.config import ConfigError, GraderConfig, RewardConfig, load_config
+from reward_workers.grader_spec import PythonGrader, resolve_source_paths
+from services.config import ConfigError, GraderConfig, RewardConfig, check_grader, load_config, parse_grader_spec
 from services.data import DatasetError
 from services.model_store import ModelNotFoundError
 
@@ -63,16 +64,23 @@ def run(
 
 
 def load_grader_spec(spec: str) -> GraderConfig:
-    """A grader spec is a .py file with grade(sample, item), or a YAML/JSON grader config."""
+    """A grader spec is a .py file with grade(sample, item), a YAML/JSON grader spec (any type,
+    OpenAI RFT grader JSON included), or a job config (its reward.grader)."""
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--grader: {spec} not found")
     if path.suffix == ".py":
-        return GraderConfig(source=str(path.resolve()))
-    raw = yaml.safe_load(path.read_text())
-    grader = GraderConfig.model_validate(raw)
-    if not Path(grader.source).is_absolute():
-        grader.source = str((path.parent / grader.source).resolve())
+        grader = PythonGrader(source=str(path.resolve()))
+    else:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"grader spec {path} is not valid YAML/JSON: {e}") from None
+        if isinstance(raw, dict) and isinstance(raw.get("reward"), dict):
+            raw = raw["reward"].get("grader")
+        resolve_source_paths(raw, path.parent)
+        grader = parse_grader_spec(raw, str(path))
+    check_grader(grader, where="grader")
     return grader
 
 
@@ -98,6 +106,43 @@ def evaluate(
         _fail(str(e))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"accuracy {summary['accuracy']:.3f}  mean reward {summary['reward_mean']:.3f}  (n={summary['count']})")
+
+
+@app.command()
+def grade(
+    grader: str = typer.Option(..., "--grader", help="grader spec YAML/JSON (OpenAI RFT grader JSON too), or a .py file"),
+    data: Path = typer.Option(..., "--data", help="JSONL items in the job format"),
+    samples: Path = typer.Option(..., "--samples", help='JSONL {"id", "output_text"}, or a run\'s samples.jsonl'),
+    output: Optional[Path] = typer.Option(None, "--output", help="write per-sample results as JSONL"),
+    allow_weak_isolation: bool = typer.Option(False, "--allow-weak-isolation",
+                                              help="grade even where the sandbox cannot make namespaces"),
+) -> None:
+    """Score samples offline in the grader sandbox: per-sample scores, errors and hack flags, then a summary."""
+    from reward_workers.sandbox import SandboxUnavailableError
+    from services.offline_eval import grade_samples, result_record
+
+    try:
+        reward = RewardConfig(grader=load_grader_spec(grader), allow_weak_isolation=allow_weak_isolation)
+        scored, summary = grade_samples(reward, data, samples)
+    except (*USER_ERRORS, SandboxUnavailableError) as e:
+        _fail(str(e))
+    if output:
+        output.write_text("".join(json.dumps(result_record(s)) + "\n" for s in scored))
+    for s in scored:
+        parts = [f"{s.rollout.sample_id}  reward {s.reward:.3f}"]
+        parts += [f"{name} {value:.3f}" for name, value in s.components.items()]
+        if s.hack_flags:
+            parts.append(f"HACK {','.join(s.hack_flags)}")
+        if s.grader_error:
+            parts.append(f"ERROR {s.grader_error.splitlines()[0]}")
+        typer.echo("  ".join(parts))
+        for diagnostic in s.diagnostics[:3]:  # e.g. "floats failed: Traceback ... AssertionError"
+            lines = diagnostic.strip().splitlines() or [""]
+            typer.echo(f"    {lines[0][:120]}" + (f" ... {lines[-1][:120]}" if len(lines) > 1 else ""))
+    typer.echo(json.dumps(summary, indent=2))
+    means = ", ".join(f"{name} {value:.3f}" for name, value in summary["reward_mean_by_grader"].items())
+    typer.echo(f"mean reward: {means}  errors {summary['grader_error_rate']:.3f}  "
+               f"hacks {max(summary['hack_rate_by_grader'].values()):.3f}  (n={summary['count']})")
 
 
 @app.command(name="prepare-model")

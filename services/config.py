@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from reward_workers.grader_spec import GraderConfig, LlmJudgeGrader, PythonGrader, resolve_source_paths, walk
 
@@ -155,6 +155,9 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and field."""
 
 
+_GRADER_SPEC = TypeAdapter(GraderConfig)
+
+
 def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
     """Refuse, at job start, a grader that validates but cannot run: a missing python file, or
     an llm_judge (not implemented yet). Raises ConfigError naming the field."""
@@ -166,10 +169,18 @@ def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
             raise ConfigError(f"{path}.source: {spec.source} not found")
 
 
-def _format_validation_error(source: str, err: ValidationError) -> str:
+def parse_grader_spec(raw: Any, source: str) -> GraderConfig:
+    """Validate a grader spec on its own (a grader YAML/JSON file); errors name the field."""
+    try:
+        return _GRADER_SPEC.validate_python(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e, prefix="grader")) from None
+
+
+def _format_validation_error(source: str, err: ValidationError, prefix: str = "") -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"])) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown field")
         else:

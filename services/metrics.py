@@ -89,6 +89,9 @@ class RunMetrics:
         self.job = job
         self._gauges = {n: Gauge(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in GAUGES.items()}
         self._counters = {n: Counter(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in COUNTERS.items()}
+        self._hack_rate = Gauge("rft_grader_hack_rate", "share of the step's rollouts a grader flagged as reward "
+                                "hacking (the grader, and each sub-grader of a multi grader)", ["job", "grader"],
+                                registry=self.registry)
         self._last_step_time: float | None = None
         self._gauges["last_progress_timestamp_seconds"].labels(job).set(time.time())
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -101,8 +104,12 @@ class RunMetrics:
         for path in (self.targets_file, self.discovery_file):
             write_targets_file(path, self.scrape_target, job)
 
-    def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None) -> None:
-        """Set gauges, add to counters, and append one JSON line with everything."""
+    def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None,
+               hack_rates: dict[str, float] | None = None) -> None:
+        """Set gauges, add to counters, and append one JSON line with everything. `hack_rates`:
+        grader name -> share of rollouts flagged (reward_workers.pool.hack_rates)."""
+        for grader, rate in (hack_rates or {}).items():
+            self._hack_rate.labels(self.job, grader).set(rate)
         for name, value in values.items():
             if name in self._gauges and value is not None and math.isfinite(value):
                 self._gauges[name].labels(self.job).set(value)
@@ -116,6 +123,8 @@ class RunMetrics:
                 self._gauges["step_wall_seconds"].labels(self.job).set(now - self._last_step_time)
             self._last_step_time = now
         line = {"step": step, "time": now, **values, **{f"{k}_count": v for k, v in (counts or {}).items()}}
+        if hack_rates:
+            line["grader_hack_rate"] = hack_rates
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()
 

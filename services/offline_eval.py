@@ -1,22 +1,25 @@
-"""`rft eval`: a model (+ adapter) on a dataset, greedy, graded in the sandbox — no Ray needed."""
+"""Offline scoring in the sandbox, no Ray: `rft eval` (a model (+ adapter) on a dataset, greedy)
+and `rft grade` (samples already written, e.g. a run's samples.jsonl)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from reward_workers.pool import score_locally
-from rollout_workers.engines import make_engine
+from reward_workers.pool import hack_rates, score_locally
+from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
 from services.config import DataConfig, JobConfig, LearnerConfig, ModelConfig, RewardConfig, RolloutConfig
-from services.data import load_items, prompt_token_ids
+from services.data import DatasetError, load_items, prompt_token_ids
 from services.evaluation import greedy_settings, summarize
 from services.model_store import resolve_model_path
-from weight_sync.adapter import AdapterWeights
 
 
 def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, reward: RewardConfig,
                    engine: str, max_new_tokens: int, limit: int | None, output: Path | None) -> dict:
     from transformers import AutoTokenizer
+
+    from rollout_workers.engines import make_engine  # torch: only `rft eval` needs it
+    from weight_sync.adapter import AdapterWeights
 
     model_path = resolve_model_path(model)
     items = load_items(data)[:limit]
@@ -40,7 +43,65 @@ def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, rewa
     if output:
         with output.open("w") as out:
             for s in scored:
-                out.write(json.dumps({"id": s.rollout.prompt_id, "text": s.rollout.text, "reward": s.reward,
-                                      "components": s.components, "grader_error": s.grader_error}) + "\n")
+                out.write(json.dumps(result_record(s)) + "\n")
     return {"model": str(model_path), "adapter": str(adapter_dir) if adapter_dir else None,
             "engine": inference.name, **summarize(scored)}
+
+
+def result_record(s: ScoredRollout) -> dict:
+    return {"id": s.rollout.prompt_id, "sample_id": s.rollout.sample_id, "text": s.rollout.text,
+            "reward": s.reward, "components": s.components, "grader_error": s.grader_error,
+            "hack_flags": s.hack_flags, "diagnostics": s.diagnostics}
+
+
+def load_samples(path: Path) -> list[Rollout]:
+    """Samples to grade, one JSON object a line: {"id" or "prompt_id", "output_text"} or a run's
+    samples.jsonl lines ({"sample_id": "<prompt id>#<index>", "text"}). Errors name file:line."""
+    if not path.is_file():
+        raise DatasetError(f"samples not found: {path}")
+    rollouts, per_prompt = [], {}
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(sample, dict):
+            raise DatasetError(f"{where}: each line must be a JSON object")
+        if "sample_id" in sample and "text" in sample:  # the run's own format
+            prompt_id, _, index = str(sample["sample_id"]).rpartition("#")
+            text = sample["text"]
+        else:
+            prompt_id, index = sample.get("id", sample.get("prompt_id")), ""
+            text = sample.get("output_text")
+        if not isinstance(prompt_id, str) or not prompt_id or not isinstance(text, str):
+            raise DatasetError(f"{where}: needs 'id' (or 'prompt_id') and 'output_text' strings, "
+                               "or a run's 'sample_id' and 'text'")
+        per_prompt[prompt_id] = per_prompt.get(prompt_id, -1) + 1
+        sample_index = int(index) if index.isdigit() else per_prompt[prompt_id]
+        rollouts.append(Rollout(prompt_id, sample_index, [], [], [], 0, sample.get("finish_reason", "stop"), text))
+    if not rollouts:
+        raise DatasetError(f"{path}: no samples")
+    return rollouts
+
+
+def grade_samples(reward: RewardConfig, data: Path, samples: Path) -> tuple[list[ScoredRollout], dict]:
+    """Score every sample against its item; returns the scored samples and a summary: the eval
+    summary (accuracy, reward_mean, grader_error_rate, component means) plus the mean reward and
+    the hack rate of the grader and of each sub-grader."""
+    items = {item["id"]: item for item in load_items(data)}
+    rollouts = load_samples(samples)
+    missing = sorted({r.prompt_id for r in rollouts} - items.keys())
+    if missing:
+        raise DatasetError(f"{samples}: no item in {data} for ids {missing[:5]}")
+    scored = score_locally(reward, rollouts, items)
+    grader = reward.grader
+    n = len(scored)
+    reward_means = {grader.name: sum(s.reward for s in scored) / n}
+    for name in getattr(grader, "graders", {}):  # a multi grader's sub-graders
+        reward_means[name] = sum(s.components.get(name, 0.0) for s in scored) / n
+    summary = {**summarize(scored), "reward_mean_by_grader": reward_means,
+               "hack_rate_by_grader": hack_rates(grader, scored)}
+    return scored, summary
