@@ -200,8 +200,3 @@ def resolve_source_paths(raw: Any, base_dir: Path) -> None:
     if raw.get("type") == "multi" and isinstance(raw.get("graders"), dict):
         for sub in raw["graders"].values():
             resolve_source_paths(sub, base_dir)
-
-
-def grader_names(grader) -> list[str]:
-    """The names hack rates are reported under: the grader's, and each sub-grader's key."""
-    return [grader.name] + (list(grader.graders) if isinstance(grader, MultiGrader) else [])

@@ -52,6 +52,15 @@ def test_string_check_operations():
         assert rewards(spec, [("Paris", item), ("paris", item), ("It is Paris.", item)]) == expected, operation
 
 
+def test_templates_reach_into_json_output():
+    spec = {"type": "string_check", "input": "{{sample.output_json.answer.0}}", "reference": "{{item.answer}}",
+            "operation": "eq"}
+    assert rewards(spec, [('{"answer": ["Paris", "Lyon"]}', {"answer": "Paris"}),
+                          ('{"answer": ["Lyon"]}', {"answer": "Paris"})]) == [1, 0]
+    result, = grade_all(spec, [("Paris", {"answer": "Paris"})])
+    assert "{{sample.output_json.answer.0}}: the output is not JSON" in result.error
+
+
 def test_template_naming_a_missing_field_is_a_grader_error():
     spec = {"type": "string_check", "reference": "{{item.reward_model.answer}}", "operation": "eq"}
     result, = grade_all(spec, [("x", truth("x"))])
@@ -374,3 +383,17 @@ def test_formula_arithmetic():
     assert formula.evaluate(tree, {"a": 1.0}) == 8 + (-2 % 3) + 2 + 1 - 1
     with pytest.raises(formula.FormulaError, match="exponent too large"):
         formula.evaluate(formula.parse("9 ^ 9 ^ 9", set()), {})
+
+
+def test_hack_rate_reaches_the_metrics(tmp_path):
+    from services.metrics import RunMetrics
+
+    metrics = RunMetrics("job", tmp_path / "run", port=0)
+    try:
+        metrics.record(1, {"reward_mean": 0.5}, hack_rates={"answer": 0.25, "tests": 0.5})
+        for grader, rate in (("answer", 0.25), ("tests", 0.5)):
+            assert metrics.registry.get_sample_value("rft_grader_hack_rate", {"job": "job", "grader": grader}) == rate
+    finally:
+        metrics.close()
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["grader_hack_rate"] == {"answer": 0.25, "tests": 0.5}

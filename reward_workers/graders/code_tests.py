@@ -26,7 +26,7 @@ from pathlib import Path
 from reward_workers.graders.templates import GraderInputError, last_code_block, render, render_text
 
 HARNESS = Path(__file__).with_name("code_harness.py").read_text()  # read now: the sandbox may hide it
-MAX_REPORT_BYTES = 1 << 20
+MAX_OUTPUT_BYTES = 1 << 20
 MAX_DIAGNOSTIC_CHARS = 1500
 
 
@@ -48,7 +48,7 @@ def normalized_tests(tests) -> list[dict]:
 
 def run_process(argv: list[str], stdin: bytes, deadline: float) -> tuple[bytes, int | None, float, str | None]:
     """Run argv in its own process group until it exits or `deadline`, feeding stdin and keeping
-    at most MAX_REPORT_BYTES of stdout. Returns (stdout, wait status or None, CPU s, why stopped)."""
+    at most MAX_OUTPUT_BYTES of stdout. Returns (stdout, wait status or None, CPU s, why stopped)."""
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     os.set_blocking(process.stdin.fileno(), False)
@@ -73,8 +73,8 @@ def run_process(argv: list[str], stdin: bytes, deadline: float) -> tuple[bytes, 
             output += chunk
             if not chunk:
                 readers = []
-            elif len(output) > MAX_REPORT_BYTES:
-                stopped = f"wrote more than {MAX_REPORT_BYTES} bytes"
+            elif len(output) > MAX_OUTPUT_BYTES:
+                stopped = f"wrote more than {MAX_OUTPUT_BYTES} bytes"
                 break
     if stopped:
         os.killpg(process.pid, signal.SIGKILL)
