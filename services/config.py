@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from reward_workers.grader_spec import GraderConfig, LlmJudgeGrader, PythonGrader, resolve_source_paths, walk
+from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, LlmJudgeGrader, PythonGrader,
+                                       resolve_source_paths, walk)
 
 
 class Section(BaseModel):
@@ -55,6 +56,15 @@ class RewardConfig(Section):
     max_output_bytes: int = Field(default=65536, ge=1024)
     # Refuse to run graders without a network namespace unless the user accepts it.
     allow_weak_isolation: bool = False
+
+    @model_validator(mode="after")
+    def _code_tests_fit_the_sample_limit(self) -> "RewardConfig":
+        # Past reward.timeout_s the whole sample is killed: no partial credit, no diagnostics.
+        test_time = sum(spec.timeout_s for _, spec in walk(self.grader) if isinstance(spec, CodeTestsGrader))
+        if test_time >= self.timeout_s:
+            raise ValueError(f"the code_tests graders' timeout_s ({test_time:g} s in all) must be below "
+                             f"reward.timeout_s ({self.timeout_s:g} s)")
+        return self
 
 
 class AlgorithmConfig(Section):

@@ -364,6 +364,9 @@ def test_config_errors_name_the_bad_field(tmp_path):
         load("    type: numeric\n    tolerance: 0.1\n")
     with pytest.raises(ConfigError, match=r"reward.grader: Input tag 'fuzzy' found using 'type' does not match"):
         load("    type: fuzzy\n")
+    with pytest.raises(ConfigError, match=r"reward: .*code_tests graders' timeout_s \(12 s in all\) must be below "
+                                          r"reward.timeout_s \(10 s\)"):
+        load("    type: multi\n    graders: {a: {type: code_tests}, b: {type: code_tests, timeout_s: 7}}\n")
     with pytest.raises(ConfigError, match=r"reward.grader.multi: .*unknown name 'c'"):
         load("    type: multi\n    graders: {a: {type: regex, pattern: x}}\n    calculate_output: a + c\n")
     (tmp_path / "sub.py").write_text("def grade(sample, item):\n    return 1.0\n")

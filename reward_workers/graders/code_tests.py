@@ -12,6 +12,7 @@ forged_report) scores 0 with that hack flag.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -28,6 +29,7 @@ from reward_workers.graders.templates import GraderInputError, last_code_block, 
 HARNESS = Path(__file__).with_name("code_harness.py").read_text()  # read now: the sandbox may hide it
 MAX_OUTPUT_BYTES = 1 << 20
 MAX_DIAGNOSTIC_CHARS = 1500
+PR_SET_PDEATHSIG = 1
 
 
 def normalized_tests(tests) -> list[dict]:
@@ -46,11 +48,17 @@ def normalized_tests(tests) -> list[dict]:
     return normalized
 
 
+def _die_with_parent() -> None:
+    """In the new process: killed with the grading child even without a pid namespace (weak
+    isolation), where the sandbox's kill of the child's process group misses this new session."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def run_process(argv: list[str], stdin: bytes, deadline: float) -> tuple[bytes, int | None, float, str | None]:
     """Run argv in its own process group until it exits or `deadline`, feeding stdin and keeping
     at most MAX_OUTPUT_BYTES of stdout. Returns (stdout, wait status or None, CPU s, why stopped)."""
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_die_with_parent)
     os.set_blocking(process.stdin.fileno(), False)
     output, pending, stopped = b"", stdin, None
     readers, writers = [process.stdout], [process.stdin]
