@@ -119,7 +119,8 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     from weight_sync.channel import WeightSyncChannel
 
     init_ray(cfg)
-    learner = ray.remote(Learner).options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus).remote(
+    learner = ray.remote(Learner).options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus,
+                                          num_gpus=cfg.learner.num_gpus).remote(
         cfg, str(inputs.model_path))
     channel = WeightSyncChannel()
     rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path), channel, cfg.rollout.num_workers)
