@@ -4,8 +4,8 @@ One GraderSandbox keeps one warm runner (sandbox_runner.py) in fresh user, netwo
 mount namespaces made by `unshare`: no network, an empty environment, a read-only filesystem
 with private /tmp, /run and a minimal /dev, no capabilities, and rlimits. The runner builds the
 grader once from its spec (any type of the grader library, reward_workers/graders/) and grades
-each sample in a forked child with its own CPU, wall-clock, process and output limits. If the runner itself dies, the sample in flight scores 0 with the reason
-and a new runner grades the rest.
+each sample in a forked child with its own CPU, wall-clock, process and output limits. If the
+runner itself dies, the sample in flight scores 0 with the reason and a new runner grades the rest.
 
 Not enforced: reads. The grader runs as the service's own user (namespace root is mapped onto
 it; host root when the service runs as root), so it can read what that user can read outside
@@ -75,7 +75,7 @@ class _UnreadableSource(Exception):
     """A python grader's file cannot be read."""
 
 
-def runner_spec(grader) -> dict:
+def runner_spec(grader: GraderConfig) -> dict:
     """The grader spec as the runner gets it: JSON, with every python grader's code inlined
     (the runner's filesystem view may not include the file) and `path` naming it in errors."""
     spec = grader.model_dump(mode="json")
