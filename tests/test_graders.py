@@ -222,8 +222,10 @@ HACKS = {  # solution -> the flag it must raise
 
 
 def test_code_tests_anti_hacking_probes_score_zero_with_a_flag():
-    honest = solution("import sys\ndef add(a, b):\n    print('adding', a, b, file=sys.stderr)\n    print(a + b)\n"
-                      "    return a + b\n")
+    honest = solution("import enum, logging, sys, typing\nfrom collections import namedtuple\n"
+                      "Pair = namedtuple('Pair', 'a b')\nT = typing.TypeVar('T')\nColour = enum.Enum('Colour', 'red')\n"
+                      "def add(a, b):\n    print('adding', a, b, file=sys.stderr)\n    print(a + b)\n"
+                      "    logging.warning('adding')\n    return sum(Pair(a, b))\n")
     cases = [(honest, ADD_TESTS)] + [(solution(code), ADD_TESTS) for code in HACKS]
     results = grade_all({"type": "code_tests"}, cases)
     assert (results[0].reward, results[0].hack_flags) == (1.0, [])
