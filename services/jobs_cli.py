@@ -145,13 +145,12 @@ def progress_cells(record: JobRecord | None) -> list[str]:
             _number(record.metrics.get("heldout_accuracy")), _workers(record.workers)]
 
 
-def jobs_table(client, registries: Registries, job_ids: list[str] | None = None) -> Table:
+def jobs_table(client, registries: Registries) -> Table:
     table = Table(title="rft jobs")
     for column in ("job", "ray state", "registry state", "step", "version", "reward", "held-out", "workers",
                    "owner", "started"):
         table.add_column(column)
-    jobs = [ray_job(client, j) for j in job_ids] if job_ids else client.list_jobs()
-    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
         if not job.submission_id:
             continue  # drivers that connected directly, not submitted jobs
         record = registries.record(job.submission_id, str(job.status), job.metadata)
@@ -185,7 +184,7 @@ def submit(
     job_id: Optional[str] = typer.Option(None, "--job-id", help="default: <name>-<date>-<time>"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     python: str = typer.Option("python", "--python", help="Python on the cluster that has rft installed"),
-    agent_wait_s: float = typer.Option(60, "--agent-wait", help="seconds to wait for a just-started head's job agent"),
+    agent_wait_s: float = typer.Option(120, "--agent-wait", help="seconds to wait for a just-started head's job agent"),
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API)."""
     try:
