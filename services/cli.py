@@ -70,7 +70,7 @@ def load_grader_spec(spec: str) -> GraderConfig:
     if not path.is_file():
         raise FileNotFoundError(f"--grader: {spec} not found")
     if path.suffix == ".py":
-        grader = PythonGrader(source=str(path.resolve()))
+        grader = PythonGrader(source=str(path.resolve()), name=path.stem)
     else:
         try:
             raw = yaml.safe_load(path.read_text())
