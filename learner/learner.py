@@ -207,6 +207,9 @@ class Learner:
 
     # ---- adapter and checkpoints -----------------------------------------------------------
 
+    def process_id(self) -> int:
+        return os.getpid()
+
     def export_adapter(self) -> AdapterWeights:
         """The current adapter, as a copy (the live tensors keep training)."""
         from peft import get_peft_model_state_dict

@@ -176,6 +176,7 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
     with samples_log, StepProgress(cfg.steps, state.step) as progress:
         for step in range(state.step, cfg.steps):
             scored = backlog.pop(step, None)
+            replayed = len(scored or [])
             if scored is None:
                 rollouts = actors.rollouts.collect(step)
             generation_seconds = time.perf_counter() - started
@@ -206,7 +207,8 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                     state.policy_version = stats.policy_version
             counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
                       "stale_rollouts_dropped": stale, "samples_trained": len(trained_ids),
-                      "skipped_steps": int(skipped), "rollouts_scored": len(scored),
+                      "skipped_steps": int(skipped), "rollouts_scored": len(scored) - replayed,
+                      "rollouts_replayed": replayed,
                       "rollout_workers_replaced": actors.rollouts.workers_replaced - replaced_before,
                       "requests_reissued": actors.rollouts.requests_reissued - reissued_before}
             replaced_before, reissued_before = actors.rollouts.workers_replaced, actors.rollouts.requests_reissued

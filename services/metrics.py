@@ -55,6 +55,7 @@ COUNTERS = {
     "samples_trained": "rollouts trained on",
     "rollout_workers_replaced": "rollout workers that died and were replaced",
     "requests_reissued": "generation requests re-issued because their rollout worker died",
+    "rollouts_replayed": "scored rollouts a resumed job took from the stream instead of generating again",
     "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
 }
 

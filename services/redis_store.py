@@ -15,8 +15,11 @@ import fcntl
 from pathlib import Path
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 EMBEDDED_DB_FILE = "redis.db"
+RECONNECT_RETRIES = 14
 
 
 class RedisUnavailableError(RuntimeError):
@@ -31,7 +34,10 @@ def embedded_data_dir(run_root: str | Path) -> Path:
 def connect(redis_url: str | None, data_dir: Path) -> redis.Redis:
     """A client to `redis_url` (redis://, rediss://, unix://), or to the embedded server of `data_dir`."""
     if redis_url:
-        client = redis.Redis.from_url(redis_url)
+        # A restarting server (e.g. Redis with AOF coming back) must not fail the job: commands
+        # retry on connection errors for ~20 s before giving up.
+        client = redis.Redis.from_url(redis_url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES),
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
         try:
             client.ping()
         except redis.RedisError as e:

@@ -15,48 +15,45 @@ from services.config import load_config
 from services.data import PromptOrder
 from services.driver import run_job
 from services.job_setup import prepare_inputs
-from tests.test_e2e import write_job
+from tests.test_e2e import read_jsonl, write_job
 
 pytestmark = pytest.mark.slow
 STEPS, PROMPTS_PER_STEP, SAMPLES_PER_PROMPT = 5, 2, 4
 
 
 class ScriptedControl:
-    """The job's control input, scripted per call: how many rollout workers to run, and (the
-    fault) a rollout worker to kill with SIGKILL shortly after a given step's generation starts."""
+    """The job's control input, scripted per call (the driver asks once per step, just before it
+    submits that step's generation): how many rollout workers to run, and faults to inject."""
 
-    def __init__(self, job_name: str, sizes: dict[int, int], kill_at_call: int | None = None):
-        self.job_name, self.sizes, self.kill_at_call = job_name, sizes, kill_at_call
+    def __init__(self, sizes: dict[int, int], actions: dict | None = None):
+        self.sizes, self.actions = sizes, actions or {}
         self.calls = 0
-        self.killed_pid: int | None = None
 
     def desired_rollout_workers(self) -> int | None:
         call, self.calls = self.calls, self.calls + 1
-        if call == self.kill_at_call:
-            worker = ray.get_actor(f"{self.job_name}-rollout-0")
-            self.killed_pid = ray.get(worker.process_id.remote())
-            # The generate call for this step is submitted right after we return: the kill lands
-            # while it is queued or running on the worker, i.e. in flight from the driver's view.
-            threading.Timer(0.2, os.kill, (self.killed_pid, signal.SIGKILL)).start()
+        if call in self.actions:
+            self.actions[call]()
         return self.sizes.get(call)
 
 
-def run(tmp_path, tiny_model_dir, control_for):
+def actor_pid(name: str) -> int:
+    return ray.get(ray.get_actor(name).process_id.remote())
+
+
+def run(tmp_path, tiny_model_dir, control, overrides=(), resume=False):
     config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=1)
+    # 6 train items, 2 per step: steps 1-3 are epoch 1, steps 4-5 epoch 2 (the same prompts again).
     cfg = load_config(config, [f"steps={STEPS}", f"prompts_per_step={PROMPTS_PER_STEP}",
                                f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}", "rollout.max_new_tokens=24",
                                "algorithm.skip_zero_signal_groups=false", "eval.at_start=false",
-                               "eval.every_steps=100", "checkpoint.every_steps=100", "reward.num_workers=1"])
-    # 6 train items, 2 per step: steps 1-3 are epoch 1, steps 4-5 epoch 2 (the same prompts again).
-    control = control_for(cfg.name)
+                               "eval.every_steps=100", "checkpoint.every_steps=100", "reward.num_workers=1",
+                               *overrides])
     inputs = prepare_inputs(cfg)
     try:
-        run_job(cfg, inputs, control=control)
+        run_job(cfg, inputs, resume=resume, control=control)
     finally:
         ray.shutdown()
-    records = [json.loads(line) for line in (cfg.run_dir / "samples.jsonl").read_text().splitlines()]
-    metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return cfg, inputs, control, records, metrics
+    return cfg, inputs, read_jsonl(cfg.run_dir / "samples.jsonl"), read_jsonl(cfg.run_dir / "metrics.jsonl")
 
 
 def assert_trained_exactly_once(cfg, inputs, records):
@@ -71,9 +68,17 @@ def assert_trained_exactly_once(cfg, inputs, records):
 
 
 def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp_path, tiny_model_dir):
-    cfg, inputs, control, records, metrics = run(
-        tmp_path, tiny_model_dir, lambda name: ScriptedControl(name, sizes={0: 2}, kill_at_call=2))
-    assert control.killed_pid is not None
+    killed = []
+
+    def kill_rollout_worker_soon():
+        # The step's generate call is submitted right after this returns: the kill lands while it
+        # is queued or running on the worker, i.e. in flight from the driver's view.
+        killed.append(actor_pid("e2e-rollout-0"))
+        threading.Timer(0.2, os.kill, (killed[0], signal.SIGKILL)).start()
+
+    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir,
+                                        ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker_soon}))
+    assert killed
     assert_trained_exactly_once(cfg, inputs, records)
     replaced = sum(m.get("rollout_workers_replaced_count", 0) for m in metrics)
     reissued = sum(m.get("requests_reissued_count", 0) for m in metrics)
@@ -85,8 +90,7 @@ def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp
 
 
 def test_scale_one_to_three_to_one_mid_run(tmp_path, tiny_model_dir):
-    cfg, inputs, control, records, metrics = run(
-        tmp_path, tiny_model_dir, lambda name: ScriptedControl(name, sizes={1: 3, 3: 1}))
+    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={1: 3, 3: 1}))
     assert_trained_exactly_once(cfg, inputs, records)
     workers_per_step = [m["rollout_workers"] for m in metrics if "rollout_workers" in m]
     assert 3 in workers_per_step and workers_per_step[-1] == 1, workers_per_step

@@ -1,0 +1,59 @@
+"""The learner dies mid-run, then the job is resumed; Redis restarts mid-run. Either way every
+sample of every step is trained exactly once and the data cursor ends where an uninterrupted
+run's does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import ray
+
+from services.registry import SUCCEEDED, open_registry
+from tests.redis_server import RedisServer
+from tests.test_self_healing import (PROMPTS_PER_STEP, STEPS, ScriptedControl, actor_pid,
+                                     assert_trained_exactly_once, run)
+
+pytestmark = pytest.mark.slow
+
+
+def kill_learner() -> None:
+    """SIGKILL the learner's process and wait until Ray has noticed, so the step about to be
+    trained fails for certain."""
+    learner = ray.get_actor("e2e-learner")
+    os.kill(ray.get(learner.process_id.remote()), signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(learner.process_id.remote())
+
+
+def test_learner_killed_mid_run_then_resumed_trains_each_sample_once(tmp_path, tiny_model_dir):
+    every_step = ["checkpoint.every_steps=1", "checkpoint.keep_last=10"]
+    # Call 3 comes after step index 2's rollouts were collected: they are scored and appended to
+    # the stream, and then the learner is gone when they are to be trained.
+    with pytest.raises(ray.exceptions.RayActorError):
+        run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}, actions={3: kill_learner}), every_step)
+    run_dir = tmp_path / "runs" / "e2e"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
+
+    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}), every_step, resume=True)
+    assert_trained_exactly_once(cfg, inputs, records)
+    # Step 3's scored rollouts came back from the stream rather than being generated again.
+    assert [m["step"] for m in metrics if m.get("rollouts_replayed_count")] == [3]
+    final = json.loads((run_dir / "checkpoints" / f"step_{STEPS}" / "driver_state.json").read_text())
+    assert final["data_cursor"] == STEPS * PROMPTS_PER_STEP  # where an uninterrupted run ends
+    assert final["samples_trained"] == len(records)
+    assert open_registry(cfg.run_root).get("e2e").state == SUCCEEDED
+
+
+def test_redis_restart_mid_run_job_completes(tmp_path, tiny_model_dir):
+    server = RedisServer(tmp_path, append_only=True).start()
+    try:
+        cfg, inputs, records, _ = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}, actions={2: server.restart}),
+                                      [f"cluster.redis_url={server.url}", "checkpoint.every_steps=2"])
+        assert_trained_exactly_once(cfg, inputs, records)
+        job = open_registry(cfg.run_root, server.url).get("e2e")
+        assert (job.state, job.step) == (SUCCEEDED, STEPS)
+        assert len(job.history) >= 3  # PENDING, RUNNING written before the restart survived it (AOF)
+    finally:
+        server.stop()
