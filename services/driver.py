@@ -120,9 +120,8 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: Jo
         print(f"metrics: http://{metrics.address}/metrics   run dir: {run_dir}", flush=True)
         try:
             return _train(cfg, inputs, actors, metrics, stream, control or RegistryControl(registry, cfg.name),
-                          resume, on_step=lambda state, values: registry.update_progress(
-                              cfg.name, state.step, state.policy_version, values,
-                              {"rollout": len(actors.rollouts.workers), "reward": cfg.reward.num_workers}))
+                          resume, on_step=lambda state, values, workers: registry.update_progress(
+                              cfg.name, state.step, state.policy_version, values, workers))
         finally:
             metrics.close()
             actors.shutdown()
@@ -183,13 +182,17 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
             overlap = cfg.sync.max_staleness >= 1 and step + 1 < cfg.steps
             if overlap:  # the next step's rollouts start now, from the current weights
                 started = start_generation(step + 1)
+            reward_started = time.perf_counter()
             if scored is None:
                 scored = actors.reward_pool.score(rollouts, inputs.items_by_id)
                 stream.append(step, scored)
+            reward_seconds = time.perf_counter() - reward_started
 
             batch, zero_signal, stale = build_batch(cfg, step, scored, state.policy_version)
+            lags = [state.policy_version - sample.policy_version for sample in batch.samples]
             values = rollout_stats(scored, generation_seconds)
             values.update(zero_signal_groups=zero_signal, rollout_workers=len(actors.rollouts.workers),
+                          generation_seconds=generation_seconds, reward_seconds=reward_seconds,
                           staleness_max=max(state.policy_version - s.rollout.policy_version for s in scored))
             trained_ids: set[str] = set()  # a skipped (non-finite) step trains nothing
             skipped = False
@@ -222,8 +225,10 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                 last_heldout = evaluate(cfg, inputs, actors)
                 values.update(heldout_accuracy=last_heldout["accuracy"],
                               heldout_reward_mean=last_heldout["reward_mean"])
-            metrics.record(state.step, values, counts, hack_rates=hack_rates(cfg.reward.grader, scored))
-            on_step(state, values)
+            workers = {"rollout": len(actors.rollouts.workers), "reward": cfg.reward.num_workers, "learner": 1}
+            metrics.record(state.step, values, counts, hack_rates=hack_rates(cfg.reward.grader, scored),
+                           workers=workers, staleness=lags if trained_ids else None)
+            on_step(state, values, workers)
             progress.update(values)
             if state.step % cfg.checkpoint.every_steps == 0 or last_step:
                 save_checkpoint(cfg, run_dir, actors.learner, state)

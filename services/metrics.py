@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Gauges: the latest value of each per-step number. Name -> help text.
 GAUGES = {
@@ -43,6 +43,8 @@ GAUGES = {
     "truncated_completions_fraction": "share of completions that hit max_new_tokens",
     "staleness_max": "largest policy lag of a trained rollout",
     "rollout_workers": "live rollout workers (not counting ones retiring after a scale-down)",
+    "generation_seconds": "wall time from submitting the step's prompts to having all its rollouts",
+    "reward_seconds": "wall time the reward workers took to score the step's rollouts",
     # Set by RunMetrics itself (the driver need not pass them):
     "last_progress_timestamp_seconds": "unix time of the job's start or of its last step/evaluation record",
     "step_wall_seconds": "wall time between the last two step records (generation to sync, evaluation included)",
@@ -59,6 +61,7 @@ COUNTERS = {
     "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
 }
 
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16)
 TARGETS_FILE = "prometheus_targets.json"  # in the run dir
 TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
 ADVERTISE_HOST_ENV = "RFT_METRICS_ADVERTISE_HOST"  # the host name Prometheus should scrape
@@ -93,6 +96,10 @@ class RunMetrics:
         self._hack_rate = Gauge("rft_grader_hack_rate", "share of the step's rollouts a grader flagged as reward "
                                 "hacking (the grader, and each sub-grader of a multi grader)", ["job", "grader"],
                                 registry=self.registry)
+        self._workers = Gauge("rft_workers", "live workers of the job by kind (rollout, reward, learner)",
+                              ["job", "kind"], registry=self.registry)
+        self._staleness = Histogram("rft_rollout_staleness", "policy versions a trained rollout lagged behind "
+                                    "the learner", ["job"], buckets=STALENESS_BUCKETS, registry=self.registry)
         self._last_step_time: float | None = None
         self._gauges["last_progress_timestamp_seconds"].labels(job).set(time.time())
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -106,9 +113,15 @@ class RunMetrics:
             write_targets_file(path, self.scrape_target, job)
 
     def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None,
-               hack_rates: dict[str, float] | None = None) -> None:
+               hack_rates: dict[str, float] | None = None, workers: dict[str, int] | None = None,
+               staleness: list[int] | None = None) -> None:
         """Set gauges, add to counters, and append one JSON line with everything. `hack_rates`:
-        grader name -> share of rollouts flagged (reward_workers.pool.hack_rates)."""
+        grader name -> share of rollouts flagged (reward_workers.pool.hack_rates); `workers`:
+        kind -> live count; `staleness`: the policy lag of each trained rollout."""
+        for kind, count in (workers or {}).items():
+            self._workers.labels(self.job, kind).set(count)
+        for lag in staleness or []:
+            self._staleness.labels(self.job).observe(lag)
         for grader, rate in (hack_rates or {}).items():
             self._hack_rate.labels(self.job, grader).set(rate)
         for name, value in values.items():
@@ -126,6 +139,10 @@ class RunMetrics:
         line = {"step": step, "time": now, **values, **{f"{k}_count": v for k, v in (counts or {}).items()}}
         if hack_rates:
             line["grader_hack_rate"] = hack_rates
+        if workers:
+            line["workers"] = workers
+        if staleness:
+            line["staleness_histogram"] = {str(lag): staleness.count(lag) for lag in sorted(set(staleness))}
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()
 

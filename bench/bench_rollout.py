@@ -1,0 +1,93 @@
+"""Rollout-worker throughput vs the raw inference engine, measured in one run.
+
+Same model (the embedded SmolLM2-135M-Instruct unless --model), same prompts, same seeded
+sampling: (a) the engine called directly in this process, (b) the same engine inside a
+RolloutWorker Ray actor reached through the RolloutScheduler, as a job uses it. Completion
+lengths differ between the two only by sampling noise, so tokens/s is the figure compared.
+Goal: worker / raw >= 0.95.
+
+    .venv/bin/python bench/bench_rollout.py [--engine vllm|hf] [--prompts 16] [--samples 4] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from services.job_setup import actor_env
+    # One process computes at a time here (the raw engine, then the worker): give each the same threads.
+    for name, value in actor_env(heavy_actors=1).items():
+        os.environ.setdefault(name, value)
+
+    import ray
+
+    from rollout_workers.engines import make_engine
+    from rollout_workers.interface import GenerationRequest, SamplingSettings
+    from services.config import load_config
+    from services.data import load_items, prompt_token_ids
+    from services.job_setup import rollout_worker_factory
+    from services.model_store import resolve_model_path
+    from services.rollout_scheduler import RolloutScheduler
+    from weight_sync.channel import WeightSyncChannel
+    from transformers import AutoTokenizer
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "arithmetic.yaml"
+    cfg = load_config(example, [f"rollout.engine={args.engine}", f"rollout.max_new_tokens={args.max_new_tokens}",
+                                "name=bench-rollout"])
+    model_path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    items = load_items(cfg.data.train)[:args.prompts]
+    requests = [GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
+                for item in items for k in range(args.samples)]
+
+    def tokens_per_second(generate) -> float:
+        rates = []
+        for repeat in range(args.repeats + 1):  # the first is a warm-up
+            sampling = SamplingSettings(cfg.rollout.temperature, args.max_new_tokens, seed=repeat)
+            started = time.perf_counter()
+            tokens = generate(sampling)
+            if repeat:
+                rates.append(tokens / (time.perf_counter() - started))
+        return statistics.median(rates)
+
+    engine = make_engine(cfg.rollout.engine, model_path, cfg)
+    raw = tokens_per_second(lambda s: sum(len(c.completion_ids) for c in
+                                          engine.generate([r.prompt_ids for r in requests], s)))
+    engine_name = engine.name
+    del engine
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=1)})
+    scheduler = RolloutScheduler(rollout_worker_factory(cfg, model_path), WeightSyncChannel(), num_workers=1)
+
+    def through_worker(sampling) -> int:
+        scheduler.submit("bench", requests, sampling)
+        return sum(len(r.completion_ids) for r in scheduler.collect("bench"))
+
+    worker = tokens_per_second(through_worker)
+    scheduler.shutdown()
+    ray.shutdown()
+    print(f"engine {engine_name}, {len(requests)} samples x <= {args.max_new_tokens} tokens, "
+          f"median of {args.repeats}")
+    print(f"raw engine      {raw:8.1f} tok/s")
+    print(f"rollout worker  {worker:8.1f} tok/s")
+    print(f"ratio worker/raw {worker / raw:.3f}  (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
