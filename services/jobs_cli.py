@@ -24,7 +24,7 @@ from rich.table import Table
 
 from services.config import ConfigError, dump_config, load_config
 from services.redis_store import RedisUnavailableError, embedded_data_dir
-from services.registry import TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
+from services.registry import FAILED, TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
 
 ADDRESS_HELP = "Ray dashboard address of the cluster, http://HEAD:PORT (or $RAY_ADDRESS)"
 REDIS_HELP = "the registry's Redis (default: the embedded store under the job's run root)"
@@ -68,6 +68,14 @@ def jobs_client(address: Optional[str]):
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
         _fail(f"--address {address}: cannot reach the Ray Jobs API ({e})")
+
+
+def job_exists(client, job_id: str) -> bool:
+    try:
+        client.get_job_info(job_id)
+        return True
+    except RuntimeError:  # the Jobs API answers 404 for an unknown id
+        return False
 
 
 def ray_job(client, job_id: str):
@@ -210,8 +218,12 @@ def submit(
     owner = getpass.getuser()
     metadata = {META_RUN_ROOT: str(run_root), META_REDIS_URL: redis_url or "", META_OWNER: owner}
     client = jobs_client(address)
+    if job_exists(client, job_id):
+        _fail(f"--job-id {job_id}: the cluster already has a job with this id")
+    registry = None
     try:
-        open_registry(run_root, redis_url).register(job_id, dump_config(cfg), cfg.run_dir, owner, source="submit")
+        registry = open_registry(run_root, redis_url)
+        registry.register(job_id, dump_config(cfg), cfg.run_dir, owner, source="submit")
     except RedisUnavailableError as e:
         console.print(f"[yellow]registry: {e}; the job is submitted without a registry entry[/yellow]")
     deadline = time.monotonic() + agent_wait_s
@@ -222,6 +234,8 @@ def submit(
         except RuntimeError as e:
             # A head that has just started answers this until its dashboard agent is up.
             if "No available agent" not in str(e) or time.monotonic() > deadline:
+                if registry is not None:
+                    registry.transition(job_id, FAILED, source="submit")
                 _fail(f"submitting {job_id} to {cluster_address(address)}: {e}")
             time.sleep(1)
     typer.echo(f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
