@@ -66,11 +66,12 @@ def main() -> None:
                 rates.append(tokens / (time.perf_counter() - started))
         return statistics.median(rates)
 
-    engine = make_engine(cfg.rollout.engine, model_path, cfg)
-    raw = tokens_per_second(lambda s: sum(len(c.completion_ids) for c in
-                                          engine.generate([r.prompt_ids for r in requests], s)))
-    engine_name = engine.name
-    del engine
+    def raw_engine() -> tuple[str, float]:
+        engine = make_engine(cfg.rollout.engine, model_path, cfg)  # freed on return, before the worker starts
+        return engine.name, tokens_per_second(
+            lambda s: sum(len(c.completion_ids) for c in engine.generate([r.prompt_ids for r in requests], s)))
+
+    engine_name, raw = raw_engine()
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=1)})
     scheduler = RolloutScheduler(rollout_worker_factory(cfg, model_path), WeightSyncChannel(), num_workers=1)

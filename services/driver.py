@@ -252,5 +252,6 @@ def log_samples(samples_log, step: int, scored: list[ScoredRollout], trained_ids
             "step": step, "sample_id": s.rollout.sample_id, "policy_version": s.rollout.policy_version,
             "worker_id": s.rollout.worker_id, "text": s.rollout.text, "reward": s.reward,
             "components": s.components, "grader_error": s.grader_error, "hack_flags": s.hack_flags,
+            "diagnostics": s.diagnostics,
             "trained": s.rollout.sample_id in trained_ids}) + "\n")
     samples_log.flush()

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.config import JobConfig
+from services.config import JobConfig, check_grader
 from services.data import DatasetError, load_items, prompt_token_ids
 from services.model_store import resolve_model_path
 from services.rollout_scheduler import RolloutScheduler
@@ -29,9 +29,7 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     from transformers import AutoTokenizer
 
     model_path = resolve_model_path(cfg.model.path)
-    grader_source = Path(cfg.reward.grader.source)
-    if not grader_source.is_file():
-        raise FileNotFoundError(f"reward.grader.source: {grader_source} not found")
+    check_grader(cfg.reward.grader)  # python grader files exist; the type can run
     train_items = load_items(cfg.data.train)
     heldout_items = load_items(cfg.data.heldout) if cfg.data.heldout else []
     if cfg.data.heldout_limit:

@@ -12,8 +12,7 @@ import ray
 
 from services.registry import SUCCEEDED, open_registry
 from tests.redis_server import RedisServer
-from tests.test_self_healing import (PROMPTS_PER_STEP, STEPS, ScriptedControl, actor_pid,
-                                     assert_trained_exactly_once, run)
+from tests.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
 
 pytestmark = pytest.mark.slow
 

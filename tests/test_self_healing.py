@@ -2,7 +2,6 @@
 trained exactly once (proved with sample ids from the run's own samples.jsonl)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
