@@ -74,6 +74,15 @@ def test_broadcast_rebuilds_weights_across_buckets_and_reuses_buffers():
     assert first.tensors["w.bf16"].data_ptr() == second.tensors["w.bf16"].data_ptr()  # same buffers
 
 
+def test_transports_need_the_learner_except_the_object_store():
+    assert make_transport("object_store", None, 2**20, 60, None).name == "object_store"
+    for name in ("broadcast", "file"):
+        with pytest.raises(ValueError, match="needs the learner"):
+            make_transport(name, None, 2**20, 60, None)
+    with pytest.raises(ValueError, match="unknown sync.transport"):
+        make_transport("carrier-pigeon", object(), 2**20, 60, None)
+
+
 def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
     adapter = AdapterWeights.create(3, {"base_model.model.x.lora_A.weight": torch.randn(4, 8)},
                                     {"r": 4, "lora_alpha": 8})
@@ -245,38 +254,38 @@ def test_weights_corrupt_at_the_source_fail_with_a_clear_error(learner, workers)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_worker_added_after_three_versions_catches_up(learner, tiny_model_dir, transport):
-    first, = start_workers(tiny_model_dir, "first", ["hf"])
+def test_worker_added_after_three_versions_catches_up(learner, workers, tiny_model_dir, transport):
     channel = channel_for(transport, learner)
     for _ in range(3):
-        channel.publish(train_step(learner), channel.export(), [first])
+        channel.publish(train_step(learner), channel.export(), workers)
     late, = start_workers(tiny_model_dir, "late", ["hf"])
-    assert ray.get(channel.catch_up(late)) == channel.version  # from the object store
-    version = train_step(learner)
-    ref = channel.export()
-    formations = getattr(channel.transport, "formations", None)
-    result = channel.publish(version, ref, [first, late])
-    if transport == "broadcast":  # formed once for [first], re-formed once with 3 ranks
-        assert (formations, channel.transport.formations) == (1, 2)
-    assert set(result.worker_seconds) == {"first-hf", "late-hf"} and not result.refetches
-    assert_serves_learner_policy(learner, [first, late], ref)
-    for worker in (first, late):
-        ray.kill(worker)
+    try:
+        assert ray.get(channel.catch_up(late)) == channel.version  # from the object store
+        version = train_step(learner)
+        ref = channel.export()
+        formations = getattr(channel.transport, "formations", None)
+        result = channel.publish(version, ref, [*workers, late])
+        if transport == "broadcast":  # formed once for the first workers, re-formed once with the late one
+            assert (formations, channel.transport.formations) == (1, 2)
+        assert set(result.worker_seconds) == {f"w-{e}" for e in ENGINES} | {"late-hf"} and not result.refetches
+        assert_serves_learner_policy(learner, [late], ref)
+    finally:
+        ray.kill(late)
 
 
 @pytest.mark.slow
 def test_full_weights_in_buckets_over_every_transport(learner, tiny_model_dir):
-    """Full weights (the adapter merged in) in 1 MB buckets: each engine reloads all its weights
+    """Full weights (the adapter merged in) in 256 KB buckets: each engine reloads all its weights
     and samples with the learner's policy."""
     full_workers = start_workers(tiny_model_dir, "full")
     try:
         for transport in TRANSPORTS:
-            channel = channel_for(transport, learner, payload="full", bucket_bytes=2**20)
+            channel = channel_for(transport, learner, payload="full", bucket_bytes=2**18)
             version = train_step(learner)
             ref = channel.export()
             weights = ray.get(ref)
             assert isinstance(weights, FullWeights) and weights.version == version
-            assert len(plan_buckets([(n, t.dtype, t.nbytes) for n, t in weights.tensors.items()], 2**20)) > 2
+            assert len(plan_buckets([(n, t.dtype, t.nbytes) for n, t in weights.tensors.items()], 2**18)) > 2
             channel.publish(version, ref, full_workers)
             assert_serves_learner_policy(learner, full_workers, ref)
     finally:

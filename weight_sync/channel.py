@@ -54,10 +54,11 @@ class WeightSyncChannel:
         self._latest_ref: ray.ObjectRef | None = None
 
     @classmethod
-    def from_config(cls, sync, learner) -> "WeightSyncChannel":
-        """The channel `sync` (services.config.SyncConfig) describes, sending from `learner`."""
+    def from_config(cls, sync, learner, default_file_dir: str | None = None) -> "WeightSyncChannel":
+        """The channel `sync` (services.config.SyncConfig) describes, sending from `learner`. The
+        file transport writes to `sync.file_dir`, else `default_file_dir`, else a temporary dir."""
         transport = make_transport(sync.transport, learner, bucket_bytes=sync.bucket_mb * 2**20,
-                                   timeout_s=sync.broadcast_timeout_s, file_root=sync.file_dir)
+                                   timeout_s=sync.broadcast_timeout_s, file_root=sync.file_dir or default_file_dir)
         return cls(transport, learner, sync.payload, sync.max_refetches)
 
     def export(self) -> ray.ObjectRef:
