@@ -108,6 +108,27 @@ class CodeTestsGrader(GraderSpec):
     timeout_s: float = Field(default=5.0, gt=0, description="for all tests of one sample")
 
 
+class TritonKernelGrader(GraderSpec):
+    """A model-written Triton kernel vs the item's PyTorch reference (graders/triton_kernel.py)."""
+    type: Literal["triton_kernel"]
+    code: str = SAMPLE_TEXT
+    function: str = "{{item.function}}"    # the name the model's function must have
+    reference: str = "{{item.reference}}"  # Python source defining that function with torch
+    cases: str = "{{item.cases}}"          # [{"seed", "args": [number | {"shape", "dtype", "low", "high"}]}]
+    atol: float = Field(default=1e-4, ge=0)
+    rtol: float = Field(default=1e-4, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when the harness sees one, else the interpreter
+    timeout_s: float = Field(default=30.0, gt=0, description="for all cases of one sample, interpreter start included")
+    format_weight: float = Field(default=0.1, ge=0, le=1)
+    compile_weight: float = Field(default=0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _weights_leave_room(self) -> TritonKernelGrader:
+        if self.format_weight + self.compile_weight > 1:
+            raise ValueError("format_weight + compile_weight must be at most 1 (the rest is for correct cases)")
+        return self
+
+
 class SqlGrader(GraderSpec):
     type: Literal["sql"]
     query: str = SAMPLE_TEXT
@@ -174,7 +195,7 @@ def _python_by_default(value: Any) -> Any:
 
 GraderConfig = Annotated[
     Union[StringCheckGrader, RegexGrader, NumericGrader, JsonMatchGrader, TextSimilarityGrader, PythonGrader,
-          CodeTestsGrader, SqlGrader, LlmJudgeGrader, MultiGrader],
+          CodeTestsGrader, SqlGrader, TritonKernelGrader, LlmJudgeGrader, MultiGrader],
     Field(discriminator="type"), BeforeValidator(_python_by_default)]
 MultiGrader.model_rebuild()
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, LlmJudgeGrader, PythonGrader,
+from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, LlmJudgeGrader, PythonGrader, TritonKernelGrader,
                                        resolve_source_paths, walk)
 
 
@@ -60,7 +60,8 @@ class RewardConfig(Section):
     @model_validator(mode="after")
     def _code_tests_fit_the_sample_limit(self) -> "RewardConfig":
         # Past reward.timeout_s the whole sample is killed: no partial credit, no diagnostics.
-        test_time = sum(spec.timeout_s for _, spec in walk(self.grader) if isinstance(spec, CodeTestsGrader))
+        test_time = sum(spec.timeout_s for _, spec in walk(self.grader)
+                        if isinstance(spec, (CodeTestsGrader, TritonKernelGrader)))
         if test_time >= self.timeout_s:
             raise ValueError(f"the code_tests graders' timeout_s ({test_time:g} s in all) must be below "
                              f"reward.timeout_s ({self.timeout_s:g} s)")

@@ -9,7 +9,7 @@ Standard library only at import time: third-party libraries load when a grader i
 from __future__ import annotations
 
 from reward_workers.graders import (code_tests, json_match, multi, numeric, python_grader, regex_match, sql,
-                                    string_check, text_similarity)
+                                    string_check, text_similarity, triton_kernel)
 
 BUILDERS = {
     "string_check": string_check.build,
@@ -20,6 +20,7 @@ BUILDERS = {
     "python": python_grader.build,
     "code_tests": code_tests.build,
     "sql": sql.build,
+    "triton_kernel": triton_kernel.build,
 }
 
 
