@@ -144,19 +144,33 @@ class ChatMessage(BaseModel):
     type: Literal["message"] | None = None
 
 
+JUDGE_SAMPLING_PARAMS = {"temperature", "top_p", "seed", "max_completions_tokens", "max_tokens", "reasoning_effort"}
+
+
 class LlmJudgeGrader(GraderSpec):
-    """Validated now, run later: a job with it stops at start with a clear error."""
+    """A model scores the sample (graders/llm_judge.py): called in the reward worker's process,
+    not in the sandbox. OpenAI's score_model JSON validates as it is (add base_url to run it)."""
     type: Literal["llm_judge", "score_model"]
-    model: str
-    input: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(description="served model name with base_url; else a local HF model dir or 'default'")
+    base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key, if any
+    input: list[ChatMessage] | None = Field(default=None, min_length=1)
+    rubric: str | None = None  # instead of input: rubric + item_text + the sample, in a built-in prompt
+    item_text: str = "{{item.prompt}}"
     range: tuple[float, float] = (0.0, 1.0)
     sampling_params: dict[str, Any] | None = None
     pass_threshold: float | None = None
+    timeout_s: float = Field(default=60.0, gt=0, description="per endpoint request")
 
     @model_validator(mode="after")
-    def _range_ordered(self) -> LlmJudgeGrader:
+    def _checks(self) -> LlmJudgeGrader:
         if self.range[0] >= self.range[1]:
             raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
+        if (self.input is None) == (self.rubric is None):
+            raise ValueError("give input (the judge's messages) or rubric, exactly one")
+        unknown = sorted(set(self.sampling_params or {}) - JUDGE_SAMPLING_PARAMS)
+        if unknown:
+            raise ValueError(f"sampling_params: unknown keys {unknown}; known: {sorted(JUDGE_SAMPLING_PARAMS)}")
         return self
 
 

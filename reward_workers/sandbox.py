@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_workers.grader_spec import PythonGrader
+from reward_workers.graders.llm_judge import Judges
 from services.config import GraderConfig, RewardConfig
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class GraderSandbox:
         self._buffer = b""
         self._load_error: str | None = None
         self.protections: list[str] = []  # what the running sandbox enforces, as reported by it
+        # llm_judge models are called here, in this trusted process, not in the sandbox (no network)
+        self._judges = Judges.for_grader(grader)
         try:
             self._start_runner()
         except BaseException:
@@ -186,6 +189,8 @@ class GraderSandbox:
         """Grade sample i against item i; every sample gets a result, in order."""
         if len(samples) != len(items):
             raise ValueError(f"{len(samples)} samples but {len(items)} items")
+        if self._judges is not None:
+            samples = self._judges.attach(samples, items)
         return [self._grade_one(sample, item) for sample, item in zip(samples, items)]
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, LlmJudgeGrader, PythonGrader, TritonKernelGrader,
+from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, PythonGrader, TritonKernelGrader,
                                        resolve_source_paths, walk)
 
 
@@ -92,6 +92,8 @@ class LearnerConfig(Section):
     grad_clip: float = Field(default=1.0, gt=0)
     micro_batch_size: int = Field(default=16, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
+    max_consecutive_skipped_steps: int = Field(default=3, ge=1)
     num_cpus: float = Field(default=0, ge=0)
     num_gpus: float = Field(default=0, ge=0)
 
@@ -170,12 +172,9 @@ _GRADER_SPEC = TypeAdapter(GraderConfig)
 
 
 def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
-    """Refuse, at job start, a grader that validates but cannot run: a missing python file, or
-    an llm_judge (not implemented yet). Raises ConfigError naming the field."""
+    """Refuse, at job start, a grader that validates but cannot run: a missing python file.
+    Raises ConfigError naming the field."""
     for path, spec in walk(grader, where):
-        if isinstance(spec, LlmJudgeGrader):
-            raise ConfigError(f"{path}: llm_judge (OpenAI score_model) is not implemented yet; "
-                              "use another grader type for now")
         if isinstance(spec, PythonGrader) and not spec.is_inline and not Path(spec.source).is_file():
             raise ConfigError(f"{path}.source: {spec.source} not found")
 

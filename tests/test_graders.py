@@ -8,14 +8,13 @@ import json
 import textwrap
 
 import pytest
-from pydantic import ValidationError
 
 from reward_workers.graders import formula
 from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
-from services.config import ConfigError, RewardConfig, check_grader, load_config
+from services.config import ConfigError, RewardConfig, load_config
 
 LIMITS = dict(timeout_s=20.0, cpu_s=5, memory_mb=1024)
 
@@ -333,23 +332,6 @@ def test_openai_grader_json_runs_unchanged():
     assert results[0].reward == pytest.approx(1.0)
     assert results[1].reward == pytest.approx(0.3 * (1 - 1 / 27) + 0.2)
     assert results[1].components["similar.passed"] == 1.0 and results[2].components["length"] == 0.0
-
-
-def test_openai_score_model_validates_but_refuses_to_run():
-    score_model = {"type": "score_model", "name": "judge", "model": "o4-mini-2025-04-16",
-                   "input": [{"role": "system", "content": "Rate 0-1."},
-                             {"role": "user", "content": "{{item.question}} {{sample.output_text}}"}],
-                   "range": [0, 1], "sampling_params": {"temperature": 0}}
-    spec = {"type": "multi", "graders": {"judge": score_model, "exact": OPENAI_MULTI["graders"]["exact"]},
-            "calculate_output": "judge * exact"}
-    cfg = reward_config(spec)
-    with pytest.raises(ConfigError, match=r"reward.grader.graders.judge: llm_judge .* not implemented yet"):
-        check_grader(cfg.grader)
-    with pytest.raises(ValidationError, match="must be \\[low, high\\]"):
-        reward_config({**score_model, "range": [1, 0]})
-    with GraderSandbox(cfg.grader, cfg) as sandbox:  # run anyway: every sample fails with the reason
-        result, = sandbox.grade([{"output_text": "x"}], [{"id": "q"}])
-    assert result.reward == 0.0 and "not implemented yet" in result.error
 
 
 # -- the spec as config ---------------------------------------------------------------------

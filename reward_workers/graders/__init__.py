@@ -8,8 +8,8 @@ Standard library only at import time: third-party libraries load when a grader i
 """
 from __future__ import annotations
 
-from reward_workers.graders import (code_tests, json_match, multi, numeric, python_grader, regex_match, sql,
-                                    string_check, text_similarity, triton_kernel)
+from reward_workers.graders import (code_tests, json_match, llm_judge, multi, numeric, python_grader, regex_match,
+                                    sql, string_check, text_similarity, triton_kernel)
 
 BUILDERS = {
     "string_check": string_check.build,
@@ -21,6 +21,8 @@ BUILDERS = {
     "code_tests": code_tests.build,
     "sql": sql.build,
     "triton_kernel": triton_kernel.build,
+    "llm_judge": llm_judge.build,  # the model call happens before the sandbox: graders/llm_judge.py
+    "score_model": llm_judge.build,
 }
 
 
@@ -29,8 +31,6 @@ def build_grader(spec: dict):
     kind = spec["type"]
     if kind == "multi":
         return multi.build(spec, build_grader)
-    if kind in ("llm_judge", "score_model"):
-        raise NotImplementedError("llm_judge (OpenAI score_model) is not implemented yet")
     if kind not in BUILDERS:
         raise ValueError(f"unknown grader type {kind!r}")
     return BUILDERS[kind](spec)
