@@ -55,7 +55,12 @@ def run(
         inputs = prepare_inputs(cfg)
     except USER_ERRORS as e:
         _fail(str(e))
-    summary = run_job(cfg, inputs, resume=resume is not None)
+    from services.driver import TrainingDivergedError
+
+    try:
+        summary = run_job(cfg, inputs, resume=resume is not None)
+    except TrainingDivergedError as e:
+        _fail(str(e))
     base, final = summary["heldout_base"], summary["heldout_final"]
     if base and final:
         typer.echo(f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "

@@ -127,6 +127,10 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: Jo
             actors.shutdown()
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many learner steps in a row were skipped for non-finite numbers."""
+
+
 class RegistryControl:
     """`rft scale` writes the desired worker count into the registry; the driver reads it here."""
 
@@ -171,7 +175,7 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
     samples_log = (run_dir / "samples.jsonl").open("a")
     started = start_generation(state.step)
     last_heldout = {}
-    replaced_before = reissued_before = 0
+    replaced_before = reissued_before = skipped_in_a_row = 0
     with samples_log, StepProgress(cfg.steps, state.step) as progress:
         for step in range(state.step, cfg.steps):
             scored = backlog.pop(step, None)
@@ -199,6 +203,13 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
             if batch.samples:
                 stats = ray.get(actors.learner.train_step.remote(batch))
                 skipped = stats.skipped
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+                if skipped_in_a_row >= cfg.learner.max_consecutive_skipped_steps:
+                    raise TrainingDivergedError(
+                        f"steps {step - skipped_in_a_row + 2}-{step + 1}: {skipped_in_a_row} learner steps in a row had a "
+                        f"non-finite loss or gradient (learner.max_consecutive_skipped_steps={cfg.learner.max_consecutive_skipped_steps}); "
+                        f"stopping. The adapter of policy version {state.policy_version} is unchanged; lower "
+                        "learner.learning_rate or check the rewards, then rft run --resume from the last checkpoint.")
                 if not skipped:
                     trained_ids = {sample.sample_id for sample in batch.samples}
                 values.update({k: v for k, v in stats.__dict__.items() if isinstance(v, (int, float))})

@@ -10,6 +10,7 @@ import signal
 import pytest
 import ray
 
+from services.driver import TrainingDivergedError
 from services.registry import SUCCEEDED, open_registry
 from tests.redis_server import RedisServer
 from tests.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
@@ -56,3 +57,13 @@ def test_redis_restart_mid_run_job_completes(tmp_path, tiny_model_dir):
         assert len(job.history) >= 3  # PENDING, RUNNING written before the restart survived it (AOF)
     finally:
         server.stop()
+
+
+def test_repeated_non_finite_steps_stop_the_job_with_a_clear_message(tmp_path, tiny_model_dir):
+    # A real divergence: a learning rate of 1e30 turns the adapter's weights huge after
+    # one step, and every later forward pass overflows to a non-finite loss.
+    with pytest.raises(TrainingDivergedError, match="3 learner steps in a row had a non-finite loss"):
+        run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}),
+            ["learner.learning_rate=1.0e+30", "learner.max_consecutive_skipped_steps=3", "steps=6"])
+    records = [json.loads(line) for line in (tmp_path / "runs" / "e2e" / "samples.jsonl").read_text().splitlines()]
+    assert any(r["trained"] for r in records) and not all(r["trained"] for r in records)
