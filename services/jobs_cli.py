@@ -236,7 +236,10 @@ def submit(
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 if registry is not None:
                     registry.transition(job_id, FAILED, source="submit")
-                _fail(f"submitting {job_id} to {cluster_address(address)}: {e}")
+                hint = ("\n  the head's dashboard agent is not up: see dashboard_agent.log in the head's Ray session"
+                        " logs (a common cause: its port, 52365 by default, held by another Ray on that machine)"
+                        if "No available agent" in str(e) else "")
+                _fail(f"submitting {job_id} to {cluster_address(address)}: {e}{hint}")
             time.sleep(1)
     typer.echo(f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
                f" --address {cluster_address(address)}")

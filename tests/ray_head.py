@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,7 +69,18 @@ class RayHead:
         psutil.wait_procs(alive, timeout=grace_s)
 
 
-def start_ray_head(num_cpus: int = 2) -> RayHead:
+def start_ray_head(num_cpus: int = 2, attempts: int = 2) -> RayHead:
+    """`ray start --head` gives the raylet a fixed 30 s to register, which a heavily loaded machine
+    can miss: one more attempt with fresh ports and temp dir."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_ray_head_once(num_cpus)
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+
+
+def _start_ray_head_once(num_cpus: int) -> RayHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="rft-ray-", dir="/tmp"))  # short: Ray's socket paths must fit
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -79,11 +91,14 @@ def start_ray_head(num_cpus: int = 2) -> RayHead:
     head = RayHead(temp_dir, free_port(), free_port(), env)
     command = [str(Path(venv_bin) / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={head.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
-               f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+               # the fixed defaults (10001, 52365) may be held by another Ray on this machine
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
                "--disable-usage-stats"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
         head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         raise RuntimeError(f"ray start failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return head
 
