@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
+from services.component_metrics import ComponentMetrics, MetricsContext
 from services.config import JobConfig
 from weight_sync.adapter import AdapterWeights
 from weight_sync.full_weights import FullWeights, base_parameters
@@ -68,7 +69,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 
 class Learner:
-    def __init__(self, cfg: JobConfig, model_path: str):
+    def __init__(self, cfg: JobConfig, model_path: str, metrics: MetricsContext | None = None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -81,6 +82,10 @@ class Learner:
         self.deepspeed = _init_distributed()
         self.cfg = cfg
         self.policy_version = 0
+        self.metrics = metrics and ComponentMetrics(metrics, "learner", "learner", counters={
+            "steps": "optimizer steps taken", "skipped_steps": "steps skipped for non-finite numbers",
+            "train_seconds": "wall time in train_step", "trained_tokens": "completion tokens trained on",
+        }, gauges={"policy_version": "policy version after the last step"})
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         lora = cfg.learner
@@ -134,6 +139,15 @@ class Learner:
 
     def train_step(self, batch: TrainBatch) -> StepStats:
         """One optimizer step on the batch (skipped, adapter unchanged, on non-finite numbers)."""
+        stats = self._train_step(batch)
+        if self.metrics:
+            self.metrics.add("skipped_steps" if stats.skipped else "steps")
+            self.metrics.add("train_seconds", stats.step_seconds)
+            self.metrics.add("trained_tokens", 0 if stats.skipped else stats.tokens)
+            self.metrics.set("policy_version", stats.policy_version)
+        return stats
+
+    def _train_step(self, batch: TrainBatch) -> StepStats:
         started = time.perf_counter()
         samples = batch.samples
         if not samples:

@@ -8,6 +8,7 @@ input order; a share whose actor died is re-scored on a replacement actor, so no
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 from ray.exceptions import RayActorError
@@ -16,6 +17,7 @@ from reward_workers.grader_spec import MultiGrader
 from reward_workers.interface import ScoredRollout
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
+from services.component_metrics import ComponentMetrics, MetricsContext
 from services.config import GraderConfig, RewardConfig, check_grader
 
 log = logging.getLogger(__name__)
@@ -66,11 +68,22 @@ def score_locally(reward_cfg: RewardConfig, rollouts: list[Rollout],
 class RewardWorker:
     """One reward worker: a warm sandboxed grader. Use as the Ray actor RewardWorkerActor."""
 
-    def __init__(self, reward_cfg: RewardConfig):
+    def __init__(self, reward_cfg: RewardConfig, worker_id: str = "reward", metrics: MetricsContext | None = None):
         self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg)
+        self.metrics = metrics and ComponentMetrics(metrics, "reward", worker_id, counters={
+            "samples_graded": "samples graded", "grader_errors": "samples whose grader crashed, hung or "
+            "returned garbage", "hack_flags": "samples a hack probe flagged", "grading_seconds": "wall time grading",
+        }, gauges={})
 
     def score(self, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
-        return score_with(self._sandbox, rollouts, items)
+        started = time.perf_counter()
+        scored = score_with(self._sandbox, rollouts, items)
+        if self.metrics:
+            self.metrics.add("grading_seconds", time.perf_counter() - started)
+            self.metrics.add("samples_graded", len(scored))
+            self.metrics.add("grader_errors", sum(s.grader_error is not None for s in scored))
+            self.metrics.add("hack_flags", sum(bool(s.hack_flags) for s in scored))
+        return scored
 
     def protections(self) -> list[str]:
         return self._sandbox.protections
@@ -86,13 +99,18 @@ RewardWorkerActor = ray.remote(num_cpus=0)(RewardWorker)
 class RewardPool:
     """`num_workers` reward-worker actors (default reward_cfg.num_workers)."""
 
-    def __init__(self, reward_cfg: RewardConfig, num_workers: int | None = None):
+    def __init__(self, reward_cfg: RewardConfig, num_workers: int | None = None,
+                 metrics: MetricsContext | None = None):
         check_grader(reward_cfg.grader)  # a grader that cannot run stops the job before any actor
-        self._cfg = reward_cfg
-        self._actors = [RewardWorkerActor.remote(reward_cfg)
-                        for _ in range(num_workers or reward_cfg.num_workers)]
+        self._cfg, self._metrics = reward_cfg, metrics
+        self._started = 0
+        self._actors = [self._start_actor() for _ in range(num_workers or reward_cfg.num_workers)]
         # Wait until every sandbox is up, so that a grader that cannot be isolated fails here.
         ray.get([actor.protections.remote() for actor in self._actors])
+
+    def _start_actor(self):
+        worker_id, self._started = f"reward-{self._started}", self._started + 1
+        return RewardWorkerActor.remote(self._cfg, worker_id, self._metrics)
 
     @property
     def actors(self) -> list:
@@ -125,7 +143,7 @@ class RewardPool:
                     raise RuntimeError(f"reward worker died {attempt} times scoring the same share") from e
                 log.warning("reward worker %d died (%s); re-scoring its %d samples on a new one",
                             slot, type(e).__name__, len(shares[slot]))
-                self._actors[slot] = RewardWorkerActor.remote(self._cfg)
+                self._actors[slot] = self._start_actor()
                 submit(slot, attempt + 1)
                 continue
             for i, scored_rollout in zip(shares[slot], scored):

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from services.component_metrics import ComponentMetrics, MetricsContext
 from services.config import JobConfig
 from weight_sync.adapter import AdapterWeights, WeightsRefused
 from weight_sync.full_weights import FullWeights
@@ -22,16 +23,25 @@ class StaleAdapterError(WeightsRefused):
 
 
 class RolloutWorker:
-    def __init__(self, worker_id: str, cfg: JobConfig, model_path: str | Path):
+    def __init__(self, worker_id: str, cfg: JobConfig, model_path: str | Path, metrics: MetricsContext | None = None):
         self.worker_id = worker_id
         self.engine = make_engine(cfg.rollout.engine, model_path, cfg)
+        self.metrics = metrics and ComponentMetrics(metrics, "rollout", worker_id, counters={
+            "generated_tokens": "completion tokens generated", "generated_samples": "completions generated",
+            "generation_seconds": "wall time spent generating", "adapter_loads": "adapter versions loaded",
+        }, gauges={"policy_version": "policy version served", "adapter_load_seconds": "time the last load took"})
         self.version = 0  # the base model, before any adapter
         self.sha256 = ""  # checksum of the adapter served
         self.load_seconds = 0.0
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
 
     def generate(self, requests: list[GenerationRequest], sampling: SamplingSettings) -> list[Rollout]:
+        started = time.perf_counter()
         completions = self.engine.generate([r.prompt_ids for r in requests], sampling)
+        if self.metrics:
+            self.metrics.add("generation_seconds", time.perf_counter() - started)
+            self.metrics.add("generated_samples", len(completions))
+            self.metrics.add("generated_tokens", sum(len(c.completion_ids) for c in completions))
         return [Rollout(prompt_id=r.prompt_id, sample_index=r.sample_index, prompt_ids=list(r.prompt_ids),
                         completion_ids=c.completion_ids, behaviour_logprobs=c.behaviour_logprobs,
                         policy_version=self.version, finish_reason=c.finish_reason, text=c.text,
@@ -56,6 +66,10 @@ class RolloutWorker:
             self.engine.load_adapter(adapter)
         self.load_seconds = time.perf_counter() - started
         self.version, self.sha256 = adapter.version, adapter.sha256
+        if self.metrics:
+            self.metrics.add("adapter_loads")
+            self.metrics.set("policy_version", self.version)
+            self.metrics.set("adapter_load_seconds", self.load_seconds)
         return self.version
 
     def run_weight_sync(self, step, *args):

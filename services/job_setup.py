@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.component_metrics import MetricsContext
 from services.config import JobConfig, check_grader
 from services.data import DatasetError, load_items, prompt_token_ids
 from services.model_store import resolve_model_path
@@ -80,6 +81,7 @@ class Actors:
     rollouts: RolloutScheduler  # the rollout workers, behind the scheduler that keeps them alive
     reward_pool: object
     channel: object
+    metrics: MetricsContext
 
     def shutdown(self) -> None:
         import ray
@@ -87,9 +89,10 @@ class Actors:
         self.reward_pool.shutdown()
         self.rollouts.shutdown()
         ray.kill(self.learner)
+        self.metrics.forget_all()
 
 
-def rollout_worker_factory(cfg: JobConfig, model_path: Path):
+def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsContext | None = None):
     """A function that starts one more rollout-worker actor: (worker_id, handle)."""
     import itertools
 
@@ -104,7 +107,7 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path):
         handle = ray.remote(RolloutWorker).options(
             name=f"{cfg.name}-{worker_id}", num_cpus=cfg.rollout.num_cpus_per_worker,
             num_gpus=cfg.rollout.num_gpus_per_worker, max_concurrency=1,
-        ).remote(worker_id, cfg, str(model_path))
+        ).remote(worker_id, cfg, str(model_path), metrics)
         return worker_id, handle
     return start_worker
 
@@ -117,12 +120,14 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     from weight_sync.channel import WeightSyncChannel
 
     init_ray(cfg)
+    metrics = MetricsContext.for_job(cfg)
     learner = ray.remote(Learner).options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus,
                                           num_gpus=cfg.learner.num_gpus).remote(
-        cfg, str(inputs.model_path))
+        cfg, str(inputs.model_path), metrics)
     channel = WeightSyncChannel()
-    rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path), channel, cfg.rollout.num_workers)
-    actors = Actors(learner, rollouts, RewardPool(cfg.reward), channel)
+    rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path, metrics), channel,
+                                cfg.rollout.num_workers, on_worker_gone=metrics.forget)
+    actors = Actors(learner, rollouts, RewardPool(cfg.reward, metrics=metrics), channel, metrics)
     engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
     log.info("actors up: learner, %d rollout workers (%s), %d reward workers",
              len(engines), ", ".join(engines), cfg.reward.num_workers)

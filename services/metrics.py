@@ -75,11 +75,11 @@ def advertised_host(bind_host: str) -> str:
     return socket.gethostname() if bind_host in ("", "0.0.0.0", "::") else bind_host
 
 
-def write_targets_file(path: Path, target: str, job: str) -> None:
+def write_targets_file(path: Path, target: str, job: str, component: str = "driver") -> None:
     """One file_sd target group, written atomically (Prometheus may read it at any moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": "driver"}}], indent=2))
+    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": component}}], indent=2))
     os.replace(staging, path)
 
 

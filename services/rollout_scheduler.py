@@ -43,10 +43,13 @@ class _Call:
 
 
 class RolloutScheduler:
-    def __init__(self, start_worker: Callable[[], tuple[str, object]], channel, num_workers: int):
+    def __init__(self, start_worker: Callable[[], tuple[str, object]], channel, num_workers: int,
+                 on_worker_gone: Callable[[str], None] = lambda worker_id: None):
         """`start_worker()` creates one rollout-worker actor and returns (worker_id, handle);
-        `channel` is the weight-sync channel (its `catch_up` syncs a new worker)."""
+        `channel` is the weight-sync channel (its `catch_up` syncs a new worker);
+        `on_worker_gone(worker_id)` is told when a worker died or was retired."""
         self._start_worker = start_worker
+        self._on_worker_gone = on_worker_gone
         self.channel = channel
         self.workers: dict[str, object] = {}  # live workers that get new calls
         self.retiring: dict[str, object] = {}  # removed by resize: finishing their calls
@@ -117,6 +120,7 @@ class RolloutScheduler:
         if self.retiring.pop(worker_id, None) is not None or worker_id not in self.workers:
             return  # a retiring worker needs no replacement; or its death is already handled
         del self.workers[worker_id]
+        self._on_worker_gone(worker_id)
         replacement = self._add_worker()
         self.workers_replaced += 1
         log.warning("rollout worker %s died (%s); replaced by %s", worker_id, type(error).__name__, replacement)
@@ -136,6 +140,7 @@ class RolloutScheduler:
         busy = {call.worker_id for call in self._calls.values()}
         for worker_id in [w for w in self.retiring if w not in busy]:
             ray.kill(self.retiring.pop(worker_id))
+            self._on_worker_gone(worker_id)
 
     def replace_dead_workers(self) -> list[str]:
         """Ping every live worker; replace those that are gone. Returns the dead workers' ids."""

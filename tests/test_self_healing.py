@@ -2,10 +2,14 @@
 trained exactly once (proved with sample ids from the run's own samples.jsonl)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
+import urllib.request
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 import ray
@@ -88,8 +92,28 @@ def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp
     assert late and all((r["step"] - 1) - r["policy_version"] <= cfg.sync.max_staleness for r in late)
 
 
+def scrape_job_targets(targets_dir: Path, job: str) -> dict[str, str]:
+    """component-worker -> the text of its /metrics page, for every target the job announces."""
+    pages = {}
+    for path in sorted(targets_dir.glob(f"{job}-*.json")):
+        [group] = json.loads(path.read_text())
+        pages[path.stem.removeprefix(f"{job}-")] = urllib.request.urlopen(
+            f"http://{group['targets'][0]}/metrics", timeout=10).read().decode()
+    return pages
+
+
 def test_scale_one_to_three_to_one_mid_run(tmp_path, tiny_model_dir):
-    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={1: 3, 3: 1}))
+    targets_dir = tmp_path / "runs" / "prometheus-targets"
+    scraped = []
+    control = ScriptedControl(sizes={1: 3, 3: 1}, actions={3: lambda: scraped.append(scrape_job_targets(targets_dir, "e2e"))})
+    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, control)
+    # Every component served its own metrics, labelled job and worker, while the job ran ...
+    [pages] = scraped
+    assert {"learner", "rollout-0", "rollout-1", "rollout-2", "reward-0"} <= pages.keys(), pages.keys()
+    assert re.search(r'rft_rollout_generated_tokens_total\{job="e2e",worker="rollout-0"\} [1-9]', pages["rollout-0"])
+    assert re.search(r'rft_learner_steps_total\{job="e2e",worker="learner"\} [1-9]', pages["learner"])
+    assert re.search(r'rft_reward_samples_graded_total\{job="e2e",worker="reward-0"\} [1-9]', pages["reward-0"])
+    assert not list(targets_dir.glob("e2e*.json"))  # ... and none is announced after it ended
     assert_trained_exactly_once(cfg, inputs, records)
     workers_per_step = [m["rollout_workers"] for m in metrics if "rollout_workers" in m]
     assert 3 in workers_per_step and workers_per_step[-1] == 1, workers_per_step
