@@ -83,6 +83,16 @@ def test_transports_need_the_learner_except_the_object_store():
         make_transport("carrier-pigeon", object(), 2**20, 60, None)
 
 
+def test_channel_from_config(tmp_path):
+    from services.config import SyncConfig
+    learner = object()  # stands for the learner's actor handle; nothing is called on it here
+    channel = WeightSyncChannel.from_config(SyncConfig(transport="file", payload="full"), learner, str(tmp_path))
+    assert (channel.transport.name, channel.transport.root, channel.payload) == ("file", str(tmp_path), "full")
+    channel = WeightSyncChannel.from_config(SyncConfig(transport="broadcast", bucket_mb=8), learner)
+    assert channel.transport.bucket_bytes == 8 * 2**20 and channel.max_refetches == 2
+    assert WeightSyncChannel().transport.name == "object_store"  # what the driver makes today
+
+
 def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
     adapter = AdapterWeights.create(3, {"base_model.model.x.lora_A.weight": torch.randn(4, 8)},
                                     {"r": 4, "lora_alpha": 8})
