@@ -24,7 +24,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset_split import write_splits  # noqa: E402  (examples/dataset_split.py)
 
-INSTRUCTION = "Write one SQLite query that answers the question. Reply with only the query in a ```sql block."
+REPLY_FORMAT = "Reply with only the query, like:\n```sql\nSELECT ...\n```"
 ROWS_PER_TABLE = 8
 
 
@@ -148,7 +148,8 @@ def make_item(rng: random.Random) -> dict:
     table = rng.choice(TABLES)
     rows = [[i + 1, *row] for i, row in enumerate(table.make_rows(rng))]
     question, reference, order_matters = _question(rng, table, rows)
-    prompt = f"Table {table.name}({', '.join(table.column_names())})\nQuestion: {question}\n{INSTRUCTION}"
+    prompt = (f"SQLite table: {table.name}({', '.join(table.column_names())})\n"
+              f"Write a SELECT query for: {question}\n{REPLY_FORMAT}")
     return {"messages": [{"role": "user", "content": prompt}],
             "database": {"schema": table.schema, "rows": {table.name: rows}},
             "expected": run_query(table, rows, reference),
