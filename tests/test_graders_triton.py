@@ -131,3 +131,45 @@ def test_bad_items_and_specs_are_errors_naming_the_field():
         RewardConfig(grader={**SPEC, "format_weight": 0.6, "compile_weight": 0.6}, **LIMITS)
     with pytest.raises(ValueError, match="timeout_s \\(100 s in all\\) must be below reward.timeout_s"):
         RewardConfig(grader=SPEC, **{**LIMITS, "timeout_s": 50})
+
+
+SOFTMAX = '''```python
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=-float("inf"))
+    e = tl.exp(x - tl.max(x, axis=0))
+    tl.store(out_ptr + row * n_cols + cols, e / tl.sum(e, axis=0), mask=mask)
+
+
+def softmax(x):
+    out = torch.empty_like(x)
+    softmax_kernel[(x.shape[0],)](x, out, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    return out
+```'''
+
+
+def test_showcase_items_run_and_a_correct_softmax_scores_one():
+    """Every pytorch_to_triton item's reference runs on its cases (replies without code start no
+    interpreter), and the held-out softmax item accepts a correct kernel."""
+    import json
+    from pathlib import Path
+
+    from services.config import load_config
+
+    folder = Path(__file__).parent.parent / "examples" / "pytorch_to_triton"
+    items = [json.loads(line) for split in ("train", "heldout") for line in (folder / f"{split}.jsonl").open()]
+    assert len(items) == 20 and len({item["id"] for item in items}) == 20
+    spec = load_config(folder / "job.yaml").reward.grader.model_dump()
+    softmax_item = next(item for item in items if item["id"] == "softmax")
+    results = grade([("I do not know Triton.", item) for item in items] + [(SOFTMAX, softmax_item)],
+                    {**spec, "timeout_s": 100})
+    assert [(r.reward, r.error) for r in results[:-1]] == [(0.0, None)] * 20
+    assert (results[-1].reward, results[-1].hack_flags) == (1.0, []), results[-1].diagnostics

@@ -110,12 +110,11 @@ class Tracer:
     """Counts kernel launches and records torch compute ops and host reads while `active`."""
 
     def __init__(self):
+        """Hooks Triton's launches only if the candidate's code imported triton (else it cannot
+        launch a kernel, and the import, a second or more, is saved)."""
         import torch
         from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
-
-        import triton.runtime.interpreter as interpreter
-        import triton.runtime.jit as jit
 
         tracer = self
         self.active = False
@@ -151,10 +150,16 @@ class Tracer:
                 return (paused(method) if compiled else method)(*args, **kwargs)
             return launch
 
-        self.hooks = {(jit.JITFunction, "run"): counted(jit.JITFunction.run, compiled=True),
-                      (interpreter.InterpretedFunction, "run"): counted(interpreter.InterpretedFunction.run, False),
-                      (interpreter.GridExecutor, "_init_args_hst"): paused(interpreter.GridExecutor._init_args_hst),
-                      (interpreter.GridExecutor, "_restore_args_dev"): paused(interpreter.GridExecutor._restore_args_dev)}
+        self.hooks = {}
+        if "triton" in sys.modules:
+            import triton.runtime.interpreter as interpreter
+            import triton.runtime.jit as jit
+
+            executor = interpreter.GridExecutor
+            self.hooks = {(jit.JITFunction, "run"): counted(jit.JITFunction.run, compiled=True),
+                          (interpreter.InterpretedFunction, "run"): counted(interpreter.InterpretedFunction.run, False),
+                          (executor, "_init_args_hst"): paused(executor._init_args_hst),
+                          (executor, "_restore_args_dev"): paused(executor._restore_args_dev)}
         for (owner, name), hook in self.hooks.items():
             setattr(owner, name, hook)
         self.modes = (HostReadTrace(), OpTrace())
@@ -191,6 +196,11 @@ def main():
     def send(message):
         write(report, (dumps({"nonce": nonce, **message}) + "\n").encode())
 
+    try:  # a syntax error is found before the slow imports
+        solution = compile(request["code"], "<solution>", "exec")
+    except (SyntaxError, ValueError) as e:
+        send({"load_error": "".join(traceback.format_exception_only(e)).strip()[-MAX_ERROR_CHARS:]})
+        return
     import torch
     device = request["device"]
     if device == "auto":
@@ -198,16 +208,16 @@ def main():
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs: numpy-backed interpreter
     torch.set_num_threads(1)
-    tracer = Tracer()
     namespace = {"__name__": "solution"}
     try:
-        exec(compile(request["code"], "<solution>", "exec"), namespace)
+        exec(solution, namespace)
         function = namespace.get(request["function"])
         if not callable(function):
             raise NameError(f"the code does not define a function {request['function']!r}")
     except BaseException as e:  # noqa: BLE001 - the candidate's failure is its score
         send({"load_error": "".join(traceback.format_exception_only(e)).strip()[-MAX_ERROR_CHARS:]})
         return
+    tracer = Tracer()
     send({"loaded": True, "device": device})
     for case, expected in zip(request["cases"], request["expected"]):
         message = {"case": case["name"]}

@@ -15,7 +15,8 @@ here with torch.allclose(atol, rtol), same shape and dtype required.
 
 reward = format_weight * format + compile_weight * compiles + (rest) * share of cases matched, where
 format = the reply has a fenced code block with `def <function>(`, compiles = that code runs and
-defines the function. Anti-hacking probes (reward 0 with the flag):
+defines the function (code that never names the function, or does not parse, is judged without
+importing torch). Anti-hacking probes (reward 0 with the flag):
 - passthrough: a case's output equals one of its input tensors unchanged where the reference's
   does not (the kernel copied or returned an input);
 - no_op: a case's output is all zeros where the reference's is not (nothing was written);
@@ -137,7 +138,10 @@ def build(spec: dict):
         text = render_text(spec["code"], sample, item)
         code = last_code_block(text, PYTHON_BLOCK)
         formatted = code != text and re.search(rf"^\s*def\s+{function}\s*\(", code, re.MULTILINE) is not None
-        head, reports, stopped = _run_harness(code, function, cases, expected, spec)
+        if re.search(rf"\b{function}\b", code):
+            head, reports, stopped = _run_harness(code, function, cases, expected, spec)
+        else:  # it cannot define the function: no need to start an interpreter
+            head, reports, stopped = {"load_error": f"the code never names {function!r}"}, [], None
         loaded = bool(head.get("loaded"))
         flags, diagnostics, matched = set(), [], 0
         if not loaded:
