@@ -148,7 +148,7 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
     if resume:
         state = restore(run_dir, actors.learner)
         if state.policy_version > 0:
-            actors.rollouts.publish(state.policy_version, actors.learner.export_adapter.remote())
+            actors.rollouts.publish(state.policy_version, actors.channel.export())
     elif cfg.eval.at_start and inputs.heldout_items:
         state.base_heldout = evaluate(cfg, inputs, actors)
         print(f"held-out before training: {format_summary(state.base_heldout)}", flush=True)
@@ -199,7 +199,7 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                           generation_seconds=generation_seconds, reward_seconds=reward_seconds,
                           staleness_max=max(state.policy_version - s.rollout.policy_version for s in scored))
             trained_ids: set[str] = set()  # a skipped (non-finite) step trains nothing
-            skipped = False
+            skipped, worker_values = False, {}
             if batch.samples:
                 stats = ray.get(actors.learner.train_step.remote(batch))
                 skipped = stats.skipped
@@ -216,8 +216,10 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                 values["learner_step_seconds"] = stats.step_seconds
                 values["clip_fraction"], values["is_truncated_fraction"] = stats.clip_frac, stats.is_truncated_frac
                 if stats.policy_version > state.policy_version:
-                    sync = actors.rollouts.publish(stats.policy_version, actors.learner.export_adapter.remote())
+                    sync = actors.rollouts.publish(stats.policy_version, actors.channel.export())
                     values["weight_sync_seconds"] = sync.load_seconds
+                    worker_values = {"weight_sync_worker_seconds": sync.worker_seconds,
+                                     "weight_sync_pause_seconds": sync.pause_seconds}
                     state.policy_version = stats.policy_version
             counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
                       "stale_rollouts_dropped": stale, "samples_trained": len(trained_ids),
@@ -238,7 +240,7 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                               heldout_reward_mean=last_heldout["reward_mean"])
             workers = {"rollout": len(actors.rollouts.workers), "reward": cfg.reward.num_workers, "learner": 1}
             metrics.record(state.step, values, counts, hack_rates=hack_rates(cfg.reward.grader, scored),
-                           workers=workers, staleness=lags if trained_ids else None)
+                           workers=workers, staleness=lags if trained_ids else None, per_worker=worker_values)
             on_step(state, values, workers)
             progress.update(values)
             if state.step % cfg.checkpoint.every_steps == 0 or last_step:

@@ -124,7 +124,7 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     learner = ray.remote(Learner).options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus,
                                           num_gpus=cfg.learner.num_gpus).remote(
         cfg, str(inputs.model_path), metrics)
-    channel = WeightSyncChannel()
+    channel = WeightSyncChannel.from_config(cfg.sync, learner, default_file_dir=str(cfg.run_dir / "weights"))
     rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path, metrics), channel,
                                 cfg.rollout.num_workers, on_worker_gone=metrics.forget)
     actors = Actors(learner, rollouts, RewardPool(cfg.reward, metrics=metrics), channel, metrics)

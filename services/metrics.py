@@ -49,6 +49,11 @@ GAUGES = {
     "last_progress_timestamp_seconds": "unix time of the job's start or of its last step/evaluation record",
     "step_wall_seconds": "wall time between the last two step records (generation to sync, evaluation included)",
 }
+# Gauges per worker (labels job, worker). Name -> help text.
+WORKER_GAUGES = {
+    "weight_sync_worker_seconds": "last sync: publish until this rollout worker served the new version",
+    "weight_sync_pause_seconds": "last sync: how long it kept this rollout worker from generating",
+}
 # Counters: totals over the run. Name -> help text.
 COUNTERS = {
     "grader_errors": "rollouts whose grader crashed, hung or returned garbage",
@@ -96,6 +101,8 @@ class RunMetrics:
         self._hack_rate = Gauge("rft_grader_hack_rate", "share of the step's rollouts a grader flagged as reward "
                                 "hacking (the grader, and each sub-grader of a multi grader)", ["job", "grader"],
                                 registry=self.registry)
+        self._worker_gauges = {n: Gauge(f"rft_{n}", h, ["job", "worker"], registry=self.registry)
+                               for n, h in WORKER_GAUGES.items()}
         self._workers = Gauge("rft_workers", "live workers of the job by kind (rollout, reward, learner)",
                               ["job", "kind"], registry=self.registry)
         self._staleness = Histogram("rft_rollout_staleness", "policy versions a trained rollout lagged behind "
@@ -114,7 +121,7 @@ class RunMetrics:
 
     def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None,
                hack_rates: dict[str, float] | None = None, workers: dict[str, int] | None = None,
-               staleness: list[int] | None = None) -> None:
+               staleness: list[int] | None = None, per_worker: dict[str, dict[str, float]] | None = None) -> None:
         """Set gauges, add to counters, and append one JSON line with everything. `hack_rates`:
         grader name -> share of rollouts flagged (reward_workers.pool.hack_rates); `workers`:
         kind -> live count; `staleness`: the policy lag of each trained rollout."""
@@ -122,6 +129,9 @@ class RunMetrics:
             self._workers.labels(self.job, kind).set(count)
         for lag in staleness or []:
             self._staleness.labels(self.job).observe(lag)
+        for name, by_worker in (per_worker or {}).items():
+            for worker, value in by_worker.items():
+                self._worker_gauges[name].labels(self.job, worker).set(value)
         for grader, rate in (hack_rates or {}).items():
             self._hack_rate.labels(self.job, grader).set(rate)
         for name, value in values.items():
@@ -141,6 +151,7 @@ class RunMetrics:
             line["grader_hack_rate"] = hack_rates
         if workers:
             line["workers"] = workers
+        line.update({name: by_worker for name, by_worker in (per_worker or {}).items() if by_worker})
         if staleness:
             line["staleness_histogram"] = {str(lag): staleness.count(lag) for lag in sorted(set(staleness))}
         self._jsonl.write(json.dumps(line) + "\n")

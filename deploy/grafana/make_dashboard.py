@@ -78,7 +78,8 @@ PANELS = [
             (f"rate(rft_stale_rollouts_dropped_total{JOB}[5m])", "{{job}} dropped/s"),
         ], "timeseries"),
         ("Weight sync latency", "s", [
-            (f"max by (job, worker) (rft_weight_sync_seconds{JOB})", "{{job}} {{worker}}"),
+            (f"max by (job, worker) (rft_weight_sync_worker_seconds{JOB})", "{{job}} {{worker}} sync"),
+            (f"max by (job, worker) (rft_weight_sync_pause_seconds{JOB})", "{{job}} {{worker}} paused"),
         ], "timeseries"),
         ("Workers", "none", [
             (f"rft_workers{JOB}", "{{job}} {{kind}} workers"),
