@@ -219,19 +219,24 @@ class JobRegistry:
         self.transition(job_id, RUNNING)
         try:
             yield
-        except (JobStopped, KeyboardInterrupt):
-            self.transition(job_id, STOPPED)
-            raise
-        except SystemExit as e:
-            self.transition(job_id, STOPPED if e.code == signal.SIGTERM else FAILED)
-            raise
-        except BaseException:
-            self.transition(job_id, FAILED)
+        except BaseException as e:
+            self.transition(job_id, STOPPED if stopped_by_signal(e) else FAILED)
             raise
         else:
             self.transition(job_id, SUCCEEDED)
         finally:
             restore()
+
+
+def stopped_by_signal(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised while handling (cleanup that failed during the stop),
+    is a stop: SIGTERM (ours, or ray.init's `sys.exit(SIGTERM)`) or Ctrl-C."""
+    while error is not None:
+        if isinstance(error, (JobStopped, KeyboardInterrupt)) or \
+                (isinstance(error, SystemExit) and error.code == signal.SIGTERM):
+            return True
+        error = error.__context__
+    return False
 
 
 def _raise_on_sigterm():

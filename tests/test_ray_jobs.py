@@ -88,7 +88,8 @@ def test_submit_follow_to_success_and_cancel_another(ray_head, tmp_path, tiny_mo
     assert "tiny-cancel: STOPPED" in rft("cancel", "tiny-cancel")
     cancelled = registry.get("tiny-cancel")
     # The driver reports it; if Ray's stop timeout kills it first, `rft cancel` copies Ray's state.
-    assert cancelled.state == STOPPED and cancelled.history[-1].source in ("driver", "ray"), cancelled.history
+    assert cancelled.state == STOPPED and cancelled.history[-1].source in ("driver", "ray"), \
+        f"{cancelled.history}\n{rft('logs', 'tiny-cancel')[-6000:]}"
     wait_for(lambda: not job_actor_processes(ray_head), 120, "the cancelled job's actors gone")
 
     # 3. The list shows both, each with its own state; the first job's record is untouched.

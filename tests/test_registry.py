@@ -112,7 +112,7 @@ def test_bad_states_and_unknown_jobs_are_named(registry):
 
 def test_tracking_records_success_failure_and_sigterm(registry):
     handler_before = signal.getsignal(signal.SIGTERM)
-    for job_id in ("ok", "boom", "stopped", "ray-stopped", "exited"):
+    for job_id in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed"):
         registry.register(job_id, "", f"/runs/{job_id}")
     with registry.tracking("ok"):
         assert registry.get("ok").state == RUNNING
@@ -127,8 +127,13 @@ def test_tracking_records_success_failure_and_sigterm(registry):
         sys.exit(signal.SIGTERM)  # what ray.init's own SIGTERM handler does in a driver
     with pytest.raises(SystemExit), registry.tracking("exited"):
         sys.exit(3)
-    assert [registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited")] == \
-        [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED]
+    with pytest.raises(RuntimeError), registry.tracking("cleanup-failed"):
+        try:
+            sys.exit(signal.SIGTERM)
+        finally:
+            raise RuntimeError("actor already dead")  # shutting the actors down failed during the stop
+    assert [registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed")] \
+        == [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED, STOPPED]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the driver's handler is undone
 
 
