@@ -123,10 +123,12 @@ def test_hacks_score_zero_with_a_flag():
 def test_bad_items_and_specs_are_errors_naming_the_field():
     results = grade([(kernel(), {**RELU_ITEM, "cases": []}),
                      (kernel(), {**RELU_ITEM, "reference": "def other(x):\n    return x\n"}),
-                     (kernel(), {**RELU_ITEM, "cases": [{"seed": 0, "args": [{"shape": [4], "dtype": "complex64"}]}]})])
+                     (kernel(), {**RELU_ITEM, "cases": [{"seed": 0, "args": [{"shape": [4], "dtype": "complex64"}]}]}),
+                     (kernel(), {**RELU_ITEM, "cases": [{"name": "a", "seed": 0, "args": [1.0]}] * 2})])
     assert "cases must be a non-empty list" in results[0].error
     assert "the item's reference does not define 'relu'" in results[1].error
     assert "dtype 'complex64' is not one of" in results[2].error
+    assert "case names repeat: ['a', 'a']" in results[3].error
     with pytest.raises(ValueError, match="format_weight \\+ compile_weight must be at most 1"):
         RewardConfig(grader={**SPEC, "format_weight": 0.6, "compile_weight": 0.6}, **LIMITS)
     with pytest.raises(ValueError, match="timeout_s \\(100 s in all\\) must be below reward.timeout_s"):

@@ -139,6 +139,9 @@ def test_spec_errors_name_the_field():
         RewardConfig(grader={**base, "rubric": "r", "sampling_params": {"temp": 0}}, **LIMITS)
     with pytest.raises(ValidationError, match=r"must be \[low, high\]"):
         RewardConfig(grader={**base, "rubric": "r", "range": [1, 0]}, **LIMITS)
+    with pytest.raises(FileNotFoundError, match=r"model 'o4-mini' is neither a local model directory nor 'default' "
+                                                r".*for a served model give base_url"):
+        grade({"type": "score_model", "model": "o4-mini", "input": [{"role": "user", "content": "x"}]}, ["x"])
 
 
 @pytest.mark.slow

@@ -108,9 +108,13 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from services.model_store import resolve_model_path
+        from services.model_store import ModelNotFoundError, resolve_model_path
 
-        path = resolve_model_path(None if spec["model"] in ("default", "embedded") else spec["model"])
+        try:
+            path = resolve_model_path(None if spec["model"] in ("default", "embedded") else spec["model"])
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"llm_judge {spec['name']!r}: model {spec['model']!r} is neither a local model "
+                                     f"directory nor 'default' ({e}); for a served model give base_url") from None
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         params = spec.get("sampling_params") or {}

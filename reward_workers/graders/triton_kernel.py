@@ -54,6 +54,9 @@ def normalized_cases(cases) -> list[dict]:
             raise GraderInputError(f"triton_kernel: case {i} must be {{'seed': int, 'args': [...]}}")
         normalized.append({"name": str(case.get("name", f"case_{i}")), "seed": case.get("seed", 0),
                            "args": case["args"]})
+    names = [case["name"] for case in normalized]
+    if len(set(names)) != len(names):
+        raise GraderInputError(f"triton_kernel: case names repeat: {names}")
     return normalized
 
 
