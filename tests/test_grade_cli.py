@@ -83,7 +83,8 @@ def test_grade_errors_name_the_culprit(tmp_path):
     (tmp_path / "judge.json").write_text(json.dumps({"type": "score_model", "name": "judge", "model": "gpt-4o",
                                                      "input": [{"role": "user", "content": "{{sample.output_text}}"}]}))
     result = rft_grade("--grader", str(tmp_path / "judge.json"), "--data", items, "--samples", items)
-    assert result.returncode == 2 and "llm_judge (OpenAI score_model) is not implemented yet" in result.stderr
+    assert result.returncode == 2 and "model 'gpt-4o' is neither a local model directory" in result.stderr \
+        and "give base_url" in result.stderr
 
     (tmp_path / "spec.yaml").write_text(SPEC)
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": "sum", "output_text": "x"}, {"text": "no id"}])
