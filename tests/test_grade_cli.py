@@ -82,7 +82,8 @@ def test_grade_errors_name_the_culprit(tmp_path):
 
     (tmp_path / "judge.json").write_text(json.dumps({"type": "score_model", "name": "judge", "model": "gpt-4o",
                                                      "input": [{"role": "user", "content": "{{sample.output_text}}"}]}))
-    result = rft_grade("--grader", str(tmp_path / "judge.json"), "--data", items, "--samples", items)
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"id": "sum", "output_text": "3"}])
+    result = rft_grade("--grader", str(tmp_path / "judge.json"), "--data", items, "--samples", answers)
     assert result.returncode == 2 and "model 'gpt-4o' is neither a local model directory" in result.stderr \
         and "give base_url" in result.stderr
 
