@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import signal
 import threading
 import time
@@ -213,42 +214,60 @@ class JobRegistry:
     @contextlib.contextmanager
     def tracking(self, job_id: str) -> Iterator[None]:
         """RUNNING for the duration of the block; SUCCEEDED when it ends normally, STOPPED on SIGTERM
-        or Ctrl-C, FAILED on any other exception (which propagates). `ray.init` replaces the SIGTERM
-        handler with its own `sys.exit(SIGTERM)`, so that exit counts as stopped too."""
-        restore = _raise_on_sigterm()
+        (what `ray job stop` sends) or Ctrl-C, FAILED on any other exception (which propagates)."""
+        watch = SigtermWatch()
         self.transition(job_id, RUNNING)
         try:
             yield
         except BaseException as e:
-            self.transition(job_id, STOPPED if stopped_by_signal(e) else FAILED)
+            stopped = watch.received() or isinstance(e, (JobStopped, KeyboardInterrupt))
+            self.transition(job_id, STOPPED if stopped else FAILED)
             raise
         else:
             self.transition(job_id, SUCCEEDED)
         finally:
-            restore()
+            watch.close()
 
 
-def stopped_by_signal(error: BaseException | None) -> bool:
-    """Whether `error`, or one it was raised while handling (cleanup that failed during the stop),
-    is a stop: SIGTERM (ours, or ray.init's `sys.exit(SIGTERM)`) or Ctrl-C."""
-    while error is not None:
-        if isinstance(error, (JobStopped, KeyboardInterrupt)) or \
-                (isinstance(error, SystemExit) and error.code == signal.SIGTERM):
-            return True
-        error = error.__context__
-    return False
+class SigtermWatch:
+    """Whether SIGTERM arrived while it was open, whatever exception that ended up as.
 
+    It installs a handler raising JobStopped (so cleanup code runs), but `ray.init` replaces that
+    with its own `sys.exit(SIGTERM)`, which a `ray.get` in progress turns into `SystemExit(1)`. So
+    the arrival itself is recorded through the signal wakeup fd, which Python writes for every
+    signal with a Python-level handler, whichever handler that is. Main thread only (elsewhere
+    it watches nothing and `received()` is False)."""
 
-def _raise_on_sigterm():
-    """Turn SIGTERM into JobStopped in the main thread, so cleanup code runs; returns the undo."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    def __init__(self):
+        self._active = threading.current_thread() is threading.main_thread()
+        if not self._active:
+            return
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._previous_handler = signal.signal(signal.SIGTERM, self._raise_stopped)
 
-    def handler(signum, frame):
+    @staticmethod
+    def _raise_stopped(signum, frame):
         raise JobStopped(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def received(self) -> bool:
+        if not self._active:
+            return False
+        try:
+            return signal.SIGTERM in os.read(self._read_fd, 4096)
+        except BlockingIOError:  # nothing arrived
+            return False
+
+    def close(self) -> None:
+        if not self._active:
+            return
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+        self._active = False
 
 
 def open_registry(run_root: str | Path, redis_url: str | None = None) -> JobRegistry:

@@ -110,6 +110,15 @@ def test_bad_states_and_unknown_jobs_are_named(registry):
         registry.register("a:b", "x", "/runs/x")
 
 
+def sigterm_self() -> None:
+    """SIGTERM to this process; the handler under test raises out of the wait."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise AssertionError("SIGTERM did not interrupt within 10 s")
+
+
 def test_tracking_records_success_failure_and_sigterm(registry):
     handler_before = signal.getsignal(signal.SIGTERM)
     for job_id in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed"):
@@ -119,22 +128,22 @@ def test_tracking_records_success_failure_and_sigterm(registry):
     with pytest.raises(RuntimeError), registry.tracking("boom"):
         raise RuntimeError("learner died")
     with pytest.raises(JobStopped), registry.tracking("stopped"):
-        os.kill(os.getpid(), signal.SIGTERM)  # what `ray job stop` sends the entrypoint
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the handler raises here
-            time.sleep(0.01)
+        sigterm_self()  # what `ray job stop` sends the entrypoint
     with pytest.raises(SystemExit), registry.tracking("ray-stopped"):
-        sys.exit(signal.SIGTERM)  # what ray.init's own SIGTERM handler does in a driver
+        # ray.init puts its own handler in; a ray.get interrupted by it raises SystemExit(1)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+        sigterm_self()
     with pytest.raises(SystemExit), registry.tracking("exited"):
         sys.exit(3)
     with pytest.raises(RuntimeError), registry.tracking("cleanup-failed"):
         try:
-            sys.exit(signal.SIGTERM)
+            sigterm_self()
         finally:
             raise RuntimeError("actor already dead")  # shutting the actors down failed during the stop
     assert [registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed")] \
         == [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED, STOPPED]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the driver's handler is undone
+    assert signal.set_wakeup_fd(-1) == -1  # and so is the wakeup fd
 
 
 def test_unreachable_url_is_named():
