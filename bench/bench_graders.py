@@ -71,7 +71,8 @@ def main() -> None:
     samples = [grader_sample(r) for r in rollouts]
     items = [items_by_id[r.prompt_id] for r in rollouts]
     n = len(samples)
-    print(f"this box has {cores} cores (os.cpu_count()); {n} samples, best of {args.repeats} runs each")
+    print(f"this box has {cores} cores (os.cpu_count()), load average {os.getloadavg()[0]:.1f} at start; "
+          f"{n} samples, best of {args.repeats} runs each")
 
     grade = build_grader(runner_spec(reward_cfg.grader))
     unsandboxed_s = best_of(args.repeats, lambda: [grade(s, i) for s, i in zip(samples, items)])
@@ -82,7 +83,7 @@ def main() -> None:
         sandboxed_s = best_of(args.repeats, lambda: sandbox.grade(samples, items))
         protections = sandbox.protections
     overhead_ms = 1000 * (sandboxed_s - unsandboxed_s) / n
-    print(f"per-sample grading, trivial grader:")
+    print("per-sample grading, trivial grader:")
     print(f"  unsandboxed (in-process call)      {1000 * unsandboxed_s / n:8.3f} ms")
     print(f"  sandboxed (GraderSandbox, 1 runner) {1000 * sandboxed_s / n:8.3f} ms   ({', '.join(protections)})")
     print(f"  overhead                            {overhead_ms:8.3f} ms per sample "
