@@ -96,8 +96,9 @@ def main() -> None:
             pool = RewardPool(reward_cfg, num_workers=workers)
             try:
                 scored = pool.score(rollouts[:32], items_by_id)  # warm-up: every actor's first call
-                if any(s.grader_error for s in scored):
-                    raise SystemExit(f"the pool failed to grade: {next(s.grader_error for s in scored if s.grader_error)}")
+                errors = [s.grader_error for s in scored if s.grader_error]
+                if errors:
+                    raise SystemExit(f"the pool failed to grade: {errors[0]}")
                 rates[workers] = n / best_of(args.repeats, lambda: pool.score(rollouts, items_by_id))
             finally:
                 pool.shutdown()

@@ -53,7 +53,8 @@ def _employees(rng: random.Random) -> list[list]:
                         "Mo", "Nia", "Oren", "Pia"], ROWS_PER_TABLE)
     salaries = rng.sample(range(30_000, 120_001, 500), ROWS_PER_TABLE)
     return [[name, rng.choice(["Sales", "Research", "Support", "Finance", "Legal"]), salary,
-             rng.choice(["Paris", "Lagos", "Lima", "Osaka", "Boston", "Prague"])] for name, salary in zip(names, salaries)]
+             rng.choice(["Paris", "Lagos", "Lima", "Osaka", "Boston", "Prague"])]
+            for name, salary in zip(names, salaries)]
 
 
 def _products(rng: random.Random) -> list[list]:
@@ -83,7 +84,8 @@ TABLES = [
     Table("products", (("name", "TEXT"), ("category", "TEXT"), ("price", "REAL"), ("stock", "INTEGER")),
           "products", "product", "name", {"category": "in the {v} category"},
           {"price": "price", "stock": "stock"}, _products),
-    Table("books", (("title", "TEXT"), ("author", "TEXT"), ("genre", "TEXT"), ("year", "INTEGER"), ("pages", "INTEGER")),
+    Table("books",
+          (("title", "TEXT"), ("author", "TEXT"), ("genre", "TEXT"), ("year", "INTEGER"), ("pages", "INTEGER")),
           "books", "book", "title", {"author": "by {v}", "genre": "in the {v} genre"},
           {"year": "publication year", "pages": "page count"}, _books),
 ]
@@ -102,7 +104,8 @@ def _question(rng: random.Random, table: Table, rows: list[list]) -> tuple[str, 
     numbers = sorted(r[columns.index(number)] for r in rows)
     threshold = int(rng.choice(numbers[1:-1]))  # some rows on each side
     above = rng.random() < 0.5
-    compare_text, compare_sql = (f"above {threshold}", f"> {threshold}") if above else (f"below {threshold}", f"< {threshold}")
+    compare_text, compare_sql = (f"above {threshold}", f"> {threshold}") if above \
+        else (f"below {threshold}", f"< {threshold}")
     entity, label, t, number_text = table.entity, table.label, table.name, table.numbers[number]
     kind = rng.choice(["list", "count", "aggregate", "aggregate_all", "threshold", "count_threshold", "argmax",
                        "per_group", "top_k"])

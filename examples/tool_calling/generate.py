@@ -102,7 +102,8 @@ def tool_request(rng: random.Random, tool: str, complete: bool) -> tuple[str, di
             return rng.choice(["Set a timer.", f"Start a {label or 'kitchen'} timer.", "I need a timer, please."]), {}
         if label:
             return f"Set a {minutes} minute timer for the {label}.", {"minutes": minutes, "label": label}
-        return rng.choice(["Set a timer for {m} minutes.", "Start a {m} minute timer."]).format(m=minutes), {"minutes": minutes}
+        text = rng.choice(["Set a timer for {m} minutes.", "Start a {m} minute timer."]).format(m=minutes)
+        return text, {"minutes": minutes}
     if tool == "send_email":
         to, subject = rng.choice(PEOPLE), rng.choice(SUBJECTS)
         if not complete:
