@@ -2,6 +2,7 @@
 held-out splits whose prompts never repeat across or within splits, written as JSONL."""
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -41,3 +42,14 @@ def write_splits(make_item: Callable[[random.Random], dict], out: Path, train: i
         (out / name).write_text("".join(json.dumps(item) + "\n" for item in items))
     print(f"wrote {len(train_items)} train and {len(heldout_items)} held-out items to {out}")
     return train_items, heldout_items
+
+
+def generator_main(make_item: Callable[[random.Random], dict], description: str, out: Path, seed: int) -> None:
+    """The generators' command line: --out, --train, --heldout, --seed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--heldout", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=seed)
+    args = parser.parse_args()
+    write_splits(make_item, args.out, args.train, args.heldout, args.seed)

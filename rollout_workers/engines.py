@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from services.config import JobConfig, LearnerConfig
-from weight_sync.adapter import AdapterWeights
+from weight_sync.adapter import AdapterWeights, check_shapes
 
 from .interface import InferenceEngine
 
@@ -70,12 +70,7 @@ def check_adapter(adapter: AdapterWeights, lora: LearnerConfig, shapes: dict[str
     if mismatched:
         raise ValueError(f"adapter version {adapter.version}: LoRA settings {mismatched} differ from "
                          f"the job's {expected}")
-    wrong = sorted(name for name in shapes.keys() | adapter.tensors.keys()
-                   if name not in shapes or name not in adapter.tensors
-                   or adapter.tensors[name].shape != shapes[name])
-    if wrong:
-        raise ValueError(f"adapter version {adapter.version}: {len(wrong)} tensors missing, unexpected "
-                         f"or of another shape, e.g. {wrong[:3]}")
+    check_shapes(f"adapter version {adapter.version}", adapter.tensors, shapes)
 
 
 def eos_token_ids(model_path: str | Path, tokenizer) -> frozenset[int]:

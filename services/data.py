@@ -5,38 +5,45 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the file and line."""
 
 
-def load_items(path: str | Path) -> list[dict[str, Any]]:
-    """Read `{"id", "messages" | "prompt", ...}` items; any bad line stops with its line number."""
+def json_lines(path: str | Path, what: str = "dataset") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`file:line`, object) for every non-blank line of a JSONL file; a line that is not a JSON
+    object stops with its file and line number."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset not found: {path}")
-    items, seen_ids = [], set()
+        raise DatasetError(f"{what} not found: {path}")
     with path.open() as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
             try:
-                item = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(item, dict):
+            if not isinstance(record, dict):
                 raise DatasetError(f"{where}: each line must be a JSON object")
-            if "id" not in item:
-                raise DatasetError(f"{where}: missing field 'id'")
-            item["id"] = str(item["id"])
-            if item["id"] in seen_ids:
-                raise DatasetError(f"{where}: duplicate id {item['id']!r}")
-            seen_ids.add(item["id"])
-            _check_prompt(item, where)
-            items.append(item)
+            yield where, record
+
+
+def load_items(path: str | Path) -> list[dict[str, Any]]:
+    """Read `{"id", "messages" | "prompt", ...}` items; any bad line stops with its line number."""
+    items, seen_ids = [], set()
+    for where, item in json_lines(path):
+        if "id" not in item:
+            raise DatasetError(f"{where}: missing field 'id'")
+        item["id"] = str(item["id"])
+        if item["id"] in seen_ids:
+            raise DatasetError(f"{where}: duplicate id {item['id']!r}")
+        seen_ids.add(item["id"])
+        _check_prompt(item, where)
+        items.append(item)
     if not items:
         raise DatasetError(f"{path}: no items")
     return items

@@ -9,7 +9,7 @@ from reward_workers.pool import hack_rates, score_locally
 from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
 from services.config import DataConfig, JobConfig, LearnerConfig, ModelConfig, RewardConfig, RolloutConfig
-from services.data import DatasetError, load_items, prompt_token_ids
+from services.data import DatasetError, json_lines, load_items, prompt_token_ids
 from services.evaluation import greedy_settings, summarize
 from services.model_store import resolve_model_path
 
@@ -57,19 +57,8 @@ def result_record(s: ScoredRollout) -> dict:
 def load_samples(path: Path) -> list[Rollout]:
     """Samples to grade, one JSON object a line: {"id" or "prompt_id", "output_text"} or a run's
     samples.jsonl lines ({"sample_id": "<prompt id>#<index>", "text"}). Errors name file:line."""
-    if not path.is_file():
-        raise DatasetError(f"samples not found: {path}")
     rollouts, per_prompt = [], {}
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            sample = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(sample, dict):
-            raise DatasetError(f"{where}: each line must be a JSON object")
+    for where, sample in json_lines(path, "samples"):
         if "sample_id" in sample and "text" in sample:  # the run's own format
             prompt_id, _, index = str(sample["sample_id"]).rpartition("#")
             text = sample["text"]

@@ -20,6 +20,14 @@ class AdapterIntegrityError(WeightsRefused):
     published with."""
 
 
+def check_shapes(what: str, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """Refuse tensors that do not cover exactly the expected names with the expected shapes."""
+    wrong = sorted(name for name in shapes.keys() | tensors.keys()
+                   if name not in shapes or name not in tensors or tensors[name].shape != shapes[name])
+    if wrong:
+        raise ValueError(f"{what}: {len(wrong)} tensors missing, unexpected or of another shape, e.g. {wrong[:3]}")
+
+
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):

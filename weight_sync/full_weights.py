@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterIntegrityError, checksum
+from .adapter import AdapterIntegrityError, check_shapes, checksum
 
 
 @dataclass
@@ -36,12 +36,7 @@ class FullWeights:
         """Refuse, before touching served weights, tensors that fail their checksum or do not
         cover exactly the model's parameters with their shapes."""
         self.verify()
-        wrong = sorted(name for name in shapes.keys() | self.tensors.keys()
-                       if name not in shapes or name not in self.tensors
-                       or self.tensors[name].shape != shapes[name])
-        if wrong:
-            raise ValueError(f"full weights version {self.version}: {len(wrong)} tensors missing, unexpected "
-                             f"or of another shape, e.g. {wrong[:3]}")
+        check_shapes(f"full weights version {self.version}", self.tensors, shapes)
 
 
 def base_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -13,7 +13,6 @@ Train and held-out questions come from different seeds and never share a prompt.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sqlite3
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset_split import write_splits  # noqa: E402  (examples/dataset_split.py)
+from dataset_split import generator_main  # noqa: E402  (examples/dataset_split.py)
 
 REPLY_FORMAT = "Reply with only the query, like:\n```sql\nSELECT ...\n```"
 ROWS_PER_TABLE = 8
@@ -161,13 +160,7 @@ def make_item(rng: random.Random) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--heldout", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=4242)
-    args = parser.parse_args()
-    write_splits(make_item, args.out, args.train, args.heldout, args.seed)
+    generator_main(make_item, __doc__.splitlines()[0], Path(__file__).parent, seed=4242)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ Train and held-out requests come from different seeds and never share a prompt.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset_split import write_splits  # noqa: E402  (examples/dataset_split.py)
+from dataset_split import generator_main  # noqa: E402  (examples/dataset_split.py)
 
 INSTRUCTION = ('To call a tool, reply with only JSON: {"name": "<tool>", "arguments": {...}}. '
                "Parameters marked ? are optional. If the request lacks a required parameter, ask for it. "
@@ -162,13 +161,7 @@ def make_item(rng: random.Random) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--heldout", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=2024)
-    args = parser.parse_args()
-    write_splits(make_item, args.out, args.train, args.heldout, args.seed)
+    generator_main(make_item, __doc__.splitlines()[0], Path(__file__).parent, seed=2024)
 
 
 if __name__ == "__main__":
