@@ -10,6 +10,7 @@ directory); `close()` removes the latter, so a finished job stops being scraped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -66,6 +67,7 @@ COUNTERS = {
     "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
 }
 
+log = logging.getLogger("rft.metrics")
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16)
 TARGETS_FILE = "prometheus_targets.json"  # in the run dir
 TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
@@ -109,7 +111,11 @@ class RunMetrics:
                                     "the learner", ["job"], buckets=STALENESS_BUCKETS, registry=self.registry)
         self._last_step_time: float | None = None
         self._gauges["last_progress_timestamp_seconds"].labels(job).set(time.time())
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:  # e.g. another job on this machine has the port: Prometheus finds either via file_sd
+            log.warning("metrics port %s:%d unavailable (%s); serving on a free port instead", host, port, e)
+            self._server, _ = start_http_server(0, addr=host, registry=self.registry)
         self.address = f"{host}:{self._server.server_port}"
         self.scrape_target = f"{advertised_host(host)}:{self._server.server_port}"
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -279,3 +279,19 @@ def test_announced_host_name(tmp_path, monkeypatch):
         assert json.loads(metrics.targets_file.read_text())[0]["targets"] == [f"ray-head:{port}"]
     finally:
         metrics.close()
+
+
+def test_two_jobs_asking_for_the_same_metrics_port_both_serve(tmp_path):
+    first = RunMetrics("job-a", tmp_path / "job-a", port=0)
+    try:
+        port = int(first.address.rsplit(":", 1)[1])
+        second = RunMetrics("job-b", tmp_path / "job-b", port=port)
+        try:
+            assert second.address != first.address
+            second.record(1, {"reward_mean": 0.5})
+            page = urllib.request.urlopen(f"http://{second.address}/metrics", timeout=10).read().decode()
+            assert 'rft_reward_mean{job="job-b"} 0.5' in page
+        finally:
+            second.close()
+    finally:
+        first.close()
