@@ -2,51 +2,25 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import redis
 
+from tests.redis_server import RedisServer, free_port
 from services.redis_store import RedisUnavailableError, connect, embedded_data_dir
 from services.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
                                JobNotFoundError, JobRegistry, JobStopped, open_registry)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed (make setup installs the Debian package)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis-server")
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"redis-server did not come up on port {port}: {process.stderr.read().decode()}")
-            time.sleep(0.05)  # polling with a deadline, not synchronisation by sleep
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    server = RedisServer(tmp_path_factory.mktemp("redis-server")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
