@@ -82,10 +82,6 @@ class RolloutScheduler:
             self._take(ready[0])
         return self._results.pop(tag, [])
 
-    def in_flight(self, tag: Hashable | None = None) -> int:
-        """Requests issued and not yet returned (under `tag`, or in all)."""
-        return sum(len(c.requests) for c in self._calls.values() if tag is None or c.tag == tag)
-
     def _issue(self, call: _Call) -> None:
         ref = self.workers[call.worker_id].generate.remote(call.requests, call.sampling)
         self._calls[ref] = call
@@ -117,8 +113,11 @@ class RolloutScheduler:
         return worker_id
 
     def _worker_died(self, worker_id: str, error: Exception) -> None:
-        if self.retiring.pop(worker_id, None) is not None or worker_id not in self.workers:
-            return  # a retiring worker needs no replacement; or its death is already handled
+        if self.retiring.pop(worker_id, None) is not None:
+            self._on_worker_gone(worker_id)  # a retiring worker needs no replacement
+            return
+        if worker_id not in self.workers:
+            return  # its death is already handled
         del self.workers[worker_id]
         self._on_worker_gone(worker_id)
         replacement = self._add_worker()
