@@ -2,13 +2,15 @@
 spreads a batch over them.
 
 Each actor holds one warm GraderSandbox (graders never run in the actor's own process). The
-pool splits a batch across the actors, runs the shares in parallel and returns results in
-input order; a share whose actor died is re-scored on a replacement actor, so no sample is lost.
+pool splits a batch across the actors (or takes shares as they arrive, e.g. groups streamed by
+the rollout workers), runs the shares in parallel and returns results in order; a share whose
+actor died is re-scored on a replacement actor, so no sample is lost.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Iterable
 
 import ray
 from ray.exceptions import RayActorError
@@ -118,37 +120,51 @@ class RewardPool:
 
     def score(self, rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
         """Score every rollout against its prompt's dataset item; results in input order."""
-        items = _items_for(rollouts, items_by_prompt_id)
-        # Round-robin shares: actor k gets positions k, k+n, k+2n, ...
-        shares = {slot: list(range(slot, len(rollouts), len(self._actors)))
-                  for slot in range(len(self._actors))}
-        pending = {}  # ObjectRef -> (slot, attempt)
-
-        def submit(slot: int, attempt: int) -> None:
-            share = shares[slot]
-            ref = self._actors[slot].score.remote([rollouts[i] for i in share], [items[i] for i in share])
-            pending[ref] = (slot, attempt)
-
-        for slot, share in shares.items():
-            if share:
-                submit(slot, attempt=1)
+        _items_for(rollouts, items_by_prompt_id)  # every item is there, before any actor works
+        # Round-robin shares, one per actor: actor k gets positions k, k+n, k+2n, ...
+        positions = [range(slot, len(rollouts), len(self._actors)) for slot in range(len(self._actors))]
+        scored = self.score_shares([[rollouts[i] for i in share] for share in positions if share],
+                                   items_by_prompt_id)
         results: list[ScoredRollout | None] = [None] * len(rollouts)
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            slot, attempt = pending.pop(ref)
+        for i, scored_rollout in zip([i for share in positions for i in share], scored):
+            results[i] = scored_rollout
+        return results
+
+    def score_shares(self, shares: Iterable[list[Rollout]], items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
+        """Score each share on the least busy actor as soon as it arrives: with shares coming off
+        the rollout stream (a prompt's group each), grading runs while generation goes on.
+        Results in share order. A share whose actor died is re-scored on a replacement."""
+        results: list[list[ScoredRollout] | None] = []
+        pending = {}  # ObjectRef -> (share index, share, slot, actor, attempt)
+        busy = [0] * len(self._actors)
+
+        def submit(index: int, share: list[Rollout], slot: int, attempt: int) -> None:
+            actor = self._actors[slot]
+            pending[actor.score.remote(share, _items_for(share, items_by_prompt_id))] = (index, share, slot, actor, attempt)
+            busy[slot] += 1
+
+        def take(ref) -> None:
+            index, share, slot, actor, attempt = pending.pop(ref)
+            busy[slot] -= 1
             try:
-                scored = ray.get(ref)
+                results[index] = ray.get(ref)
             except RayActorError as e:
                 if attempt >= MAX_ATTEMPTS_PER_SHARE:
                     raise RuntimeError(f"reward worker died {attempt} times scoring the same share") from e
-                log.warning("reward worker %d died (%s); re-scoring its %d samples on a new one",
-                            slot, type(e).__name__, len(shares[slot]))
-                self._actors[slot] = self._start_actor()
-                submit(slot, attempt + 1)
-                continue
-            for i, scored_rollout in zip(shares[slot], scored):
-                results[i] = scored_rollout
-        return results
+                if self._actors[slot] is actor:  # not replaced yet (it may have had several shares)
+                    log.warning("reward worker %d died (%s); re-scoring its shares on a new one", slot, type(e).__name__)
+                    self._actors[slot] = self._start_actor()
+                submit(index, share, slot, attempt + 1)
+
+        for share in shares:
+            results.append(None)
+            submit(len(results) - 1, share, busy.index(min(busy)), attempt=1)
+            for ref in ray.wait(list(pending), num_returns=len(pending), timeout=0)[0]:
+                take(ref)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            take(ref)
+        return [scored for share in results for scored in share]
 
     def shutdown(self) -> None:
         """Close the sandboxes (bounded wait: a dead or stuck actor is simply killed), then the actors."""

@@ -8,6 +8,8 @@ adapter must have) lives here so the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +18,7 @@ import torch
 from services.config import JobConfig, LearnerConfig
 from weight_sync.adapter import AdapterWeights, check_shapes
 
-from .interface import InferenceEngine
+from .interface import Completion, InferenceEngine, SamplingSettings
 
 EngineName = Literal["auto", "vllm", "hf"]
 
@@ -85,3 +87,21 @@ def eos_token_ids(model_path: str | Path, tokenizer) -> frozenset[int]:
         raise ValueError(f"{model_path}: no EOS token in the tokenizer or generation_config")
     return frozenset(ids)
 
+
+
+def request_seed(seed: int | None, key: str) -> int | None:
+    """The seed of one request (e.g. key = its sample id): each request is seeded on its own,
+    since one shared seed would make every sample of a group (the same prompt) identical, and
+    a seed that depends on the key alone does not change with how requests are batched."""
+    return None if seed is None else (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63
+
+
+def run_to_completion(engine: InferenceEngine, prompts: list[list[int]],
+                      sampling: SamplingSettings) -> list[Completion]:
+    """Generate one completion per prompt, in order, stepping the engine until all are done."""
+    for index, prompt in enumerate(prompts):
+        engine.add(str(index), prompt, replace(sampling, seed=request_seed(sampling.seed, str(index))))
+    finished: dict[str, Completion] = {}
+    while engine.has_unfinished():
+        finished.update(engine.step())
+    return [finished[str(index)] for index in range(len(prompts))]

@@ -4,6 +4,9 @@ A hand-written sampling loop over the KV cache rather than `model.generate`, so 
 (generation_config defaults such as top_k=50, repetition penalties, ...) can change the
 distribution we sample from, and so each token's behaviour log-prob comes from the very logits
 it was sampled from.
+
+No continuous batching here: `step()` runs every waiting request with the same settings as one
+batch to completion (a step is a whole batch). The worker's interface is the same as vLLM's.
 """
 from __future__ import annotations
 
@@ -37,6 +40,22 @@ class HFEngine:
         self.lora = lora
         self.model = get_peft_model(base, LoraConfig(**lora_config_kwargs(lora))).to(self.device).eval()
         self.lora_shapes = {name: t.shape for name, t in get_peft_model_state_dict(self.model).items()}
+        self.waiting: list[tuple[str, list[int], SamplingSettings]] = []
+
+    def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
+        self.waiting.append((request_id, prompt_ids, sampling))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """Every waiting request sampled like the first one, as one batch seeded with its seed."""
+        first = self.waiting[0][2]
+        same = lambda s: (s.temperature, s.max_new_tokens) == (first.temperature, first.max_new_tokens)
+        batch = [request for request in self.waiting if same(request[2])]
+        self.waiting = [request for request in self.waiting if not same(request[2])]
+        completions = self.generate([prompt for _, prompt, _ in batch], first)
+        return [(request_id, completion) for (request_id, _, _), completion in zip(batch, completions)]
 
     def load_adapter(self, adapter: AdapterWeights) -> None:
         check_adapter(adapter, self.lora, self.lora_shapes)

@@ -56,12 +56,27 @@ class Rollout:
 
 
 class InferenceEngine(Protocol):
+    """An engine generates step by step: requests are added at any time and join the running
+    batch (continuous batching); `step()` advances every running request and returns those that
+    finished. Only one thread may call an engine (the worker's engine loop)."""
     name: str
 
+    def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
+        """Start generating one completion; `sampling.seed` is this request's own seed."""
+        ...
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """Advance the running requests; (request_id, completion) of each that finished."""
+        ...
+
+    def has_unfinished(self) -> bool:
+        ...
+
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
-        """One completion per prompt, in order."""
+        """One completion per prompt, in order, run to completion (evaluation, benchmarks)."""
         ...
 
     def load_adapter(self, adapter: "AdapterWeights") -> None:
-        """Generate with this LoRA adapter from now on (replacing any earlier one)."""
+        """Generate with this LoRA adapter from now on (replacing any earlier one). Called only
+        when no request is running."""
         ...

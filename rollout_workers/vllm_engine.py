@@ -37,7 +37,7 @@ from services.config import LearnerConfig
 from weight_sync.adapter import AdapterWeights
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
-from .engines import check_adapter, eos_token_ids, lora_tensor_shapes
+from .engines import check_adapter, eos_token_ids, lora_tensor_shapes, run_to_completion
 from .interface import Completion, SamplingSettings
 
 # vLLM only accepts these values for max_lora_rank.
@@ -110,28 +110,34 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
-        if not prompts:
-            return []
-        params = [SamplingParams(
+    def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
+        params = SamplingParams(
             temperature=sampling.temperature, top_p=1.0, top_k=0, min_p=0.0,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
-            seed=request_seed(sampling.seed, index),
+            seed=sampling.seed,
             detokenize=False,  # decoded below with the same rule as the HF engine
-        ) for index in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    lora_request=self.lora_request, use_tqdm=False)
-        completions = []
-        for output in outputs:
-            sample = output.outputs[0]
-            ids = list(sample.token_ids)
-            completions.append(Completion(
-                completion_ids=ids,
-                behaviour_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
-                finish_reason="stop" if ids and ids[-1] in self.eos_ids else "length",
-                text=self.tokenizer.decode(ids, skip_special_tokens=True)))
-        return completions
+        )
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params,
+                                        lora_request=self.lora_request)
+
+    def step(self) -> list[tuple[str, Completion]]:
+        return [(output.request_id, self._completion(output.outputs[0]))
+                for output in self.llm.llm_engine.step() if output.finished]
+
+    def has_unfinished(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        return run_to_completion(self, prompts, sampling)
+
+    def _completion(self, sample) -> Completion:
+        ids = list(sample.token_ids)
+        return Completion(
+            completion_ids=ids,
+            behaviour_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
+            finish_reason="stop" if ids and ids[-1] in self.eos_ids else "length",
+            text=self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _load_checkpoint(model_path: str | Path, dtype: torch.dtype) -> dict:
@@ -141,12 +147,6 @@ def _load_checkpoint(model_path: str | Path, dtype: torch.dtype) -> dict:
         raise FileNotFoundError(f"{model_path}: no *.safetensors weights to merge adapters into")
     return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
             for file in files for name, tensor in load_file(str(file)).items()}
-
-
-def request_seed(seed: int | None, index: int) -> int | None:
-    """Seed of the `index`-th prompt of a batch: vLLM seeds each request on its own, so one
-    shared seed would make every sample of a group (the same prompt) identical."""
-    return None if seed is None else (seed * 1_000_003 + index) % 2**63
 
 
 def _cpu_scheduling(max_model_len: int) -> dict:

@@ -5,7 +5,9 @@ One step, top to bottom (see `run_job`):
           -> reward pool (ScoredRollout)
           -> group-normalised advantages (TrainBatch)
           -> learner step (StepStats) -> new adapter -> weight-sync channel -> rollout workers
-With `sync.max_staleness >= 1` the next step's generation runs while this step trains.
+Rollout workers generate continuously: with `sync.max_staleness` k, the prompts of the next k
+steps are already generating while a step is graded and trained, and each prompt's group is
+graded as soon as it is complete.
 """
 from __future__ import annotations
 
@@ -162,35 +164,44 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
     order = PromptOrder(len(inputs.train_items), cfg.seed, state.data_cursor)
     sampling = lambda step: SamplingSettings(cfg.rollout.temperature, cfg.rollout.max_new_tokens,
                                              seed=cfg.seed * 1_000_003 + step)
+    started: dict[int, float] = {}  # step -> when its generation was submitted
+    submitted = state.step - 1  # the last step whose prompts were taken
 
-    def start_generation(step: int) -> float:
-        desired = control.desired_rollout_workers()
-        if desired is not None and desired != len(actors.rollouts.workers):
-            actors.rollouts.resize(desired)
-        requests = step_requests(cfg, inputs, order)  # advances the data cursor either way
-        if step not in backlog:
-            actors.rollouts.submit(step, requests, sampling(step))
-        return time.perf_counter()
+    def start_generation_through(last_step: int) -> None:
+        """Submit every step up to `last_step` not submitted yet. Called before training step s
+        with s + max_staleness: rollouts of those steps start from the weights served now
+        (version s, or older only when steps were skipped), so they are at most max_staleness
+        versions old when trained -- and the workers always have the next steps' prompts."""
+        nonlocal submitted
+        while submitted < min(last_step, cfg.steps - 1):
+            submitted += 1
+            desired = control.desired_rollout_workers()
+            if desired is not None and desired != len(actors.rollouts.workers):
+                actors.rollouts.resize(desired)
+            requests = step_requests(cfg, inputs, order)  # advances the data cursor either way
+            if submitted not in backlog:
+                actors.rollouts.submit(submitted, requests, sampling(submitted))
+            started[submitted] = time.perf_counter()
 
     samples_log = (run_dir / "samples.jsonl").open("a")
-    started = start_generation(state.step)
     last_heldout = {}
     replaced_before = reissued_before = skipped_in_a_row = 0
     with samples_log, StepProgress(cfg.steps, state.step) as progress:
         for step in range(state.step, cfg.steps):
+            start_generation_through(step + cfg.sync.max_staleness)
             scored = backlog.pop(step, None)
             replayed = len(scored or [])
+            generated_at = time.perf_counter()
             if scored is None:
-                rollouts = actors.rollouts.collect(step)
-            generation_seconds = time.perf_counter() - started
-            overlap = cfg.sync.max_staleness >= 1 and step + 1 < cfg.steps
-            if overlap:  # the next step's rollouts start now, from the current weights
-                started = start_generation(step + 1)
-            reward_started = time.perf_counter()
-            if scored is None:
-                scored = actors.reward_pool.score(rollouts, inputs.items_by_id)
+                # Each prompt's group is graded as soon as it comes off a rollout worker.
+                def arriving(groups):
+                    nonlocal generated_at
+                    yield from groups
+                    generated_at = time.perf_counter()
+                scored = actors.reward_pool.score_shares(arriving(actors.rollouts.stream(step)), inputs.items_by_id)
                 stream.append(step, scored)
-            reward_seconds = time.perf_counter() - reward_started
+            generation_seconds = generated_at - started.pop(step)
+            reward_seconds = time.perf_counter() - generated_at  # grading left after the last group
 
             batch, zero_signal, stale = build_batch(cfg, step, scored, state.policy_version)
             lags = [state.policy_version - sample.policy_version for sample in batch.samples]
@@ -228,7 +239,8 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                       "rollout_workers_replaced": actors.rollouts.workers_replaced - replaced_before,
                       "requests_reissued": actors.rollouts.requests_reissued - reissued_before}
             replaced_before, reissued_before = actors.rollouts.workers_replaced, actors.rollouts.requests_reissued
-            state.step, state.data_cursor = step + 1, order.cursor - (cfg.prompts_per_step if overlap else 0)
+            # The first prompt not trained yet: those of steps submitted ahead are taken again on resume.
+            state.step, state.data_cursor = step + 1, order.cursor - cfg.prompts_per_step * (submitted - step)
             state.samples_trained += len(trained_ids)
             values.update(step=state.step, policy_version=state.policy_version)
             log_samples(samples_log, state.step, scored, trained_ids)
@@ -246,8 +258,6 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
             if state.step % cfg.checkpoint.every_steps == 0 or last_step:
                 save_checkpoint(cfg, run_dir, actors.learner, state)
                 stream.acknowledge(before_step=state.step)  # trained and now on disk
-            if not overlap and not last_step:
-                started = start_generation(step + 1)
 
     adapter_dir = Path(ray.get(actors.learner.save_adapter.remote(str(run_dir / "adapter"))))
     summary = {"job": cfg.name, "steps": state.step, "policy_version": state.policy_version,

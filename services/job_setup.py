@@ -14,6 +14,7 @@ from services.model_store import resolve_model_path
 from services.rollout_scheduler import RolloutScheduler
 
 log = logging.getLogger("rft.setup")
+WORKER_THREADS = 32  # per rollout worker: its open streams (a few per step in flight), weight loads, pings
 
 
 @dataclass
@@ -106,7 +107,9 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsCon
         worker_id = f"rollout-{next(worker_numbers)}"
         handle = ray.remote(RolloutWorker).options(
             name=f"{cfg.name}-{worker_id}", num_cpus=cfg.rollout.num_cpus_per_worker,
-            num_gpus=cfg.rollout.num_gpus_per_worker, max_concurrency=1,
+            num_gpus=cfg.rollout.num_gpus_per_worker,
+            # Threads: streams, weight loads and pings reach the worker while its engine loop runs.
+            max_concurrency=WORKER_THREADS,
         ).remote(worker_id, cfg, str(model_path), metrics)
         return worker_id, handle
     return start_worker

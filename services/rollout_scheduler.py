@@ -1,19 +1,21 @@
 """Hands generation requests to the rollout workers and gets every one of them back, once.
 
 The driver submits a batch of requests under a tag (a step number, or "eval"); the scheduler
-splits it into calls over the live workers, keeping each prompt's samples on one worker, and
-tracks every call until its rollouts are back. Calls finish in any order and are taken as they
-finish (`ray.wait`), so one slow worker does not hold up the others' results.
+shares its prompt groups out over the live workers (least loaded first; a prompt's samples stay
+on one worker) and opens one stream per worker. Workers generate continuously and stream each
+group back the moment it is complete; `stream(tag)` yields them in the order they finish, so
+scoring starts while the slowest samples are still generating. Each stream carries the policy
+version current at submission as a floor: a worker generates it only once it serves that
+version or newer.
 
-Self-healing: when a worker dies, each of its calls fails on its own (Ray raises
-RayActorError for it within moments of the process dying); the scheduler starts a replacement,
-which loads the current adapter before anything else (calls on an actor run in submission
-order), and re-issues each failed call on the least-busy live worker. A call's result is taken
-exactly once and a failed call is re-issued exactly once per failure, so no request is lost or
-returned twice.
+Self-healing: the scheduler knows which groups of each stream have not come back yet. When a
+worker dies, its streams fail (Ray raises RayActorError within moments of the process dying);
+the scheduler starts a replacement, which loads the current adapter first, and re-issues each
+stream's missing groups on the least-busy live worker. A group is taken exactly once and only
+missing groups are re-issued, so no request is lost or returned twice.
 
 Scaling: `resize(n)` adds workers (each first catches up to the current policy version) or
-retires the least-busy ones; a retired worker gets no new calls, finishes those it has, and is
+retires the least-busy ones; a retired worker gets no new streams, finishes those it has, and is
 then stopped.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import ray
 from ray.exceptions import RayActorError
@@ -35,11 +37,16 @@ MAX_SYNC_ATTEMPTS = 3  # workers dying during every one of these syncs is a real
 
 
 @dataclass
-class _Call:
+class _Stream:
     tag: Hashable
     worker_id: str
-    requests: list[GenerationRequest]
     sampling: SamplingSettings
+    min_version: int
+    missing: dict[str, list[GenerationRequest]]  # prompt_id -> its group, until it comes back
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [request for group in self.missing.values() for request in group]
 
 
 class RolloutScheduler:
@@ -51,10 +58,10 @@ class RolloutScheduler:
         self._start_worker = start_worker
         self._on_worker_gone = on_worker_gone
         self.channel = channel
-        self.workers: dict[str, object] = {}  # live workers that get new calls
-        self.retiring: dict[str, object] = {}  # removed by resize: finishing their calls
-        self._calls: dict[ray.ObjectRef, _Call] = {}
-        self._results: dict[Hashable, list[Rollout]] = defaultdict(list)
+        self.workers: dict[str, object] = {}  # live workers that get new streams
+        self.retiring: dict[str, object] = {}  # removed by resize: finishing their streams
+        self._streams: dict[ray.ObjectRefGenerator, _Stream] = {}
+        self._arrived: dict[Hashable, list[list[Rollout]]] = defaultdict(list)  # groups not yet streamed
         self.workers_replaced = 0
         self.requests_reissued = 0
         for _ in range(num_workers):
@@ -63,45 +70,78 @@ class RolloutScheduler:
     # ------------------------------------------------------------ generation
 
     def submit(self, tag: Hashable, requests: list[GenerationRequest], sampling: SamplingSettings) -> None:
-        """Start generating `requests`; `collect(tag)` returns their rollouts."""
+        """Start generating `requests`; `stream(tag)` or `collect(tag)` returns their rollouts."""
         groups: dict[str, list[GenerationRequest]] = defaultdict(list)
         for request in requests:
             groups[request.prompt_id].append(request)
-        ordered_groups = list(groups.values())
-        worker_ids = list(self.workers)
-        for position, worker_id in enumerate(worker_ids):
-            share = [r for group in ordered_groups[position::len(worker_ids)] for r in group]
-            if share:
-                self._issue(_Call(tag, worker_id, share, sampling))
+        load = self._load()
+        shares: dict[str, dict[str, list[GenerationRequest]]] = defaultdict(dict)
+        for prompt_id, group in groups.items():
+            worker_id = min(load, key=load.get)
+            shares[worker_id][prompt_id] = group
+            load[worker_id] += len(group)
+        for worker_id, share in shares.items():
+            self._open(_Stream(tag, worker_id, sampling, self.channel.version, share))
+
+    def stream(self, tag: Hashable) -> Iterator[list[Rollout]]:
+        """Each group of rollouts submitted under `tag`, as soon as it is complete (re-issuing
+        the groups of workers that died). Groups of other tags that finish meanwhile are kept
+        for their own stream."""
+        yield from self._arrived.pop(tag, [])
+        while any(stream.tag == tag for stream in self._streams.values()):
+            [generator], _ = ray.wait(list(self._streams), num_returns=1)
+            stream = self._streams[generator]
+            group = self._take(generator)
+            if group is None:
+                continue
+            if stream.tag == tag:
+                yield group
+            else:
+                self._arrived[stream.tag].append(group)
 
     def collect(self, tag: Hashable) -> list[Rollout]:
-        """Wait for every call under `tag` (re-issuing those whose worker died) and return their
-        rollouts. Calls under other tags that finish meanwhile are kept for their own collect."""
-        while any(call.tag == tag for call in self._calls.values()):
-            ready, _ = ray.wait(list(self._calls), num_returns=1)
-            self._take(ready[0])
-        return self._results.pop(tag, [])
+        """Every rollout submitted under `tag`, once all are done."""
+        return [rollout for group in self.stream(tag) for rollout in group]
 
-    def _issue(self, call: _Call) -> None:
-        ref = self.workers[call.worker_id].generate.remote(call.requests, call.sampling)
-        self._calls[ref] = call
+    def _open(self, stream: _Stream) -> None:
+        generator = self.workers[stream.worker_id].generate_stream.options(num_returns="streaming").remote(
+            stream.requests, stream.sampling, stream.min_version)
+        self._streams[generator] = stream
 
-    def _take(self, ref: ray.ObjectRef) -> None:
-        call = self._calls.pop(ref)
+    def _take(self, generator: ray.ObjectRefGenerator) -> list[Rollout] | None:
+        """The stream's next group; None when the stream ended or its worker died."""
+        stream = self._streams[generator]
         try:
-            self._results[call.tag] += ray.get(ref)
+            group = ray.get(next(generator))
+        except StopIteration:
+            del self._streams[generator]
+            if stream.missing:  # a worker must not end a stream early; nothing may go missing
+                raise RuntimeError(f"rollout worker {stream.worker_id} ended a stream without "
+                                   f"the groups of {sorted(stream.missing)}")
+            self._stop_retired()
+            return None
         except RayActorError as error:
-            self._worker_died(call.worker_id, error)
-            call.worker_id = self._least_busy()
-            self.requests_reissued += len(call.requests)
-            self._issue(call)
-        self._stop_retired()
+            del self._streams[generator]
+            self._worker_died(stream.worker_id, error)
+            if stream.missing:
+                stream.worker_id = self._least_busy()
+                self.requests_reissued += len(stream.requests)
+                self._open(stream)
+            self._stop_retired()
+            return None
+        del stream.missing[group[0].prompt_id]
+        return group
+
+    def _load(self) -> dict[str, int]:
+        """Live worker id -> samples it has not returned yet."""
+        load = {worker_id: 0 for worker_id in self.workers}
+        for stream in self._streams.values():
+            if stream.worker_id in load:
+                load[stream.worker_id] += len(stream.requests)
+        return load
 
     def _least_busy(self) -> str:
-        load = {worker_id: 0 for worker_id in self.workers}
-        for call in self._calls.values():
-            if call.worker_id in load:
-                load[call.worker_id] += len(call.requests)
+        load = self._load()
         return min(load, key=load.get)
 
     # ------------------------------------------------------------ membership
@@ -136,7 +176,7 @@ class RolloutScheduler:
         self._stop_retired()
 
     def _stop_retired(self) -> None:
-        busy = {call.worker_id for call in self._calls.values()}
+        busy = {stream.worker_id for stream in self._streams.values()}
         for worker_id in [w for w in self.retiring if w not in busy]:
             ray.kill(self.retiring.pop(worker_id))
             self._on_worker_gone(worker_id)

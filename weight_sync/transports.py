@@ -37,7 +37,9 @@ class LoadReport:
     """A worker's answer to one delivery."""
     worker_id: str
     served_version: int  # after the call
-    seconds: float  # the whole call (fetch + checks + load): time the worker could not generate
+    # The call (fetch + checks + load), less its wait for the requests running at the time to
+    # finish (they go on generating meanwhile): the time the worker could not generate.
+    seconds: float
     load_seconds: float = 0.0  # the engine's load alone
     refused: str | None = None  # why the worker refused the weights (corrupt, stale, wrong shape)
 
@@ -51,7 +53,8 @@ def apply_weights(worker, fetch: Fetch, *args) -> LoadReport:
     except WeightsRefused as refusal:
         return LoadReport(worker.worker_id, worker.version, time.perf_counter() - started,
                           refused=f"{type(refusal).__name__}: {refusal}")
-    return LoadReport(worker.worker_id, worker.version, time.perf_counter() - started, worker.load_seconds)
+    paused = time.perf_counter() - started - worker.drain_seconds
+    return LoadReport(worker.worker_id, worker.version, paused, worker.load_seconds)
 
 
 def from_object_store(_worker, boxed_ref: list) -> Any:

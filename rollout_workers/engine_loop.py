@@ -1,0 +1,170 @@
+"""The thread that keeps a rollout worker's engine busy: continuous generation.
+
+Every call that reaches the worker (Ray runs them on several threads) hands its work to this one
+thread, the only one that touches the engine:
+- a batch of requests joins the running ones at once (vLLM schedules new requests into its next
+  step), and each prompt's group is handed back the moment its last sample finishes, so nothing
+  waits for the slowest sample of a batch;
+- a batch may require a minimum policy version (`min_version`): it waits until the worker serves
+  at least that version, so a worker that is still catching up never generates with old weights;
+- a weight load is exclusive: new requests are held back, the running ones finish (each
+  completion comes from exactly one policy version), the load runs between two steps, and the
+  held requests start on the new weights.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from .engines import request_seed
+from .interface import Completion, GenerationRequest, InferenceEngine, SamplingSettings
+
+log = logging.getLogger("rft.rollout")
+
+# A finished sample: the request, its completion, and the policy version that generated it.
+Finished = tuple[GenerationRequest, Completion, int]
+END = None  # what a batch's queue yields after its last group
+
+
+@dataclass
+class Batch:
+    """Requests submitted together; their groups come out of `groups` as they finish."""
+    requests: list[GenerationRequest]
+    sampling: SamplingSettings
+    min_version: int
+    groups: queue.Queue = field(default_factory=queue.Queue)  # list[Finished] per group, then END
+    # prompt_id -> samples not finished yet / finished so far (filled when the batch starts).
+    left: dict[str, int] = field(default_factory=dict)
+    done: dict[str, list[Finished]] = field(default_factory=lambda: defaultdict(list))
+
+
+@dataclass
+class _Exclusive:
+    run: Callable[[], object]
+    result: Future
+    asked_at: float
+    wait_seconds: float = 0.0
+
+
+class EngineLoop:
+    def __init__(self, engine: InferenceEngine, served_version: Callable[[], int],
+                 on_step: Callable[[float, list[Finished]], None] = lambda seconds, finished: None):
+        """`served_version()` is the policy version the engine serves (changed only by exclusive
+        calls, i.e. on this thread); `on_step(seconds, finished)` is told about every step."""
+        self.engine, self.served_version, self.on_step = engine, served_version, on_step
+        self._inbox: queue.Queue = queue.Queue()
+        self._held: list[Batch] = []  # waiting for their min_version, or for an exclusive call
+        self._exclusive: _Exclusive | None = None
+        self._running: dict[str, tuple[Batch, GenerationRequest, int]] = {}  # engine request id -> ...
+        self._next_id = 0
+        self._broken: Exception | None = None  # an engine step failed: the engine is not used again
+        threading.Thread(target=self._run, name="engine-loop", daemon=True).start()
+
+    # ---- called from any thread
+
+    def submit(self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0) -> Batch:
+        batch = Batch(list(requests), sampling, min_version)
+        self._inbox.put(batch)
+        return batch
+
+    def exclusive(self, run: Callable[[], object]) -> tuple[object, float]:
+        """Run `run()` on the loop thread once no request is running; returns (its result, the
+        seconds spent waiting for the running requests to finish)."""
+        call = _Exclusive(run, Future(), time.perf_counter())
+        self._inbox.put(call)
+        result = call.result.result()
+        return result, call.wait_seconds
+
+    # ---- the loop thread
+
+    def _run(self) -> None:
+        while True:
+            if self._broken is not None:
+                self._refuse_all()
+                continue
+            self._take_inbox(block=not self.engine.has_unfinished())
+            if self._exclusive is not None and not self.engine.has_unfinished():
+                self._run_exclusive()
+                continue
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _take_inbox(self, block: bool) -> None:
+        """Take submitted work in order, up to the first exclusive call (which must wait)."""
+        while self._exclusive is None:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, _Exclusive):
+                self._exclusive = item
+            else:
+                self._held.append(item)
+                self._start_ready()
+
+    def _refuse_all(self) -> None:
+        held, self._held = self._held, []
+        for item in [*held, self._exclusive, self._inbox.get()]:
+            if isinstance(item, Batch):
+                item.groups.put(self._broken)
+            elif isinstance(item, _Exclusive):
+                item.result.set_exception(self._broken)
+        self._exclusive = None
+
+    def _run_exclusive(self) -> None:
+        call, self._exclusive = self._exclusive, None
+        call.wait_seconds = time.perf_counter() - call.asked_at
+        try:
+            call.result.set_result(call.run())
+        except BaseException as error:  # the caller re-raises it
+            call.result.set_exception(error)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start every held batch whose minimum version is served (none while a load waits)."""
+        if self._exclusive is not None:
+            return
+        version = self.served_version()
+        ready = [batch for batch in self._held if batch.min_version <= version]
+        self._held = [batch for batch in self._held if batch.min_version > version]
+        for batch in ready:
+            for request in batch.requests:
+                batch.left[request.prompt_id] = batch.left.get(request.prompt_id, 0) + 1
+                request_id, self._next_id = str(self._next_id), self._next_id + 1
+                self._running[request_id] = (batch, request, version)
+                self.engine.add(request_id, request.prompt_ids,
+                                replace(batch.sampling, seed=request_seed(batch.sampling.seed, request.sample_id)))
+            if not batch.requests:
+                batch.groups.put(END)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        try:
+            finished = self.engine.step()
+        except Exception as error:  # the engine failed: so does all work given to this worker
+            log.exception("engine step failed; this worker takes no more work")
+            self._broken = error
+            for batch in {id(b): b for b, _, _ in self._running.values()}.values():
+                batch.groups.put(error)
+            self._running.clear()
+            return
+        done = []
+        for request_id, completion in finished:
+            batch, request, version = self._running.pop(request_id)
+            done.append((request, completion, version))
+            group = batch.done[request.prompt_id]
+            group.append((request, completion, version))
+            batch.left[request.prompt_id] -= 1
+            if batch.left[request.prompt_id] == 0:
+                batch.groups.put(sorted(group, key=lambda f: f[0].sample_index))
+                del batch.left[request.prompt_id], batch.done[request.prompt_id]
+                if not batch.left:
+                    batch.groups.put(END)
+        self.on_step(time.perf_counter() - started, done)
