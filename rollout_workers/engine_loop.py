@@ -30,6 +30,7 @@ log = logging.getLogger("rft.rollout")
 # A finished sample: the request, its completion, and the policy version that generated it.
 Finished = tuple[GenerationRequest, Completion, int]
 END = None  # what a batch's queue yields after its last group
+_CLOSED = RuntimeError("the rollout worker was closed")
 
 
 @dataclass
@@ -64,11 +65,14 @@ class EngineLoop:
         self._running: dict[str, tuple[Batch, GenerationRequest, int]] = {}  # engine request id -> ...
         self._next_id = 0
         self._broken: Exception | None = None  # an engine step failed: the engine is not used again
+        self._closed = False
         threading.Thread(target=self._run, name="engine-loop", daemon=True).start()
 
     # ---- called from any thread
 
     def submit(self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0) -> Batch:
+        if self._closed:
+            raise _CLOSED
         batch = Batch(list(requests), sampling, min_version)
         self._inbox.put(batch)
         return batch
@@ -76,15 +80,25 @@ class EngineLoop:
     def exclusive(self, run: Callable[[], object]) -> tuple[object, float]:
         """Run `run()` on the loop thread once no request is running; returns (its result, the
         seconds spent waiting for the running requests to finish)."""
+        if self._closed:
+            raise _CLOSED
         call = _Exclusive(run, Future(), time.perf_counter())
         self._inbox.put(call)
         result = call.result.result()
         return result, call.wait_seconds
 
+    def running_requests(self) -> int:
+        return len(self._running)
+
+    def close(self) -> None:
+        """Stop the loop (work not finished yet fails); the engine can then be freed."""
+        self._closed = True
+        self._inbox.put(_CLOSED)
+
     # ---- the loop thread
 
     def _run(self) -> None:
-        while True:
+        while self._broken is not _CLOSED:
             if self._broken is not None:
                 self._refuse_all()
                 continue
@@ -103,6 +117,10 @@ class EngineLoop:
             except queue.Empty:
                 return
             block = False
+            if item is _CLOSED:
+                self._broken = _CLOSED
+                self._refuse_all()
+                return
             if isinstance(item, _Exclusive):
                 self._exclusive = item
             else:
@@ -110,12 +128,18 @@ class EngineLoop:
                 self._start_ready()
 
     def _refuse_all(self) -> None:
+        """Fail the work held and running, and (unless closed) the next item to arrive."""
         held, self._held = self._held, []
-        for item in [*held, self._exclusive, self._inbox.get()]:
+        running = {id(batch): batch for batch, _, _ in self._running.values()}
+        self._running.clear()
+        upcoming = [] if self._broken is _CLOSED else [self._inbox.get()]
+        for item in [*held, *running.values(), self._exclusive, *upcoming]:
             if isinstance(item, Batch):
                 item.groups.put(self._broken)
             elif isinstance(item, _Exclusive):
                 item.result.set_exception(self._broken)
+            elif item is _CLOSED:
+                self._broken = _CLOSED
         self._exclusive = None
 
     def _run_exclusive(self) -> None:
@@ -151,9 +175,6 @@ class EngineLoop:
         except Exception as error:  # the engine failed: so does all work given to this worker
             log.exception("engine step failed; this worker takes no more work")
             self._broken = error
-            for batch in {id(b): b for b, _, _ in self._running.values()}.values():
-                batch.groups.put(error)
-            self._running.clear()
             return
         done = []
         for request_id, completion in finished:

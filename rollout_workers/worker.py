@@ -107,6 +107,14 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self.version
 
+    def close(self) -> None:
+        """Stop the engine loop, so the engine can be freed (actors simply exit instead)."""
+        self.loop.close()
+
+    def running_requests(self) -> int:
+        """Requests in the engine now (started, not finished)."""
+        return self.loop.running_requests()
+
     def engine_name(self) -> str:
         return self.engine.name
 
