@@ -1,4 +1,5 @@
-"""The learner: a LoRA adapter on a Hugging Face causal LM, trained by a DeepSpeed engine.
+"""The learner: a Hugging Face causal LM trained by a DeepSpeed engine, either as a LoRA adapter
+on the frozen base (`learner.lora`, the default) or all its weights (`learner.lora: false`).
 
 One `train_step` = one optimizer step on one TrainBatch, accumulated over micro-batches.
 The same code runs on CPU (gloo, DS_ACCELERATOR=cpu) and CUDA (nccl). The driver wraps the
@@ -10,9 +11,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from learner.checkpoint import load_engine_checkpoint, save_engine_checkpoint, save_model_directory
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
@@ -29,8 +29,6 @@ from weight_sync.adapter import AdapterWeights
 from weight_sync.full_weights import FullWeights, base_parameters
 
 log = logging.getLogger(__name__)
-
-ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a checkpoint directory
 
 
 def _free_port() -> int:
@@ -58,16 +56,6 @@ def _init_distributed() -> Any:
     return deepspeed
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move a fully written directory into place; the old one is removed only afterwards."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class Learner:
     def __init__(self, cfg: JobConfig, model_path: str, metrics: MetricsContext | None = None):
         from peft import LoraConfig, get_peft_model
@@ -87,13 +75,21 @@ class Learner:
             "train_seconds": "wall time in train_step", "trained_tokens": "completion tokens trained on",
         }, gauges={"policy_version": "policy version after the last step"})
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model_path = model_path
+        self.lora = cfg.learner.lora
         lora = cfg.learner
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # the adapter's random init is the job's, not the process's
-            self.model = get_peft_model(model, LoraConfig(
-                r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        # π_ref, when the loss has a KL term: a LoRA learner switches its adapter off; a full-weight
+        # learner keeps a frozen copy of the base model (one more copy of the weights in memory).
+        self.reference: torch.nn.Module | None = None
+        if self.lora:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the adapter's random init is the job's, not the process's
+                self.model = get_peft_model(self.model, LoraConfig(
+                    r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                    target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM"))
+        elif cfg.algorithm.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).requires_grad_(False).eval()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # gradient_accumulation_steps stays 1: batches vary in size, so train_step marks the
         # last micro-batch as the accumulation boundary itself, and steps once per batch.
@@ -103,12 +99,15 @@ class Learner:
             "gradient_clipping": lora.grad_clip,
             "zero_optimization": {"stage": lora.zero_stage},
             "bf16": {"enabled": dtype == torch.bfloat16},
-            # torch_adam: no fused-Adam JIT build (~65 s on CPU) for a few MB of LoRA weights.
+            # torch_adam: no fused-Adam JIT build (~65 s on CPU); for a few MB of LoRA weights it
+            # would not pay, and full weights train with the same optimizer.
             "optimizer": {"type": "AdamW", "params": {
                 "lr": lora.learning_rate, "weight_decay": lora.weight_decay, "torch_adam": True}},
         }
         self.engine, *_ = self.deepspeed.initialize(
             model=self.model, model_parameters=self.trainable, config=ds_config)
+        if self.reference is not None:
+            self.reference.to(self.engine.device)
 
     # ---- log-probs -------------------------------------------------------------------------
 
@@ -121,8 +120,11 @@ class Learner:
 
     @torch.no_grad()
     def _reference_logprobs(self, samples: list[TrainSample], temperature: float) -> torch.Tensor:
-        # π_ref is the base model: the same weights with the adapter switched off.
-        with self.model.disable_adapter():
+        """Log-probs under π_ref, the base model."""
+        if self.reference is not None:
+            return completion_logprobs(self.reference, [(s.prompt_ids, s.completion_ids) for s in samples],
+                                       temperature)[0]
+        with self.model.disable_adapter():  # the same weights with the adapter switched off
             return self._logprobs(samples, temperature)[0]
 
     @torch.no_grad()
@@ -219,7 +221,7 @@ class Learner:
             kl_ref=nan, tokens=tokens, step_seconds=time.perf_counter() - started, skipped=True,
             extra={"non_finite_inputs": 1.0})
 
-    # ---- adapter and checkpoints -----------------------------------------------------------
+    # ---- exported weights, output and checkpoints -------------------------------------------
 
     def process_id(self) -> int:
         return os.getpid()
@@ -228,18 +230,21 @@ class Learner:
         """The current adapter, as a copy (the live tensors keep training)."""
         from peft import get_peft_model_state_dict
 
+        if not self.lora:
+            raise ValueError("learner.lora is false: this learner trains full weights and has no adapter; "
+                             "export_full_weights (sync.payload: full) gives its policy")
         # A no-op except under ZeRO-3, where each parameter is gathered from its partitions.
         with self.deepspeed.zero.GatheredParameters(self.trainable):
             tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         return AdapterWeights.create(version=self.policy_version, tensors=tensors, peft_config=self.peft_config())
 
     def export_full_weights(self) -> FullWeights:
-        """The current policy as full weights under checkpoint names: the base weights with the
-        adapter merged in (in the model's dtype), for a full-weight sync."""
-        adapter = self.export_adapter()
+        """The current policy as full weights under checkpoint names, in the model's dtype, for a
+        full-weight sync: the trained weights, or for a LoRA the base with the adapter merged in."""
+        adapter = self.export_adapter() if self.lora else None
         with self.deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-            base = {name: p.detach() for name, p in base_parameters(self.model).items()}
-            return FullWeights.create(adapter.version, adapter.merged_into(base))
+            weights = {name: p.detach() for name, p in base_parameters(self.model).items()}
+            return FullWeights.create(self.policy_version, adapter.merged_into(weights) if adapter else weights)
 
     def run_weight_sync(self, step, *args):
         """Run one learner-side step of a weight-sync transport (`weight_sync.transports`) here."""
@@ -252,27 +257,20 @@ class Learner:
     def save_adapter(self, directory: str | Path) -> Path:
         return self.export_adapter().save_pretrained(directory)
 
+    def save_policy(self, directory: str | Path) -> Path:
+        """The job's output: the adapter (peft format), or with learner.lora false the whole model
+        as a Hugging Face model directory (tokenizer files copied from the base model's)."""
+        if self.lora:
+            return self.save_adapter(directory)
+        return save_model_directory(self.model, self.export_full_weights().tensors, self.model_path, directory)
+
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Adapter, optimizer state and policy_version, written next to `directory`, then renamed."""
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            # DeepSpeed writes the optimizer state (incl. fp32 master weights) for every ZeRO
-            # stage; frozen base weights are left out (they are the model directory's), except a
-            # tied output embedding its filter misses (+56 MB for SmolLM2-135M, restored unchanged).
-            self.engine.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False,
-                                        client_state={"policy_version": self.policy_version},
-                                        exclude_frozen_parameters=True)
-            self.save_adapter(staging / "adapter")
-            _replace_dir(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        """Optimizer state, policy_version and the trained weights (a LoRA's adapter, or every
+        weight), written next to `directory`, then renamed."""
+        # A LoRA checkpoint leaves the frozen base out and keeps a peft copy of the adapter too.
+        extra = (lambda staging: self.save_adapter(staging / "adapter")) if self.lora else None
+        return save_engine_checkpoint(self.engine, directory, self.policy_version, exclude_frozen=self.lora,
+                                      extra=extra)
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        if not (directory / ENGINE_TAG).is_dir():
-            raise FileNotFoundError(f"{directory} is not a learner checkpoint (no {ENGINE_TAG}/)")
-        _, client_state = self.engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=False)
-        self.policy_version = int(client_state["policy_version"])
+        self.policy_version = load_engine_checkpoint(self.engine, directory, strict=not self.lora)

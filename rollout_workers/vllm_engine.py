@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
+from vllm.sampling_params import RequestOutputKind
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
@@ -117,7 +118,9 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's log-prob only
             seed=sampling.seed,
             detokenize=False,  # decoded below with the same rule as the HF engine
+            output_kind=RequestOutputKind.FINAL_ONLY,  # no partial output every step
         )
+        # The request joins the running batch at the next step.
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params,
                                         lora_request=self.lora_request)
 

@@ -65,7 +65,9 @@ def run(
     if base and final:
         typer.echo(f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
                    f"({100 * (final['accuracy'] - base['accuracy']):+.1f} points, n={final['count']})")
-    typer.echo(f"adapter: {summary['adapter']}")
+    # A LoRA job's output is its adapter; a full-weight job's (learner.lora: false) a model directory.
+    kind = "adapter" if "adapter" in summary else "model"
+    typer.echo(f"{kind}: {summary[kind]}")
 
 
 def load_grader_spec(spec: str) -> GraderConfig:
@@ -91,7 +93,8 @@ def load_grader_spec(spec: str) -> GraderConfig:
 
 @app.command(name="eval")
 def evaluate(
-    model: Optional[str] = typer.Option(None, "--model", help="HF model dir (default: embedded SmolLM2-135M-Instruct)"),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model dir, e.g. runs/<job>/model of a "
+                                        "full-weight job (default: embedded SmolLM2-135M-Instruct)"),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="peft LoRA adapter dir to apply"),
     data: Path = typer.Option(..., "--data", help="JSONL items in the job format"),
     grader: str = typer.Option(..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"),

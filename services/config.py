@@ -83,6 +83,11 @@ class AlgorithmConfig(Section):
 
 
 class LearnerConfig(Section):
+    # True: train a LoRA adapter on the frozen base (the lora_* fields). False: train every weight
+    # of the model (same optimizer, ZeRO stage and losses; ~16 bytes a parameter for bf16 weights,
+    # fp32 master copy and Adam moments, + a frozen copy of the base when algorithm.kl_coef > 0);
+    # the sync payload is then full weights and the job's output a full model directory.
+    lora: bool = True
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -103,6 +108,7 @@ class SyncConfig(Section):
     # and the workers (nccl on GPUs, gloo on CPU); file: versioned directories the workers read.
     transport: Literal["object_store", "broadcast", "file"] = "object_store"
     # lora: the adapter tensors; full: every weight (the adapter merged in), in buckets of bucket_mb.
+    # With learner.lora false it is full whenever not given (lora is then an error).
     payload: Literal["lora", "full"] = "lora"
     bucket_mb: int = Field(default=256, ge=1)
     broadcast_timeout_s: float = Field(default=600, gt=0, description="a broadcast waits this long for every rank")
@@ -159,6 +165,16 @@ class JobConfig(Section):
             raise ValueError("algorithm.tis_mask_low must be below algorithm.tis_mask_high")
         return self
 
+    @model_validator(mode="after")
+    def _full_weight_training_syncs_full_weights(self) -> "JobConfig":
+        # Without a LoRA there is no adapter to send: the payload follows unless set explicitly.
+        if not self.learner.lora and self.sync.payload != "full":
+            if "payload" in self.sync.model_fields_set:
+                raise ValueError("learner.lora=false trains full weights, which sync.payload=lora cannot carry: "
+                                 "set sync.payload=full (or leave it out)")
+            self.sync.payload = "full"
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
@@ -193,6 +209,8 @@ def _format_validation_error(source: str, err: ValidationError, prefix: str = ""
         field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"])) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown field")
+        elif e["type"] == "value_error" and not e["loc"]:  # a rule across sections: it names its fields
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

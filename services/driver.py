@@ -259,10 +259,11 @@ def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetric
                 save_checkpoint(cfg, run_dir, actors.learner, state)
                 stream.acknowledge(before_step=state.step)  # trained and now on disk
 
-    adapter_dir = Path(ray.get(actors.learner.save_adapter.remote(str(run_dir / "adapter"))))
+    output = "adapter" if cfg.learner.lora else "model"  # a peft adapter, or (full weights) a whole model dir
+    output_dir = Path(ray.get(actors.learner.save_policy.remote(str(run_dir / output))))
     summary = {"job": cfg.name, "steps": state.step, "policy_version": state.policy_version,
                "data_cursor": state.data_cursor, "samples_trained": state.samples_trained,
-               "heldout_base": state.base_heldout, "heldout_final": last_heldout, "adapter": str(adapter_dir)}
+               "heldout_base": state.base_heldout, "heldout_final": last_heldout, output: str(output_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -23,6 +23,9 @@ def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, rewa
 
     model_path = resolve_model_path(model)
     items = load_items(data)[:limit]
+    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter_dir} is a whole model (a full-weight job's output): "
+                                f"pass it as --model {adapter_dir}")
     adapter = AdapterWeights.load_pretrained(adapter_dir) if adapter_dir else None
     lora = LearnerConfig()
     if adapter is not None:  # the engine's LoRA slots must have the adapter's shape

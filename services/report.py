@@ -164,8 +164,9 @@ def summary_section(run_dir: Path) -> str:
     summary = json.loads(path.read_text())
     rows = [[name, *[(summary.get(key) or {}).get(name) for key in ("heldout_base", "heldout_final")]]
             for name in ("accuracy", "reward_mean", "count")]
+    output = "adapter" if "adapter" in summary else "model"  # a full-weight job's output is a model dir
     return (f"<p>{cell(summary.get('steps'))} steps, policy version {cell(summary.get('policy_version'))}, "
-            f"adapter {cell(summary.get('adapter'))}</p>" + html_table(["held-out", "base", "final"], rows))
+            f"{output} {cell(summary.get(output))}</p>" + html_table(["held-out", "base", "final"], rows))
 
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
