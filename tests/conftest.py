@@ -37,3 +37,15 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray on this machine for one test module, with the environment the job gives its actors."""
+    import ray
+
+    from services.job_setup import actor_env
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env()})
+    yield
+    ray.shutdown()

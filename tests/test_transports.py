@@ -17,7 +17,6 @@ from learner.learner import Learner
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
-from services.job_setup import actor_env
 from tests.test_config_data import EXAMPLE
 from tests.test_weight_sync import as_samples, mean_abs_gap
 from weight_sync.adapter import AdapterIntegrityError, AdapterWeights
@@ -148,13 +147,6 @@ class DeliversOtherVersion:
 def job_config(tiny_model_dir, engine: str = "hf"):
     return load_config(EXAMPLE, [f"model.path={tiny_model_dir}", f"rollout.engine={engine}", "learner.lora_rank=4",
                                  "learner.lora_alpha=8", "learner.learning_rate=0.05", "learner.micro_batch_size=8"])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env()})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,12 @@ from learner.learner import Learner
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
-from services.job_setup import actor_env
 from tests.test_config_data import EXAMPLE
 from weight_sync.channel import WeightSyncChannel
 
 pytestmark = pytest.mark.slow
 ENGINES = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
 SAMPLING = SamplingSettings(temperature=0.8, max_new_tokens=12)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env()})
-    yield
-    ray.shutdown()
 
 
 def mean_abs_gap(rollouts, learner_logprobs) -> float:
