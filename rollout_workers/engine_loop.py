@@ -54,11 +54,13 @@ class _Exclusive:
 
 
 class EngineLoop:
-    def __init__(self, engine: InferenceEngine, served_version: Callable[[], int],
+    def __init__(self, make_engine: Callable[[], InferenceEngine], served_version: Callable[[], int],
                  on_step: Callable[[float, list[Finished]], None] = lambda seconds, finished: None):
-        """`served_version()` is the policy version the engine serves (changed only by exclusive
+        """`make_engine()` builds the engine, on the loop thread: vLLM on CPU pins the OpenMP
+        threads of the thread that builds it, so that thread must be the one that runs it.
+        `served_version()` is the policy version the engine serves (changed only by exclusive
         calls, i.e. on this thread); `on_step(seconds, finished)` is told about every step."""
-        self.engine, self.served_version, self.on_step = engine, served_version, on_step
+        self.served_version, self.on_step = served_version, on_step
         self._inbox: queue.Queue = queue.Queue()
         self._held: list[Batch] = []  # waiting for their min_version, or for an exclusive call
         self._exclusive: _Exclusive | None = None
@@ -66,7 +68,9 @@ class EngineLoop:
         self._next_id = 0
         self._broken: Exception | None = None  # an engine step failed: the engine is not used again
         self._closed = False
-        threading.Thread(target=self._run, name="engine-loop", daemon=True).start()
+        built: Future = Future()
+        threading.Thread(target=self._run, args=(make_engine, built), name="engine-loop", daemon=True).start()
+        self.engine: InferenceEngine = built.result()  # raises what building it raised
 
     # ---- called from any thread
 
@@ -97,7 +101,13 @@ class EngineLoop:
 
     # ---- the loop thread
 
-    def _run(self) -> None:
+    def _run(self, make_engine: Callable[[], InferenceEngine], built: Future) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as error:
+            built.set_exception(error)
+            return
+        built.set_result(self.engine)
         while self._broken is not _CLOSED:
             if self._broken is not None:
                 self._refuse_all()

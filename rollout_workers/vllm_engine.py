@@ -109,6 +109,8 @@ class VLLMEngine:
 
     def _reload(self, tensors: dict[str, torch.Tensor]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
+        if current_platform.is_cpu():
+            self.llm.collective_rpc(_repack_tied_output_layer)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
@@ -141,6 +143,17 @@ class VLLMEngine:
             behaviour_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
             finish_reason="stop" if ids and ids[-1] in self.eos_ids else "length",
             text=self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _repack_tied_output_layer(worker) -> None:
+    """On CPU, vLLM packs each linear layer's weight for its matmul kernel once, at load time; a
+    reload repacks the layers it loads, but an output layer tied to the input embedding is not
+    loaded itself and would keep serving the old embedding (full-weight syncs change it)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    model = worker.model_runner.model
+    if getattr(model.config, "tie_word_embeddings", False):
+        dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
 def _load_checkpoint(model_path: str | Path, dtype: torch.dtype) -> dict:

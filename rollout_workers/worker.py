@@ -29,7 +29,6 @@ class StaleAdapterError(WeightsRefused):
 class RolloutWorker:
     def __init__(self, worker_id: str, cfg: JobConfig, model_path: str | Path, metrics: MetricsContext | None = None):
         self.worker_id = worker_id
-        self.engine = make_engine(cfg.rollout.engine, model_path, cfg)
         self.metrics = metrics and ComponentMetrics(metrics, "rollout", worker_id, counters={
             "generated_tokens": "completion tokens generated", "generated_samples": "completions generated",
             "generation_seconds": "wall time spent generating", "adapter_loads": "adapter versions loaded",
@@ -39,7 +38,9 @@ class RolloutWorker:
         self.load_seconds = 0.0  # the engine's last load
         self.drain_seconds = 0.0  # how long the last load waited for running requests to finish
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
-        self.loop = EngineLoop(self.engine, served_version=lambda: self.version, on_step=self._count)
+        self.loop = EngineLoop(lambda: make_engine(cfg.rollout.engine, model_path, cfg),
+                               served_version=lambda: self.version, on_step=self._count)
+        self.engine = self.loop.engine  # used on the loop thread only
 
     def generate_stream(self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0):
         """Yield each prompt's group of rollouts as soon as all its samples are done (a Ray
