@@ -2,7 +2,8 @@
 
 Same model (the embedded SmolLM2-135M-Instruct unless --model), same prompts, same seeded
 sampling: (a) the engine called directly in this process, (b) the same engine inside a
-RolloutWorker Ray actor reached through the RolloutScheduler, as a job uses it. Completion
+RolloutWorker Ray actor reached through the RolloutScheduler, as a job uses it; the two take
+turns, so that changes in the machine's speed during the run fall on both alike. Completion
 lengths differ between the two only by sampling noise, so tokens/s is the figure compared.
 Goal: worker / raw >= 0.95.
 
@@ -56,37 +57,35 @@ def main() -> None:
     requests = [GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
                 for item in items for k in range(args.samples)]
 
-    def tokens_per_second(generate) -> float:
-        rates = []
-        for repeat in range(args.repeats + 1):  # the first is a warm-up
-            sampling = SamplingSettings(cfg.rollout.temperature, args.max_new_tokens, seed=repeat)
-            started = time.perf_counter()
-            tokens = generate(sampling)
-            if repeat:
-                rates.append(tokens / (time.perf_counter() - started))
-        return statistics.median(rates)
-
-    def raw_engine() -> tuple[str, float]:
-        engine = make_engine(cfg.rollout.engine, model_path, cfg)  # freed on return, before the worker starts
-        return engine.name, tokens_per_second(
-            lambda s: sum(len(c.completion_ids) for c in engine.generate([r.prompt_ids for r in requests], s)))
-
-    engine_name, raw = raw_engine()
-
+    engine = make_engine(cfg.rollout.engine, model_path, cfg)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=1)})
     scheduler = RolloutScheduler(rollout_worker_factory(cfg, model_path), WeightSyncChannel(), num_workers=1)
+
+    def raw_engine(sampling) -> int:
+        return sum(len(c.completion_ids) for c in engine.generate([r.prompt_ids for r in requests], sampling))
 
     def through_worker(sampling) -> int:
         scheduler.submit("bench", requests, sampling)
         return sum(len(r.completion_ids) for r in scheduler.collect("bench"))
 
-    worker = tokens_per_second(through_worker)
+    # Alternate the two (A B B A ...) with the same seeds, so that drift in the machine's speed
+    # (other load, thermal) falls on both alike; the first round warms both up.
+    rates: dict[str, list[float]] = {"raw": [], "worker": []}
+    for repeat in range(args.repeats + 1):
+        sampling = SamplingSettings(cfg.rollout.temperature, args.max_new_tokens, seed=repeat)
+        order = [("raw", raw_engine), ("worker", through_worker)]
+        for name, generate in order if repeat % 2 else order[::-1]:
+            started = time.perf_counter()
+            tokens = generate(sampling)
+            if repeat:
+                rates[name].append(tokens / (time.perf_counter() - started))
     scheduler.shutdown()
     ray.shutdown()
-    print(f"engine {engine_name}, {len(requests)} samples x <= {args.max_new_tokens} tokens, "
-          f"median of {args.repeats}")
-    print(f"raw engine      {raw:8.1f} tok/s")
-    print(f"rollout worker  {worker:8.1f} tok/s")
+    raw, worker = (statistics.median(rates[name]) for name in ("raw", "worker"))
+    print(f"engine {engine.name}, {len(requests)} samples x <= {args.max_new_tokens} tokens, "
+          f"median of {args.repeats}, alternating")
+    print(f"raw engine      {raw:8.1f} tok/s   {[round(r) for r in rates['raw']]}")
+    print(f"rollout worker  {worker:8.1f} tok/s   {[round(r) for r in rates['worker']]}")
     print(f"ratio worker/raw {worker / raw:.3f}  (goal >= 0.95)")
 
 

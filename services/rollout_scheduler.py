@@ -148,7 +148,8 @@ class RolloutScheduler:
 
     def _add_worker(self) -> str:
         worker_id, handle = self._start_worker()
-        self.channel.catch_up(handle)  # queued ahead of any generate call on this worker
+        # Streams opened on it carry the current version as their floor: they wait for this load.
+        self.channel.catch_up(handle)
         self.workers[worker_id] = handle
         return worker_id
 

@@ -9,8 +9,8 @@ canonical object-store copy (`weights_ref`), at most `max_refetches` times, and 
 broadcast group) is re-fetched the same way, and the transport is reset. A dead worker's
 RayActorError propagates: its replacement is caught up with `catch_up`.
 
-Calls on an actor run in submission order, so a worker applies a version after any generation
-already queued on it (that generation keeps the version it started with).
+A worker loads a version once the requests it is running finish (each completion comes from one
+version); requests it holds or receives meanwhile start on the new weights.
 """
 from __future__ import annotations
 
