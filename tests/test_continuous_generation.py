@@ -11,7 +11,7 @@ from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.job_setup import rollout_worker_factory
 from services.rollout_scheduler import RolloutScheduler
-from tests.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter, model_dir  # noqa: F401 (fixture)
+from tests.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter
 from weight_sync.channel import WeightSyncChannel
 
 LONG, SHORT = SamplingSettings(1.0, max_new_tokens=96, seed=1), SamplingSettings(1.0, max_new_tokens=2, seed=2)
@@ -30,8 +30,8 @@ def drain(batch) -> list:
     return finished
 
 
-def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_requests(model_dir, request):
-    worker = RolloutWorker("w0", job_config("hf"), str(model_dir))
+def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_requests(tiny_model_dir, request):
+    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
     request.addfinalizer(worker.close)
     held = worker.loop.submit(group("later", PROMPTS[0]), SHORT, min_version=1)
     running = worker.loop.submit(group("now", PROMPTS[1]), LONG)
@@ -39,7 +39,7 @@ def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_reques
     assert {r.policy_version for r in worker.generate(group("also-now", PROMPTS[2]), SHORT)} == {0}
     assert held.groups.empty()  # still waiting for version 1
 
-    assert worker.load_adapter(make_adapter(model_dir, 1, seed=1)) == 1
+    assert worker.load_adapter(make_adapter(tiny_model_dir, 1, seed=1)) == 1
     # The load ran only after `running` had finished: all of it is back, with version 0.
     assert running.groups.qsize() == 2  # its one group, then the end marker
     assert {version for _, _, version in drain(running)} == {0}
@@ -48,8 +48,8 @@ def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_reques
 
 
 @needs_vllm
-def test_vllm_worker_returns_a_short_group_while_a_long_one_still_runs(model_dir, request):
-    worker = RolloutWorker("w0", job_config("vllm"), str(model_dir))
+def test_vllm_worker_returns_a_short_group_while_a_long_one_still_runs(tiny_model_dir, request):
+    worker = RolloutWorker("w0", job_config("vllm"), str(tiny_model_dir))
     request.addfinalizer(worker.close)  # the engine is freed with the worker
     long = worker.loop.submit(group("long", PROMPTS[0]), LONG)
     short = worker.loop.submit(group("short", PROMPTS[1]), SHORT)
@@ -61,11 +61,11 @@ def test_vllm_worker_returns_a_short_group_while_a_long_one_still_runs(model_dir
 
 
 @needs_vllm
-def test_scheduler_streams_groups_as_they_finish_through_ray(model_dir):
+def test_scheduler_streams_groups_as_they_finish_through_ray(tiny_model_dir):
     cfg = job_config("vllm").model_copy(update={"name": "stream"})
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        scheduler = RolloutScheduler(rollout_worker_factory(cfg, model_dir), WeightSyncChannel(), num_workers=1)
+        scheduler = RolloutScheduler(rollout_worker_factory(cfg, tiny_model_dir), WeightSyncChannel(), num_workers=1)
         [worker] = scheduler.workers.values()
         scheduler.submit("long", group("long", PROMPTS[0]) + group("long-2", PROMPTS[2]), LONG)
         scheduler.submit("short", group("short", PROMPTS[1]), SHORT)
@@ -80,8 +80,8 @@ def test_scheduler_streams_groups_as_they_finish_through_ray(model_dir):
         ray.shutdown()
 
 
-def test_closed_worker_fails_its_unfinished_work(model_dir):
-    worker = RolloutWorker("w0", job_config("hf"), str(model_dir))
+def test_closed_worker_fails_its_unfinished_work(tiny_model_dir):
+    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
     held = worker.loop.submit(group("never", PROMPTS[0]), SHORT, min_version=5)
     worker.close()
     with pytest.raises(RuntimeError, match="closed"):
