@@ -18,7 +18,8 @@ from rollout_workers.interface import SamplingSettings
 from services.config import ConfigError, dump_config, load_config
 from tests.test_config_data import write_config
 from tests.test_e2e import rft, write_job
-from tests.test_learner import TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy
+from tests.test_learner import (TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy,
+                                trained_one_step)
 from tests.test_transports import BF16_GAP
 from tests.test_weight_sync import mean_abs_gap
 from weight_sync.full_weights import FullWeights, full_weight_shapes
@@ -99,11 +100,7 @@ def test_engines_serve_the_trained_weights(local_ray, trained, tiny_model_dir, e
 
 
 def test_checkpoint_restores_weights_and_optimizer(tiny_model_dir, tmp_path):
-    samples = make_samples([1.0, -1.0, 0.5])
-    batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
-    original = Learner(full_config(), str(tiny_model_dir))
-    on_policy(original, samples)
-    original.train_step(batch)
+    original, samples, batch = trained_one_step(full_config(), tiny_model_dir)
     original.save_checkpoint(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "adapter").exists()  # the weights are in the engine's state
 

@@ -42,6 +42,16 @@ def on_policy(learner: Learner, samples: list[TrainSample]) -> list[TrainSample]
     return samples
 
 
+def trained_one_step(cfg, model_dir) -> tuple[Learner, list[TrainSample], TrainBatch]:
+    """A learner after one on-policy step; its samples and batch."""
+    samples = make_samples([1.0, -1.0, 0.5])
+    batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
+    learner = Learner(cfg, str(model_dir))
+    on_policy(learner, samples)
+    learner.train_step(batch)
+    return learner, samples, batch
+
+
 def hf_logprobs(model, samples: list[TrainSample]) -> list[list[float]]:
     """Reference: each sequence alone, unpadded, through a plain forward pass."""
     scores = []
@@ -158,11 +168,7 @@ def test_exported_adapter_loads_in_peft(tiny_model_dir, tmp_path, dtype):
 
 
 def test_checkpoint_restores_adapter_optimizer_and_version(tiny_model_dir, tmp_path):
-    samples = make_samples([1.0, -1.0, 0.5])
-    batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
-    original = Learner(job_config(), str(tiny_model_dir))
-    on_policy(original, samples)
-    original.train_step(batch)
+    original, samples, batch = trained_one_step(job_config(), tiny_model_dir)
     original.save_checkpoint(tmp_path / "ckpt")  # twice: replacing an existing checkpoint works
     original.save_checkpoint(tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging leftovers

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import threading
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -73,14 +72,15 @@ def assert_trained_exactly_once(cfg, inputs, records):
 def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp_path, tiny_model_dir):
     killed = []
 
-    def kill_rollout_worker_soon():
-        # The step's generate call is submitted right after this returns: the kill lands while it
-        # is queued or running on the worker, i.e. in flight from the driver's view.
+    def kill_rollout_worker():
+        # Step 2's prompts are submitted right after this returns, one group to each worker: the
+        # dead worker's group is in flight from the driver's view (and so may be the step-1 group
+        # it generated but the driver has not taken yet).
         killed.append(actor_pid("e2e-rollout-0"))
-        threading.Timer(0.2, os.kill, (killed[0], signal.SIGKILL)).start()
+        os.kill(killed[0], signal.SIGKILL)
 
     cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir,
-                                        ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker_soon}))
+                                        ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker}))
     assert killed
     assert_trained_exactly_once(cfg, inputs, records)
     replaced = sum(m.get("rollout_workers_replaced_count", 0) for m in metrics)
