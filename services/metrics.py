@@ -27,7 +27,8 @@ GAUGES = {
     "reward_std": "standard deviation of the step's rewards",
     "heldout_accuracy": "greedy held-out accuracy (share of items with full reward)",
     "heldout_reward_mean": "greedy held-out mean reward",
-    "rollout_tokens_per_second": "completion tokens generated per second of generation wall time",
+    "rollout_tokens_per_second": "the step's completion tokens over its generation_seconds (a lower bound "
+                                 "while later steps overlap; rft_rollout_generated_tokens_total is the engines' rate)",
     "learner_step_seconds": "wall time of the learner's optimizer step",
     "weight_sync_seconds": "time the slowest rollout worker spent loading the new adapter",
     "is_weight_mean": "mean truncated importance weight",
