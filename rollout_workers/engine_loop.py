@@ -109,15 +109,18 @@ class EngineLoop:
             return
         built.set_result(self.engine)
         while self._broken is not _CLOSED:
-            if self._broken is not None:
-                self._refuse_all()
-                continue
-            self._take_inbox(block=not self.engine.has_unfinished())
-            if self._exclusive is not None and not self.engine.has_unfinished():
-                self._run_exclusive()
-                continue
-            if self.engine.has_unfinished():
-                self._step()
+            try:
+                if self._broken is not None:
+                    self._refuse_all()
+                    continue
+                self._take_inbox(block=not self.engine.has_unfinished())
+                if self._exclusive is not None and not self.engine.has_unfinished():
+                    self._run_exclusive()
+                elif self.engine.has_unfinished():
+                    self._step()
+            except Exception as error:  # e.g. an engine step failed: all work given here fails
+                log.exception("rollout engine failed; this worker takes no more work")
+                self._broken = error
 
     def _take_inbox(self, block: bool) -> None:
         """Take submitted work in order, up to the first exclusive call (which must wait)."""
@@ -180,12 +183,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        try:
-            finished = self.engine.step()
-        except Exception as error:  # the engine failed: so does all work given to this worker
-            log.exception("engine step failed; this worker takes no more work")
-            self._broken = error
-            return
+        finished = self.engine.step()
         done = []
         for request_id, completion in finished:
             batch, request, version = self._running.pop(request_id)

@@ -87,3 +87,13 @@ def test_closed_worker_fails_its_unfinished_work(tiny_model_dir):
     with pytest.raises(RuntimeError, match="closed"):
         list(worker.generate_stream(group("after", PROMPTS[1]), SHORT))
     assert isinstance(held.groups.get(), RuntimeError)
+
+
+def test_engine_failure_fails_the_work_instead_of_hanging(tiny_model_dir):
+    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
+    out_of_vocabulary = [GenerationRequest("bad", 0, [10**9])]  # a real fault inside the engine
+    with pytest.raises(IndexError):
+        list(worker.generate_stream(out_of_vocabulary, SHORT))
+    with pytest.raises(IndexError):  # the engine's state is unknown now: the worker takes no more work
+        worker.generate(group("after", PROMPTS[1]), SHORT)
+    worker.close()
