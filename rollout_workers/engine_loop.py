@@ -141,19 +141,23 @@ class EngineLoop:
                 self._start_ready()
 
     def _refuse_all(self) -> None:
-        """Fail the work held and running, and (unless closed) the next item to arrive."""
+        """Fail the work held and running, then (unless closed) wait for the next item and fail it."""
         held, self._held = self._held, []
         running = {id(batch): batch for batch, _, _ in self._running.values()}
         self._running.clear()
-        upcoming = [] if self._broken is _CLOSED else [self._inbox.get()]
-        for item in [*held, *running.values(), self._exclusive, *upcoming]:
-            if isinstance(item, Batch):
-                item.groups.put(self._broken)
-            elif isinstance(item, _Exclusive):
-                item.result.set_exception(self._broken)
-            elif item is _CLOSED:
-                self._broken = _CLOSED
-        self._exclusive = None
+        exclusive, self._exclusive = self._exclusive, None
+        for item in [*held, *running.values(), exclusive]:
+            self._refuse(item)
+        if self._broken is not _CLOSED:
+            self._refuse(self._inbox.get())
+
+    def _refuse(self, item) -> None:
+        if isinstance(item, Batch):
+            item.groups.put(self._broken)
+        elif isinstance(item, _Exclusive):
+            item.result.set_exception(self._broken)
+        elif item is _CLOSED:
+            self._broken = _CLOSED
 
     def _run_exclusive(self) -> None:
         call, self._exclusive = self._exclusive, None
