@@ -62,7 +62,7 @@ def main() -> None:
     from reward_workers.grader_spec import PythonGrader
     from reward_workers.pool import RewardPool, grader_sample
     from reward_workers.sandbox import GraderSandbox, runner_spec
-    from services.config import RewardConfig
+    from reward_workers.config import RewardConfig
 
     cores = os.cpu_count()
     reward_cfg = RewardConfig(grader=PythonGrader(source=TRIVIAL_GRADER, name="trivial"))

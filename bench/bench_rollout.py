@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from services.job_setup import actor_env
+    from services.orchestrator.setup import actor_env
     # One process computes at a time here (the raw engine, then the worker): give each the same threads.
     for name, value in actor_env(heavy_actors=1).items():
         os.environ.setdefault(name, value)
@@ -41,10 +41,10 @@ def main() -> None:
     from rollout_workers.engines import make_engine
     from rollout_workers.interface import GenerationRequest, SamplingSettings
     from services.config import load_config
-    from services.data import load_items, prompt_token_ids
-    from services.job_setup import rollout_worker_factory
-    from services.model_store import resolve_model_path
-    from services.rollout_scheduler import RolloutScheduler
+    from services.orchestrator.data import load_items, prompt_token_ids
+    from services.orchestrator.setup import rollout_worker_factory
+    from core.model_store import resolve_model_path
+    from services.orchestrator.rollout_scheduler import RolloutScheduler
     from weight_sync.channel import WeightSyncChannel
     from transformers import AutoTokenizer
 
@@ -57,7 +57,7 @@ def main() -> None:
     requests = [GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
                 for item in items for k in range(args.samples)]
 
-    engine = make_engine(cfg.rollout.engine, model_path, cfg)
+    engine = make_engine(cfg.rollout, cfg.engine_spec(model_path))
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=1)})
     scheduler = RolloutScheduler(rollout_worker_factory(cfg, model_path), WeightSyncChannel(), num_workers=1)
 

@@ -57,8 +57,8 @@ def main() -> None:
     from learner.learner import Learner
     from rollout_workers.worker import RolloutWorker
     from services.config import load_config
-    from services.job_setup import actor_env
-    from services.model_store import ensure_default_model
+    from services.orchestrator.setup import actor_env
+    from core.model_store import ensure_default_model
     from weight_sync.channel import WeightSyncChannel
     from weight_sync.transports import make_transport
 
@@ -67,7 +67,7 @@ def main() -> None:
     cfg = load_config(root / "examples" / "arithmetic.yaml", [f"model.path={model_path}", f"rollout.engine={args.engine}"])
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=2)})
     try:
-        learner = ray.remote(Learner).remote(cfg, model_path)
+        learner = ray.remote(Learner).remote(model_path, **cfg.learner_kwargs())
         worker = ray.remote(RolloutWorker).remote("w0", cfg, model_path)
         engine = ray.get(worker.engine_name.remote())
         vocab = ray.get(learner.run_weight_sync.remote(lambda actor: actor.model.config.vocab_size))

@@ -29,9 +29,9 @@ class StepStats:
     grad_norm: float
     is_weight_mean: float
     is_weight_max: float
-    is_truncated_frac: float
+    is_truncated_fraction: float
     mismatch_kl: float  # KL(μ || π_old) estimated on the sampled tokens
-    clip_frac: float
+    clip_fraction: float
     entropy: float
     kl_ref: float
     tokens: int

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,13 @@ from learner.checkpoint import load_engine_checkpoint, save_engine_checkpoint, s
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
-from services.component_metrics import ComponentMetrics, MetricsContext
-from services.config import JobConfig
+from core.net import free_port
+from core.telemetry import ComponentMetrics, MetricsContext
+from learner.config import AlgorithmConfig, LearnerConfig
 from weight_sync.adapter import AdapterWeights
 from weight_sync.full_weights import FullWeights, base_parameters
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init_distributed() -> Any:
@@ -49,7 +43,7 @@ def _init_distributed() -> Any:
         # Alone: a fresh port every time. A MASTER_PORT inherited from a parent process (Ray
         # workers inherit the driver's environment) may be held by that parent's own group.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -57,18 +51,19 @@ def _init_distributed() -> Any:
 
 
 class Learner:
-    def __init__(self, cfg: JobConfig, model_path: str, metrics: MetricsContext | None = None):
+    def __init__(self, model_path: str, *, learner: LearnerConfig, algorithm: AlgorithmConfig,
+                 dtype: str = "bfloat16", seed: int = 0, metrics: MetricsContext | None = None):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        dtype = getattr(torch, cfg.model.dtype)
-        if cfg.learner.zero_stage == 0 and dtype == torch.float32:
+        dtype = getattr(torch, dtype)
+        if learner.zero_stage == 0 and dtype == torch.float32:
             # DeepSpeed's plain fp32 optimizer applies non-finite gradients; every ZeRO stage and
             # its bf16 optimizer skip such a step, which train_step relies on.
             raise ValueError("learner.zero_stage=0 with model.dtype=float32 cannot skip non-finite steps; "
                              "use zero_stage >= 1 or bfloat16")
         self.deepspeed = _init_distributed()
-        self.cfg = cfg
+        self.settings, self.algorithm = learner, algorithm
         self.policy_version = 0
         self.metrics = metrics and ComponentMetrics(metrics, "learner", "learner", counters={
             "steps": "optimizer steps taken", "skipped_steps": "steps skipped for non-finite numbers",
@@ -76,33 +71,30 @@ class Learner:
         }, gauges={"policy_version": "policy version after the last step"})
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
         self.model_path = model_path
-        self.lora = cfg.learner.lora
-        lora = cfg.learner
+        self.lora = learner.lora
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         # π_ref, when the loss has a KL term: a LoRA learner switches its adapter off; a full-weight
         # learner keeps a frozen copy of the base model (one more copy of the weights in memory).
         self.reference: torch.nn.Module | None = None
         if self.lora:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)  # the adapter's random init is the job's, not the process's
-                self.model = get_peft_model(self.model, LoraConfig(
-                    r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                    target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM"))
-        elif cfg.algorithm.kl_coef > 0:
+                torch.manual_seed(seed)  # the adapter's random init is the job's, not the process's
+                self.model = get_peft_model(self.model, LoraConfig(**learner.lora_shape.peft_kwargs()))
+        elif algorithm.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).requires_grad_(False).eval()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # gradient_accumulation_steps stays 1: batches vary in size, so train_step marks the
         # last micro-batch as the accumulation boundary itself, and steps once per batch.
         ds_config = {
-            "train_micro_batch_size_per_gpu": lora.micro_batch_size,
+            "train_micro_batch_size_per_gpu": learner.micro_batch_size,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": lora.grad_clip,
-            "zero_optimization": {"stage": lora.zero_stage},
+            "gradient_clipping": learner.grad_clip,
+            "zero_optimization": {"stage": learner.zero_stage},
             "bf16": {"enabled": dtype == torch.bfloat16},
             # torch_adam: no fused-Adam JIT build (~65 s on CPU); for a few MB of LoRA weights it
             # would not pay, and full weights train with the same optimizer.
             "optimizer": {"type": "AdamW", "params": {
-                "lr": lora.learning_rate, "weight_decay": lora.weight_decay, "torch_adam": True}},
+                "lr": learner.learning_rate, "weight_decay": learner.weight_decay, "torch_adam": True}},
         }
         self.engine, *_ = self.deepspeed.initialize(
             model=self.model, model_parameters=self.trainable, config=ds_config)
@@ -112,7 +104,7 @@ class Learner:
     # ---- log-probs -------------------------------------------------------------------------
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
-        size = self.cfg.learner.micro_batch_size
+        size = self.settings.micro_batch_size
         return [samples[i:i + size] for i in range(0, len(samples), size)]
 
     def _logprobs(self, samples: list[TrainSample], temperature: float):
@@ -167,7 +159,7 @@ class Learner:
             return self._skipped_stats(batch.step, tokens, started)
 
         # Token-mean over the whole batch: every micro-batch divides by the batch's count.
-        denominator = tokens if self.cfg.algorithm.loss_aggregation == "token_mean" else len(samples)
+        denominator = tokens if self.algorithm.loss_aggregation == "token_mean" else len(samples)
         old, mask, entropy, ref = self._backward(batch, behaviour, advantages, denominator)
         self.engine.step()
         # DeepSpeed's optimizers skip a step whose gradient norm is not finite and zero the grads.
@@ -177,7 +169,7 @@ class Learner:
 
         # Reported numbers come from one call over the whole batch (detached, elementwise work),
         # so they need no re-weighting across micro-batches; its loss equals their sum.
-        loss, metrics = policy_loss(old, old, behaviour, ref, advantages, mask, self.cfg.algorithm)
+        loss, metrics = policy_loss(old, old, behaviour, ref, advantages, mask, self.algorithm)
         return StepStats(
             step=batch.step, policy_version=self.policy_version, loss=loss.item(),
             grad_norm=float(self.engine.get_global_grad_norm()), entropy=entropy[mask].mean().item(),
@@ -189,7 +181,7 @@ class Learner:
         Returns the whole batch's (old_logprobs, mask, entropy, ref_logprobs | None) on CPU,
         detached and padded to the batch's longest completion, for the step's metrics.
         """
-        algo = self.cfg.algorithm
+        algo = self.algorithm
         device = self.engine.device
         self.engine.train()
         chunks = self._micro_batches(batch.samples)
@@ -217,7 +209,7 @@ class Learner:
         nan = math.nan
         return StepStats(
             step=step, policy_version=self.policy_version, loss=nan, grad_norm=nan, is_weight_mean=nan,
-            is_weight_max=nan, is_truncated_frac=nan, mismatch_kl=nan, clip_frac=nan, entropy=nan,
+            is_weight_max=nan, is_truncated_fraction=nan, mismatch_kl=nan, clip_fraction=nan, entropy=nan,
             kl_ref=nan, tokens=tokens, step_seconds=time.perf_counter() - started, skipped=True,
             extra={"non_finite_inputs": 1.0})
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.config import AlgorithmConfig
+from learner.config import AlgorithmConfig
 
 
 def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
@@ -78,9 +78,9 @@ def policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, behaviour_logprobs: 
     with the whole batch's when this call sees only one micro-batch of it; the micro-batch
     losses then sum to the batch loss.
 
-    Metrics (over valid tokens): is_weight_mean/max; is_truncated_frac = tokens whose weight hit
+    Metrics (over valid tokens): is_weight_mean/max; is_truncated_fraction = tokens whose weight hit
     the cap (sequence_mask: fraction of sequences dropped); mismatch_kl = k3 estimate of
-    KL(μ || π_old) on the sampled tokens; clip_frac = tokens where the clipped branch is the
+    KL(μ || π_old) on the sampled tokens; clip_fraction = tokens where the clipped branch is the
     minimum (its gradient is zero); kl_ref = k3 estimate of KL(π_θ || π_ref) (0 without ref).
     """
     mask = mask.bool()
@@ -117,9 +117,9 @@ def policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, behaviour_logprobs: 
         metrics = {
             "is_weight_mean": _token_mean(weights, mask),
             "is_weight_max": weights[mask].max().item() if mask.any() else 0.0,
-            "is_truncated_frac": truncated,
+            "is_truncated_fraction": truncated,
             "mismatch_kl": _token_mean(k3(torch.where(mask, old_logprobs - behaviour_logprobs, 0.0)), mask),
-            "clip_frac": _token_mean(clipped < unclipped, mask),
+            "clip_fraction": _token_mean(clipped < unclipped, mask),
             "kl_ref": _token_mean(kl_ref, mask) if kl_ref is not None else 0.0,
         }
     return loss, metrics

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from core.config import ConfigError
 from reward_workers.graders import formula
 
 SAMPLE_TEXT = "{{sample.output_text}}"
@@ -235,3 +236,11 @@ def resolve_source_paths(raw: Any, base_dir: Path) -> None:
     if raw.get("type") == "multi" and isinstance(raw.get("graders"), dict):
         for sub in raw["graders"].values():
             resolve_source_paths(sub, base_dir)
+
+
+def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
+    """Refuse, at job start, a grader that validates but cannot run: a missing python file.
+    Raises ConfigError naming the field."""
+    for path, spec in walk(grader, where):
+        if isinstance(spec, PythonGrader) and not spec.is_inline and not Path(spec.source).is_file():
+            raise ConfigError(f"{path}.source: {spec.source} not found")

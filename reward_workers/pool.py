@@ -15,12 +15,12 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError
 
-from reward_workers.grader_spec import MultiGrader
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import GraderConfig, MultiGrader, check_grader
 from reward_workers.interface import ScoredRollout
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
-from services.component_metrics import ComponentMetrics, MetricsContext
-from services.config import GraderConfig, RewardConfig, check_grader
+from core.telemetry import ComponentMetrics, MetricsContext
 
 log = logging.getLogger(__name__)
 

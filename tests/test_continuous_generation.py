@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import ray
 
+from tests.conftest import worker_settings
 from rollout_workers.engine_loop import END
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
-from services.job_setup import rollout_worker_factory
-from services.rollout_scheduler import RolloutScheduler
+from services.orchestrator.setup import rollout_worker_factory
+from services.orchestrator.rollout_scheduler import RolloutScheduler
 from tests.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter
 from weight_sync.channel import WeightSyncChannel
 
@@ -31,7 +32,7 @@ def drain(batch) -> list:
 
 
 def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_requests(tiny_model_dir, request):
-    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
+    worker = RolloutWorker("w0", *worker_settings(job_config("hf"), tiny_model_dir))
     request.addfinalizer(worker.close)
     held = worker.loop.submit(group("later", PROMPTS[0]), SHORT, min_version=1)
     running = worker.loop.submit(group("now", PROMPTS[1]), LONG)
@@ -39,7 +40,7 @@ def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_reques
     assert {r.policy_version for r in worker.generate(group("also-now", PROMPTS[2]), SHORT)} == {0}
     assert held.groups.empty()  # still waiting for version 1
 
-    assert worker.load_adapter(make_adapter(tiny_model_dir, 1, seed=1)) == 1
+    assert worker.load_weights(make_adapter(tiny_model_dir, 1, seed=1)) == 1
     # The load ran only after `running` had finished: all of it is back, with version 0.
     assert running.groups.qsize() == 2  # its one group, then the end marker
     assert {version for _, _, version in drain(running)} == {0}
@@ -49,7 +50,7 @@ def test_batch_needing_a_newer_version_waits_and_a_load_waits_for_running_reques
 
 @needs_vllm
 def test_vllm_worker_returns_a_short_group_while_a_long_one_still_runs(tiny_model_dir, request):
-    worker = RolloutWorker("w0", job_config("vllm"), str(tiny_model_dir))
+    worker = RolloutWorker("w0", *worker_settings(job_config("vllm"), tiny_model_dir))
     request.addfinalizer(worker.close)  # the engine is freed with the worker
     long = worker.loop.submit(group("long", PROMPTS[0]), LONG)
     short = worker.loop.submit(group("short", PROMPTS[1]), SHORT)
@@ -81,7 +82,7 @@ def test_scheduler_streams_groups_as_they_finish_through_ray(tiny_model_dir):
 
 
 def test_closed_worker_fails_its_unfinished_work(tiny_model_dir):
-    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
+    worker = RolloutWorker("w0", *worker_settings(job_config("hf"), tiny_model_dir))
     held = worker.loop.submit(group("never", PROMPTS[0]), SHORT, min_version=5)
     worker.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -90,7 +91,7 @@ def test_closed_worker_fails_its_unfinished_work(tiny_model_dir):
 
 
 def test_engine_failure_fails_the_work_instead_of_hanging(tiny_model_dir):
-    worker = RolloutWorker("w0", job_config("hf"), str(tiny_model_dir))
+    worker = RolloutWorker("w0", *worker_settings(job_config("hf"), tiny_model_dir))
     out_of_vocabulary = [GenerationRequest("bad", 0, [10**9])]  # a real fault inside the engine
     with pytest.raises(IndexError):
         list(worker.generate_stream(out_of_vocabulary, SHORT))

@@ -10,8 +10,8 @@ import signal
 import pytest
 import ray
 
-from services.driver import TrainingDivergedError
-from services.registry import SUCCEEDED, open_registry
+from services.orchestrator.driver import TrainingDivergedError
+from services.jobs.registry import SUCCEEDED, open_registry
 from tests.redis_server import RedisServer
 from tests.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
 

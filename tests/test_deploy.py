@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from services.config import JobConfig, MetricsConfig
-from services.metrics import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, TARGETS_FILE, RunMetrics, advertised_host
+from services.orchestrator.metrics import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, TARGETS_FILE, RunMetrics, advertised_host
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

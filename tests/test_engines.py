@@ -14,15 +14,18 @@ import sys
 import pytest
 import torch
 
-from rollout_workers.engines import lora_config_kwargs, make_engine
+from tests.conftest import worker_settings
+from rollout_workers.engines import make_engine
 from rollout_workers.hf_engine import HFEngine
 from rollout_workers.interface import GenerationRequest, SamplingSettings
-from rollout_workers.worker import RolloutWorker, StaleAdapterError
-from services.config import JobConfig, LearnerConfig
-from weight_sync.adapter import AdapterIntegrityError, AdapterWeights
+from rollout_workers.worker import RolloutWorker, StaleWeightsError
+from learner.config import LearnerConfig
+from services.config import JobConfig
+from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-LORA = LearnerConfig(lora_rank=8, lora_alpha=16)
+LEARNER = LearnerConfig(lora_rank=8, lora_alpha=16)
+LORA = LEARNER.lora_shape
 # Max |engine - reference| per token, measured on the tiny model (both engines, with and without
 # LoRA): fp32 <= 2e-6; bf16 <= 6e-3 (incremental KV-cached decode vs one full forward).
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
@@ -82,7 +85,7 @@ def reference_models(model_dir):
 
 def peft_model(model_dir, dtype: str):
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(load_hf(model_dir, dtype), LoraConfig(**lora_config_kwargs(LORA))).eval()
+    return get_peft_model(load_hf(model_dir, dtype), LoraConfig(**LORA.peft_kwargs())).eval()
 
 
 def make_adapter(model_dir, version: int, seed: int | None) -> AdapterWeights:
@@ -189,18 +192,20 @@ def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir, refere
 def job_config(engine: str) -> JobConfig:
     return JobConfig.model_validate({
         "data": {"train": "unused.jsonl"}, "reward": {"grader": {"source": "unused.py"}},
-        "model": {"dtype": "float32"}, "rollout": {"engine": engine}, "learner": LORA.model_dump()})
+        "model": {"dtype": "float32"}, "rollout": {"engine": engine}, "learner": LEARNER.model_dump()})
 
 
 def test_auto_engine_falls_back_to_hf_without_vllm(model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "rollout_workers.vllm_engine", None)  # import now fails
-    assert make_engine("auto", model_dir, job_config("auto")).name == "hf"
+    cfg = job_config("auto")
+    assert make_engine(cfg.rollout, cfg.engine_spec(model_dir)).name == "hf"
+    cfg = job_config("vllm")
     with pytest.raises(ImportError):
-        make_engine("vllm", model_dir, job_config("vllm"))
+        make_engine(cfg.rollout, cfg.engine_spec(model_dir))
 
 
 def test_worker_tags_rollouts_and_refuses_bad_adapters(model_dir):
-    worker = RolloutWorker("w0", job_config("hf"), str(model_dir))
+    worker = RolloutWorker("w0", *worker_settings(job_config("hf"), model_dir))
     assert worker.ping() == "w0" and worker.engine_name() == "hf" and worker.policy_version() == 0
     requests = [GenerationRequest("p7", i, PROMPTS[1]) for i in range(3)]
     sampling = SamplingSettings(1.0, max_new_tokens=6, seed=0)
@@ -212,13 +217,13 @@ def test_worker_tags_rollouts_and_refuses_bad_adapters(model_dir):
     corrupted = make_adapter(model_dir, 3, seed=1)
     name = next(iter(corrupted.tensors))
     corrupted.tensors[name] = corrupted.tensors[name] + 1e-3
-    with pytest.raises(AdapterIntegrityError):
-        worker.load_adapter(corrupted)
+    with pytest.raises(WeightsIntegrityError):
+        worker.load_weights(corrupted)
     assert worker.policy_version() == 0
 
-    assert worker.load_adapter(adapter) == 2
+    assert worker.load_weights(adapter) == 2
     assert {r.policy_version for r in worker.generate(requests, sampling)} == {2}
     for stale_version in (1, 2):
-        with pytest.raises(StaleAdapterError):
-            worker.load_adapter(make_adapter(model_dir, stale_version, seed=4))
+        with pytest.raises(StaleWeightsError):
+            worker.load_weights(make_adapter(model_dir, stale_version, seed=4))
     assert worker.policy_version() == 2

@@ -15,7 +15,8 @@ from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
 from rollout_workers.engines import make_engine
 from rollout_workers.interface import SamplingSettings
-from services.config import ConfigError, dump_config, load_config
+from core.config import ConfigError
+from services.config import dump_config, load_config
 from tests.test_config_data import write_config
 from tests.test_e2e import rft, write_job
 from tests.test_learner import (TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy,
@@ -38,7 +39,7 @@ def full_config(**settings):
 def trained(tiny_model_dir):
     """A full-weight learner with a KL term (so it holds a frozen base copy), after one step; and
     its weights before it."""
-    learner = Learner(full_config(kl_coef=0.01), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **full_config(kl_coef=0.01).learner_kwargs())
     base = learner.export_full_weights()
     samples = on_policy(learner, make_samples([1.0, -1.0, 0.5]))
     stats = learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
@@ -71,7 +72,7 @@ def test_reference_is_a_frozen_base_copy_only_with_a_kl_term(trained, tiny_model
     assert all(not p.requires_grad for p in learner.reference.parameters())
     reference = {name: p for name, p in learner.reference.named_parameters()}
     assert all(torch.equal(reference[name], tensor) for name, tensor in base.tensors.items())
-    assert Learner(full_config(), str(tiny_model_dir)).reference is None  # kl_coef = 0: no copy
+    assert Learner(str(tiny_model_dir), **full_config().learner_kwargs()).reference is None  # kl_coef = 0: no copy
     # The policy moved away from π_ref: the KL term is live (first step: π = π_ref, so 0 there).
     stats = learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
     assert not stats.skipped and stats.kl_ref > 0
@@ -82,7 +83,7 @@ def test_reference_is_a_frozen_base_copy_only_with_a_kl_term(trained, tiny_model
 @ray.remote(max_calls=1)
 def generate_before_and_after_load(engine_name: str, model_dir, cfg, weights: FullWeights):
     """The engine's completions of PROMPTS on the base model, then after loading `weights`."""
-    engine = make_engine(engine_name, model_dir, cfg)
+    engine = make_engine(cfg.rollout, cfg.engine_spec(model_dir))
     before = engine.generate(PROMPTS, SAMPLING)
     engine.load_full_weights(weights)
     return before, engine.generate(PROMPTS, SAMPLING)
@@ -104,7 +105,7 @@ def test_checkpoint_restores_weights_and_optimizer(tiny_model_dir, tmp_path):
     original.save_checkpoint(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "adapter").exists()  # the weights are in the engine's state
 
-    restored = Learner(full_config(), str(tiny_model_dir))
+    restored = Learner(str(tiny_model_dir), **full_config().learner_kwargs())
     restored.load_checkpoint(tmp_path / "ckpt")
     assert restored.policy_version == original.policy_version == 1
     assert restored.export_full_weights().sha256 == original.export_full_weights().sha256

@@ -14,7 +14,9 @@ from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
-from services.config import ConfigError, RewardConfig, load_config
+from core.config import ConfigError
+from reward_workers.config import RewardConfig
+from services.config import load_config
 
 LIMITS = dict(timeout_s=20.0, cpu_s=5, memory_mb=1024)
 
@@ -373,7 +375,7 @@ def test_formula_arithmetic():
 
 
 def test_hack_rate_reaches_the_metrics(tmp_path):
-    from services.metrics import RunMetrics
+    from services.orchestrator.metrics import RunMetrics
 
     metrics = RunMetrics("job", tmp_path / "run", port=0)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from reward_workers.sandbox import GraderSandbox
-from services.config import RewardConfig
+from reward_workers.config import RewardConfig
 
 pytestmark = pytest.mark.slow
 

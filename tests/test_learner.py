@@ -46,7 +46,7 @@ def trained_one_step(cfg, model_dir) -> tuple[Learner, list[TrainSample], TrainB
     """A learner after one on-policy step; its samples and batch."""
     samples = make_samples([1.0, -1.0, 0.5])
     batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
-    learner = Learner(cfg, str(model_dir))
+    learner = Learner(str(model_dir), **cfg.learner_kwargs())
     on_policy(learner, samples)
     learner.train_step(batch)
     return learner, samples, batch
@@ -79,14 +79,14 @@ TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-5}
 def test_score_matches_hf_before_training(tiny_model_dir, dtype):
     from transformers import AutoModelForCausalLM
 
-    learner = Learner(job_config(dtype), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **job_config(dtype).learner_kwargs())
     samples = make_samples([0.0] * 5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype))
     assert max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(base, samples)) < TOLERANCE[dtype]
 
 
 def test_train_step_follows_advantages(tiny_model_dir):
-    learner = Learner(job_config(kl_coef=0.01), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **job_config(kl_coef=0.01).learner_kwargs())
     samples = on_policy(learner, make_samples([1.0, -1.0], shared_prompt=True))
     before = [sum(x) for x in learner.score(samples, TEMPERATURE)]
 
@@ -99,7 +99,7 @@ def test_train_step_follows_advantages(tiny_model_dir):
     # Behaviour = the learner's own log-probs: no mismatch, unit weights, nothing clipped, and
     # the adapter starts as a no-op, so π_θ = π_ref exactly.
     assert stats.mismatch_kl == pytest.approx(0, abs=1e-6) and stats.is_weight_mean == pytest.approx(1, abs=1e-5)
-    assert stats.clip_frac == 0 and stats.kl_ref == 0 and stats.entropy > 0
+    assert stats.clip_fraction == 0 and stats.kl_ref == 0 and stats.entropy > 0
 
     stats = learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
     assert stats.kl_ref > 0 and stats.mismatch_kl > 0 and stats.policy_version == 2
@@ -129,7 +129,7 @@ def test_micro_batches_accumulate_to_one_batch_step(tiny_model_dir):
     results = []
     for micro_batch_size in (1, 4):
         cfg = job_config("float32", micro_batch_size=micro_batch_size)
-        learner = Learner(cfg, str(tiny_model_dir))
+        learner = Learner(str(tiny_model_dir), **cfg.learner_kwargs())
         initial = learner.export_adapter()
         stats = learner.train_step(TrainBatch(step=0, samples=on_policy(learner, samples), temperature=TEMPERATURE))
         results.append((stats, learner.export_adapter().tensors))
@@ -148,7 +148,7 @@ def test_exported_adapter_loads_in_peft(tiny_model_dir, tmp_path, dtype):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    learner = Learner(job_config(dtype), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **job_config(dtype).learner_kwargs())
     samples = on_policy(learner, make_samples([1.0, -1.0, 0.5]))
     learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
     adapter = learner.export_adapter()
@@ -173,7 +173,7 @@ def test_checkpoint_restores_adapter_optimizer_and_version(tiny_model_dir, tmp_p
     original.save_checkpoint(tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging leftovers
 
-    restored = Learner(job_config(), str(tiny_model_dir))
+    restored = Learner(str(tiny_model_dir), **job_config().learner_kwargs())
     restored.load_checkpoint(tmp_path / "ckpt")
     assert restored.policy_version == original.policy_version == 1
     assert restored.export_adapter().sha256 == original.export_adapter().sha256
@@ -185,7 +185,7 @@ def test_checkpoint_restores_adapter_optimizer_and_version(tiny_model_dir, tmp_p
 
 
 def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
-    learner = Learner(job_config(), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **job_config().learner_kwargs())
     samples = on_policy(learner, make_samples([1.0, -1.0]))
     checksum = learner.export_adapter().sha256
 
@@ -214,7 +214,7 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_other_zero_stages_train_and_export(tiny_model_dir, stage):
-    learner = Learner(job_config(zero_stage=stage), str(tiny_model_dir))
+    learner = Learner(str(tiny_model_dir), **job_config(zero_stage=stage).learner_kwargs())
     samples = on_policy(learner, make_samples([1.0, -1.0]))
     initial = learner.export_adapter()
     stats = learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
@@ -228,4 +228,4 @@ def test_other_zero_stages_train_and_export(tiny_model_dir, stage):
 
 def test_zero_stage_0_float32_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="zero_stage"):
-        Learner(job_config("float32", zero_stage=0), str(tiny_model_dir))
+        Learner(str(tiny_model_dir), **job_config("float32", zero_stage=0).learner_kwargs())

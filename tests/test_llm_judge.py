@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from reward_workers.graders.llm_judge import parse_score
 from reward_workers.sandbox import GraderSandbox
-from services.config import RewardConfig, check_grader
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import check_grader
 
 LIMITS = dict(timeout_s=20.0, cpu_s=5, memory_mb=1024)
 ITEM = {"id": "q", "prompt": "Name the capital of France.", "reference_answer": "Paris"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from learner.losses import group_advantages, policy_loss
-from services.config import AlgorithmConfig
+from learner.config import AlgorithmConfig
 
 LENGTHS = [5, 3, 7, 1, 4, 6]  # valid completion tokens per sequence; the rest is padding
 WIDTH = 8
@@ -54,8 +54,8 @@ def reference(new, old, mu, ref, adv, lengths, cfg):
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     metrics = {
         "is_weight_mean": mean(weights_all), "is_weight_max": max(weights_all),
-        "is_truncated_frac": mean(truncated) if truncated else 0.0, "mismatch_kl": mean(mismatch),
-        "clip_frac": mean(clipped), "kl_ref": mean(kl_ref) if kl_ref else 0.0,
+        "is_truncated_fraction": mean(truncated) if truncated else 0.0, "mismatch_kl": mean(mismatch),
+        "clip_fraction": mean(clipped), "kl_ref": mean(kl_ref) if kl_ref else 0.0,
     }
     return loss, metrics
 
@@ -99,9 +99,9 @@ def test_policy_loss_matches_reference(overrides):
     assert metrics == pytest.approx(expected_metrics, rel=1e-12, abs=1e-12)
 
     # The inputs exercise every branch: some tokens clipped, some weights truncated or sequences dropped.
-    assert 0 < expected_metrics["clip_frac"] < 1
+    assert 0 < expected_metrics["clip_fraction"] < 1
     if cfg.tis_mode != "off":
-        assert 0 < expected_metrics["is_truncated_frac"] < 1
+        assert 0 < expected_metrics["is_truncated_fraction"] < 1
 
     # Gradient w.r.t. π_θ: autograd vs central finite differences of the reference.
     loss.backward()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.metrics import RunMetrics
+from services.orchestrator.metrics import RunMetrics
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 DEADLINE_SECONDS = 60

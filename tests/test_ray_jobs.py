@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.registry import PENDING, STOPPED, SUCCEEDED, open_registry
+from services.jobs.registry import PENDING, STOPPED, SUCCEEDED, open_registry
 from tests.ray_head import start_ray_head, wait_for
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import RedisServer, free_port
-from services.redis_store import RedisUnavailableError, connect, embedded_data_dir
-from services.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
+from services.jobs.redis_store import RedisUnavailableError, connect, embedded_data_dir
+from services.jobs.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
                                JobNotFoundError, JobRegistry, JobStopped, open_registry)
 
 
@@ -128,7 +128,7 @@ def test_unreachable_url_is_named():
 
 WRITE_IN_ANOTHER_PROCESS = """
 import sys
-from services.registry import open_registry
+from services.jobs.registry import open_registry
 registry = open_registry(sys.argv[1])
 registry.register("embedded", "name: embedded\\n", sys.argv[1] + "/embedded")
 registry.transition("embedded", "RUNNING")

@@ -8,8 +8,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from services.cli import app
-from services.metrics import RunMetrics
-from services.report import pick_samples
+from services.orchestrator.metrics import RunMetrics
+from services.tools.report import pick_samples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_REWARDS = {1: 0.125, 2: 0.25, 3: 0.4375}

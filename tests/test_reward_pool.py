@@ -10,7 +10,7 @@ from ray.exceptions import RayActorError
 from reward_workers.pool import RewardPool, score_locally
 from rollout_workers.interface import Rollout
 from reward_workers.grader_spec import PythonGrader
-from services.config import RewardConfig
+from reward_workers.config import RewardConfig
 
 # Reward 1 for the right answer; item["delay_s"] makes grading take a while (work, not syncing).
 GRADER = '''

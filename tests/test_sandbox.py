@@ -19,7 +19,7 @@ import pytest
 from reward_workers import sandbox as sandbox_module
 from reward_workers.sandbox import GraderSandbox, SandboxUnavailableError
 from reward_workers.grader_spec import PythonGrader
-from services.config import RewardConfig
+from reward_workers.config import RewardConfig
 
 GOOD_SAMPLE = {"output_text": "42", "finish_reason": "stop"}
 GOOD_ITEM = {"id": "q1", "reward_model": {"ground_truth": "42"}}

@@ -14,9 +14,9 @@ import pytest
 import ray
 
 from services.config import load_config
-from services.data import PromptOrder
-from services.driver import run_job
-from services.job_setup import prepare_inputs
+from services.orchestrator.data import PromptOrder
+from services.orchestrator.driver import run_job
+from services.orchestrator.setup import prepare_inputs
 from tests.test_e2e import read_jsonl, write_job
 
 pytestmark = pytest.mark.slow

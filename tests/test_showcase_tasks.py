@@ -14,8 +14,9 @@ import pytest
 from reward_workers.pool import score_locally
 from rollout_workers.interface import Rollout
 from services.cli import load_grader_spec
-from services.config import RewardConfig, load_config
-from services.data import load_items
+from reward_workers.config import RewardConfig
+from services.config import load_config
+from services.orchestrator.data import load_items
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TASKS = ["tool_calling", "text_to_sql"]
@@ -54,8 +55,8 @@ def test_generator_reproduces_the_committed_data(task, tmp_path):
 def test_prompts_fit_the_prompt_budget():
     from transformers import AutoTokenizer
 
-    from services.data import prompt_token_ids
-    from services.model_store import ensure_default_model
+    from services.orchestrator.data import prompt_token_ids
+    from core.model_store import ensure_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     for task in TASKS:

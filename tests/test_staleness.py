@@ -6,7 +6,7 @@ import pytest
 from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
 from services.config import load_config
-from services.driver import build_batch
+from services.orchestrator.driver import build_batch
 from tests.test_config_data import EXAMPLE
 
 

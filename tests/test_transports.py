@@ -14,12 +14,13 @@ import torch
 
 from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
+from tests.conftest import worker_settings
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
 from tests.test_config_data import EXAMPLE
 from tests.test_weight_sync import as_samples, mean_abs_gap
-from weight_sync.adapter import AdapterIntegrityError, AdapterWeights
+from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
 from weight_sync.broadcast import BroadcastMember, GroupSpec
 from weight_sync.channel import WeightSyncChannel, WeightSyncError
 from weight_sync.files import read_version, version_dir, write_version
@@ -83,7 +84,7 @@ def test_transports_need_the_learner_except_the_object_store():
 
 
 def test_channel_from_config(tmp_path):
-    from services.config import SyncConfig
+    from weight_sync.config import SyncConfig
     learner = object()  # stands for the learner's actor handle; nothing is called on it here
     channel = WeightSyncChannel.from_config(SyncConfig(transport="file", payload="full"), learner, str(tmp_path))
     assert (channel.transport.name, channel.transport.root, channel.payload) == ("file", str(tmp_path), "full")
@@ -107,7 +108,7 @@ def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(AdapterIntegrityError):
+    with pytest.raises(WeightsIntegrityError):
         read_version(version_dir(tmp_path, 3)).verify()
 
 
@@ -151,14 +152,15 @@ def job_config(tiny_model_dir, engine: str = "hf"):
 
 @pytest.fixture(scope="module")
 def learner(local_ray, tiny_model_dir):
-    actor = ray.remote(Learner).remote(job_config(tiny_model_dir), str(tiny_model_dir))
+    actor = ray.remote(Learner).remote(str(tiny_model_dir), **job_config(tiny_model_dir).learner_kwargs())
     yield actor
     ray.kill(actor)
 
 
 def start_workers(tiny_model_dir, prefix: str, engines=ENGINES) -> list:
-    return [ray.remote(RolloutWorker).remote(f"{prefix}-{engine}", job_config(tiny_model_dir, engine),
-                                             str(tiny_model_dir)) for engine in engines]
+    return [ray.remote(RolloutWorker).remote(f"{prefix}-{engine}",
+                                             *worker_settings(job_config(tiny_model_dir, engine), tiny_model_dir))
+            for engine in engines]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +221,7 @@ def test_corrupt_delivery_is_refused_then_refetched(learner, workers, transport)
     ref = channel.export()
     result = channel.publish(version, ref, workers)
     assert {w: len(reasons) for w, reasons in result.refetches.items()} == {f"w-{e}": 1 for e in ENGINES}
-    assert all("AdapterIntegrityError" in reasons[0] for reasons in result.refetches.values())
+    assert all("WeightsIntegrityError" in reasons[0] for reasons in result.refetches.values())
     assert_serves_learner_policy(learner, workers, ref)
 
 
@@ -235,7 +237,7 @@ def test_out_of_order_delivery_is_refused_then_refetched(learner, workers, trans
     ref = channel.export()
     result = channel.publish(version, ref, workers)
     assert old_version < version - 1
-    assert all("StaleAdapterError" in reasons[0] for reasons in result.refetches.values())
+    assert all("StaleWeightsError" in reasons[0] for reasons in result.refetches.values())
     assert len(result.refetches) == len(workers)
     assert ray.get([w.policy_version.remote() for w in workers]) == [version] * len(workers)
     assert served_sha256(workers[0]) == ray.get(ref).sha256
@@ -249,7 +251,7 @@ def test_weights_corrupt_at_the_source_fail_with_a_clear_error(learner, workers)
     adapter.version = max(before) + 1
     name = sorted(adapter.tensors)[0]
     adapter.tensors[name] = adapter.tensors[name] + 1  # changed after the checksum was taken
-    with pytest.raises(WeightSyncError, match=r"after 3 deliveries.*AdapterIntegrityError"):
+    with pytest.raises(WeightSyncError, match=r"after 3 deliveries.*WeightsIntegrityError"):
         channel.publish(adapter.version, ray.put(adapter), workers)
     assert ray.get([w.policy_version.remote() for w in workers]) == before  # still serving the old weights
 

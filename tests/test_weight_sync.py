@@ -9,6 +9,7 @@ import ray
 
 from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
+from tests.conftest import worker_settings
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
@@ -34,8 +35,8 @@ def as_samples(rollouts, advantages):
 def test_worker_logprobs_match_learner_after_sync(local_ray, tiny_model_dir, engine):
     cfg = load_config(EXAMPLE, [f"model.path={tiny_model_dir}", f"rollout.engine={engine}", "learner.lora_rank=4",
                                 "learner.lora_alpha=8", "learner.learning_rate=0.05", "learner.micro_batch_size=8"])
-    learner = ray.remote(Learner).remote(cfg, str(tiny_model_dir))
-    worker = ray.remote(RolloutWorker).remote("w0", cfg, str(tiny_model_dir))
+    learner = ray.remote(Learner).remote(str(tiny_model_dir), **cfg.learner_kwargs())
+    worker = ray.remote(RolloutWorker).remote("w0", *worker_settings(cfg, tiny_model_dir))
     requests = [GenerationRequest(f"p{i}", k, [1, 2 + i, 30 + i]) for i in range(4) for k in range(2)]
 
     before = ray.get(worker.generate.remote(requests, SAMPLING))

@@ -15,7 +15,7 @@ class WeightsRefused(ValueError):
     """A worker refused a published version and kept serving its current weights."""
 
 
-class AdapterIntegrityError(WeightsRefused):
+class WeightsIntegrityError(WeightsRefused):
     """Weights (an adapter or full weights) whose tensors do not match the checksum they were
     published with."""
 
@@ -57,7 +57,7 @@ class AdapterWeights:
     def verify(self) -> None:
         actual = checksum(self.tensors)
         if actual != self.sha256:
-            raise AdapterIntegrityError(
+            raise WeightsIntegrityError(
                 f"adapter version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}")
 
     def save_pretrained(self, directory: str | Path) -> Path:

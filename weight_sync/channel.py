@@ -69,13 +69,13 @@ class WeightSyncChannel:
             return self.learner.export_full_weights.remote()
         return self.learner.export_adapter.remote()
 
-    def publish(self, version: int, adapter_ref: ray.ObjectRef, workers: list) -> SyncResult:
+    def publish(self, version: int, weights_ref: ray.ObjectRef, workers: list) -> SyncResult:
         """Send version `version` (an ObjectRef of AdapterWeights or FullWeights) to every worker
         and wait until each serves it."""
         if version <= self.version:
             raise ValueError(f"publishing version {version} after {self.version}: versions must increase")
         started = time.perf_counter()
-        delivery = self.transport.deliver(adapter_ref, version, workers)
+        delivery = self.transport.deliver(weights_ref, version, workers)
         worker_of = {ack: index for index, ack in enumerate(delivery.acks)}
         pending = list(delivery.acks) + list(delivery.senders)
         reports: dict[int, LoadReport] = {}
@@ -99,14 +99,14 @@ class WeightSyncChannel:
                         f"worker {index} ({report.worker_id if report else 'no answer'}) did not take version "
                         f"{version} after {len(failures[index])} deliveries: {failures[index]}")
                 log.warning("worker %d: version %d not taken (%s); re-fetching it", index, version, failure)
-                again = deliver_from_object_store(adapter_ref, workers[index])
+                again = deliver_from_object_store(weights_ref, workers[index])
                 worker_of[again] = index
                 pending.append(again)
         except ray.exceptions.RayActorError:
             self.transport.reset()
             raise
         ids = [reports[i].worker_id for i in range(len(workers))]
-        self.version, self._latest_ref = version, adapter_ref
+        self.version, self._latest_ref = version, weights_ref
         return SyncResult(
             version, time.perf_counter() - started,
             load_seconds=max((r.load_seconds for r in reports.values()), default=0.0),
@@ -133,4 +133,4 @@ class WeightSyncChannel:
         object-store copy; returns the ack ref (resolving to the version it serves)."""
         if self._latest_ref is None:
             return None
-        return worker.load_adapter.remote(self._latest_ref)
+        return worker.load_weights.remote(self._latest_ref)

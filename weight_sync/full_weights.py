@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import AdapterIntegrityError, check_shapes, checksum
+from .adapter import WeightsIntegrityError, check_shapes, checksum
 
 
 @dataclass
@@ -29,7 +29,7 @@ class FullWeights:
     def verify(self) -> None:
         actual = checksum(self.tensors)
         if actual != self.sha256:
-            raise AdapterIntegrityError(
+            raise WeightsIntegrityError(
                 f"full weights version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}")
 
     def check(self, shapes: dict[str, torch.Size]) -> None:

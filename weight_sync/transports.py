@@ -49,7 +49,7 @@ def apply_weights(worker, fetch: Fetch, *args) -> LoadReport:
     anything else (a failed transfer) raises."""
     started = time.perf_counter()
     try:
-        worker.load_adapter(fetch(worker, *args))
+        worker.load_weights(fetch(worker, *args))
     except WeightsRefused as refusal:
         return LoadReport(worker.worker_id, worker.version, time.perf_counter() - started,
                           refused=f"{type(refusal).__name__}: {refusal}")

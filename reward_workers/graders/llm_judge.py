@@ -108,7 +108,7 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from services.model_store import ModelNotFoundError, resolve_model_path
+        from core.model_store import ModelNotFoundError, resolve_model_path
 
         try:
             path = resolve_model_path(None if spec["model"] in ("default", "embedded") else spec["model"])

@@ -193,16 +193,16 @@ class RolloutScheduler:
                 self._worker_died(worker_id, error)
         return dead
 
-    def publish(self, version: int, adapter_ref: ray.ObjectRef):
+    def publish(self, version: int, weights_ref: ray.ObjectRef):
         """Sync every live worker to `version` over the channel. A worker that dies meanwhile is
         replaced (the replacement catches up first) and the sync is retried; workers that
         already loaded `version` take the retry as a no-op."""
         for _ in range(MAX_SYNC_ATTEMPTS - 1):
             try:
-                return self.channel.publish(version, adapter_ref, list(self.workers.values()))
+                return self.channel.publish(version, weights_ref, list(self.workers.values()))
             except RayActorError:
                 self.replace_dead_workers()
-        return self.channel.publish(version, adapter_ref, list(self.workers.values()))
+        return self.channel.publish(version, weights_ref, list(self.workers.values()))
 
     def shutdown(self) -> None:
         for handle in [*self.workers.values(), *self.retiring.values()]:

@@ -7,12 +7,32 @@ targets directory must be shared storage (the compose and KubeRay files mount th
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from services.metrics import TARGETS_DIRNAME, advertised_host, write_targets_file
+TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
+ADVERTISE_HOST_ENV = "RFT_METRICS_ADVERTISE_HOST"  # the host name Prometheus should scrape
+
+
+def advertised_host(bind_host: str) -> str:
+    """The host name a scraper should use: $RFT_METRICS_ADVERTISE_HOST, else the bind address,
+    else (bound to all interfaces) this machine's host name."""
+    if os.environ.get(ADVERTISE_HOST_ENV):
+        return os.environ[ADVERTISE_HOST_ENV]
+    return socket.gethostname() if bind_host in ("", "0.0.0.0", "::") else bind_host
+
+
+def write_targets_file(path: Path, target: str, job: str, component: str = "driver") -> None:
+    """One file_sd target group, written atomically (Prometheus may read it at any moment)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": component}}], indent=2))
+    os.replace(staging, path)
 
 
 @dataclass(frozen=True)
@@ -21,10 +41,6 @@ class MetricsContext:
     job: str
     targets_dir: str
     host: str = "127.0.0.1"
-
-    @classmethod
-    def for_job(cls, cfg) -> "MetricsContext":
-        return cls(job=cfg.name, targets_dir=str(Path(cfg.run_root).resolve() / TARGETS_DIRNAME), host=cfg.metrics.host)
 
     def targets_file(self, worker: str) -> Path:
         return Path(self.targets_dir) / f"{self.job}-{worker}.json"

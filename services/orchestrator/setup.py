@@ -7,11 +7,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.component_metrics import MetricsContext
-from services.config import JobConfig, check_grader
-from services.data import DatasetError, load_items, prompt_token_ids
-from services.model_store import resolve_model_path
-from services.rollout_scheduler import RolloutScheduler
+from ray.actor import ActorHandle
+
+from core.model_store import resolve_model_path
+from core.telemetry import TARGETS_DIRNAME, MetricsContext
+from reward_workers.grader_spec import check_grader
+from reward_workers.pool import RewardPool
+from services.config import JobConfig
+from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
+from services.orchestrator.rollout_scheduler import RolloutScheduler
+from weight_sync.channel import WeightSyncChannel
 
 log = logging.getLogger("rft.setup")
 WORKER_THREADS = 32  # per rollout worker: its open streams (a few per step in flight), weight loads, pings
@@ -78,10 +83,10 @@ def init_ray(cfg: JobConfig) -> None:
 
 @dataclass
 class Actors:
-    learner: object
+    learner: ActorHandle  # of learner.learner.Learner
     rollouts: RolloutScheduler  # the rollout workers, behind the scheduler that keeps them alive
-    reward_pool: object
-    channel: object
+    reward_pool: RewardPool
+    channel: WeightSyncChannel
     metrics: MetricsContext
 
     def shutdown(self) -> None:
@@ -91,6 +96,12 @@ class Actors:
         self.rollouts.shutdown()
         ray.kill(self.learner)
         self.metrics.forget_all()
+
+
+def metrics_context(cfg: JobConfig) -> MetricsContext:
+    """Where the job's actors announce their metrics endpoints (next to the driver's)."""
+    return MetricsContext(job=cfg.name, targets_dir=str(Path(cfg.run_root).resolve() / TARGETS_DIRNAME),
+                          host=cfg.metrics.host)
 
 
 def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsContext | None = None):
@@ -110,7 +121,7 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsCon
             num_gpus=cfg.rollout.num_gpus_per_worker,
             # Threads: streams, weight loads and pings reach the worker while its engine loop runs.
             max_concurrency=WORKER_THREADS,
-        ).remote(worker_id, cfg, str(model_path), metrics)
+        ).remote(worker_id, cfg.rollout, cfg.engine_spec(model_path), metrics)
         return worker_id, handle
     return start_worker
 
@@ -119,14 +130,12 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     import ray
 
     from learner.learner import Learner
-    from reward_workers.pool import RewardPool
-    from weight_sync.channel import WeightSyncChannel
 
     init_ray(cfg)
-    metrics = MetricsContext.for_job(cfg)
+    metrics = metrics_context(cfg)
     learner = ray.remote(Learner).options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus,
                                           num_gpus=cfg.learner.num_gpus).remote(
-        cfg, str(inputs.model_path), metrics)
+        str(inputs.model_path), metrics=metrics, **cfg.learner_kwargs())
     channel = WeightSyncChannel.from_config(cfg.sync, learner, default_file_dir=str(cfg.run_dir / "weights"))
     rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path, metrics), channel,
                                 cfg.rollout.num_workers, on_worker_gone=metrics.forget)

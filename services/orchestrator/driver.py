@@ -26,15 +26,15 @@ from learner.losses import group_advantages
 from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates
 from rollout_workers.interface import GenerationRequest, SamplingSettings
-from services.checkpoints import DriverState, restore, save_checkpoint
+from services.orchestrator.checkpoints import DriverState, restore, save_checkpoint
 from services.config import JobConfig, dump_config
-from services.data import PromptOrder
-from services.evaluation import eval_requests, format_summary, greedy_settings, summarize
-from services.job_setup import JobInputs, Actors, start_actors
-from services.metrics import RunMetrics
-from services.progress import StepProgress
-from services.registry import open_registry
-from services.rollout_stream import ScoredRolloutStream
+from services.orchestrator.data import PromptOrder
+from services.orchestrator.evaluation import eval_requests, format_summary, greedy_settings, summarize
+from services.orchestrator.setup import JobInputs, Actors, start_actors
+from services.orchestrator.metrics import RunMetrics
+from services.orchestrator.progress import StepProgress
+from services.jobs.registry import open_registry
+from services.orchestrator.rollout_stream import ScoredRolloutStream
 
 log = logging.getLogger("rft.driver")
 

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import redis
 
-from services.redis_store import connect, embedded_data_dir
+from services.jobs.redis_store import connect, embedded_data_dir
 
 PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)

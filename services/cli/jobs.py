@@ -22,9 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.config import ConfigError, dump_config, load_config
-from services.redis_store import RedisUnavailableError, embedded_data_dir
-from services.registry import FAILED, TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
+from core.config import ConfigError
+from services.config import dump_config, load_config
+from services.jobs.redis_store import RedisUnavailableError, embedded_data_dir
+from services.jobs.registry import FAILED, TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
 
 ADDRESS_HELP = "Ray dashboard address of the cluster, http://HEAD:PORT (or $RAY_ADDRESS)"
 REDIS_HELP = "the registry's Redis (default: the embedded store under the job's run root)"

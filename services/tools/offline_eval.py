@@ -8,10 +8,13 @@ from pathlib import Path
 from reward_workers.pool import hack_rates, score_locally
 from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
-from services.config import DataConfig, JobConfig, LearnerConfig, ModelConfig, RewardConfig, RolloutConfig
-from services.data import DatasetError, json_lines, load_items, prompt_token_ids
-from services.evaluation import greedy_settings, summarize
-from services.model_store import resolve_model_path
+from learner.config import LearnerConfig
+from reward_workers.config import RewardConfig
+from rollout_workers.config import RolloutConfig
+from services.config import DataConfig, JobConfig, ModelConfig
+from services.orchestrator.data import DatasetError, json_lines, load_items, prompt_token_ids
+from services.orchestrator.evaluation import greedy_settings, summarize
+from core.model_store import resolve_model_path
 
 
 def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, reward: RewardConfig,
@@ -36,7 +39,7 @@ def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, rewa
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = [prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for item in items]
 
-    inference = make_engine(engine, model_path, cfg)
+    inference = make_engine(cfg.rollout, cfg.engine_spec(model_path))
     if adapter is not None:
         inference.load_adapter(adapter)
     completions = inference.generate(prompts, greedy_settings(max_new_tokens))

@@ -15,9 +15,12 @@ import typer
 import yaml
 
 from reward_workers.grader_spec import PythonGrader, resolve_source_paths
-from services.config import ConfigError, GraderConfig, RewardConfig, check_grader, load_config, parse_grader_spec
-from services.data import DatasetError
-from services.model_store import ModelNotFoundError
+from core.config import ConfigError
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import GraderConfig, check_grader
+from services.config import load_config, parse_grader_spec
+from services.orchestrator.data import DatasetError
+from core.model_store import ModelNotFoundError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Reinforcement fine-tuning of language models with verifiable rewards.")
@@ -39,8 +42,8 @@ def run(
     override: list[str] = typer.Option([], "--set", "-o", help="override a config field: section.field=value"),
 ) -> None:
     """Run a job on this machine (an embedded Ray unless --address is given)."""
-    from services.driver import run_job
-    from services.job_setup import prepare_inputs
+    from services.orchestrator.driver import run_job
+    from services.orchestrator.setup import prepare_inputs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -55,7 +58,7 @@ def run(
         inputs = prepare_inputs(cfg)
     except USER_ERRORS as e:
         _fail(str(e))
-    from services.driver import TrainingDivergedError
+    from services.orchestrator.driver import TrainingDivergedError
 
     try:
         summary = run_job(cfg, inputs, resume=resume is not None)
@@ -104,7 +107,7 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "--output", help="write per-item results as JSONL"),
 ) -> None:
     """Greedy accuracy and mean reward of a model (+ adapter) on a dataset, graded in the sandbox."""
-    from services.offline_eval import evaluate_model
+    from services.tools.offline_eval import evaluate_model
 
     try:
         grader_cfg = load_grader_spec(grader)
@@ -127,7 +130,7 @@ def grade(
 ) -> None:
     """Score samples offline in the grader sandbox: per-sample scores, errors and hack flags, then a summary."""
     from reward_workers.sandbox import SandboxUnavailableError
-    from services.offline_eval import grade_samples, result_record
+    from services.tools.offline_eval import grade_samples, result_record
 
     try:
         reward = RewardConfig(grader=load_grader_spec(grader), allow_weak_isolation=allow_weak_isolation)
@@ -156,7 +159,7 @@ def grade(
 @app.command(name="prepare-model")
 def prepare_model() -> None:
     """Convert the embedded SmolLM2-135M-Instruct into the user cache (done once; idempotent)."""
-    from services.model_store import ensure_default_model
+    from core.model_store import ensure_default_model
 
     try:
         typer.echo(ensure_default_model())
@@ -171,7 +174,7 @@ def report(
     samples: int = typer.Option(6, "--samples", min=1, help="sample completions shown for the first and last step"),
 ) -> None:
     """PNG plots of the run's curves and an HTML page with them and sample completions."""
-    from services.report import ReportError, write_report
+    from services.tools.report import ReportError, write_report
 
     try:
         typer.echo(write_report(run_dir, output, samples))
@@ -179,7 +182,7 @@ def report(
         _fail(str(e))
 
 
-from services.jobs_cli import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)
+from services.cli.jobs import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)
 
 register_job_commands(app)
 

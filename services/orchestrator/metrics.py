@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import socket
 import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from core.telemetry import TARGETS_DIRNAME, advertised_host, write_targets_file
 
 # Gauges: the latest value of each per-step number. Name -> help text.
 GAUGES = {
@@ -71,24 +71,6 @@ COUNTERS = {
 log = logging.getLogger("rft.metrics")
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16)
 TARGETS_FILE = "prometheus_targets.json"  # in the run dir
-TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
-ADVERTISE_HOST_ENV = "RFT_METRICS_ADVERTISE_HOST"  # the host name Prometheus should scrape
-
-
-def advertised_host(bind_host: str) -> str:
-    """The host name a scraper should use: $RFT_METRICS_ADVERTISE_HOST, else the bind address,
-    else (bound to all interfaces) this machine's host name."""
-    if os.environ.get(ADVERTISE_HOST_ENV):
-        return os.environ[ADVERTISE_HOST_ENV]
-    return socket.gethostname() if bind_host in ("", "0.0.0.0", "::") else bind_host
-
-
-def write_targets_file(path: Path, target: str, job: str, component: str = "driver") -> None:
-    """One file_sd target group, written atomically (Prometheus may read it at any moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": component}}], indent=2))
-    os.replace(staging, path)
 
 
 class RunMetrics:

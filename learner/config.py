@@ -1,0 +1,52 @@
+"""The learner's config sections: how it trains (`learner`) and the loss (`algorithm`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.config import Section
+from weight_sync.config import LoraShape
+
+
+class AlgorithmConfig(Section):
+    scale_by_std: bool = True  # False = Dr. GRPO (advantage = r - mean)
+    advantage_eps: float = 1e-6
+    skip_zero_signal_groups: bool = True
+    # PPO-clip bounds. With one optimizer step per batch the ratio π_θ/π_old is 1 at every token,
+    # so the clip never binds (clip_fraction is 0) until several optimizer steps per batch exist.
+    clip_eps_low: float = Field(default=0.2, ge=0)
+    clip_eps_high: float = Field(default=0.28, ge=0)
+    tis_mode: Literal["token_truncate", "sequence_truncate", "sequence_mask", "off"] = "token_truncate"
+    tis_cap: float = Field(default=2.0, gt=0)
+    tis_mask_low: float = Field(default=0.5, gt=0)
+    tis_mask_high: float = Field(default=2.0, gt=0)
+    kl_coef: float = Field(default=0.0, ge=0)
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+
+
+class LearnerConfig(Section):
+    # True: train a LoRA adapter on the frozen base (the lora_* fields). False: train every weight
+    # of the model (same optimizer, ZeRO stage and losses; ~16 bytes a parameter for bf16 weights,
+    # fp32 master copy and Adam moments, + a frozen copy of the base when algorithm.kl_coef > 0);
+    # the sync payload is then full weights and the job's output a full model directory.
+    lora: bool = True
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    learning_rate: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    micro_batch_size: int = Field(default=16, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
+    max_consecutive_skipped_steps: int = Field(default=3, ge=1)
+    num_cpus: float = Field(default=0, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+
+    @property
+    def lora_shape(self) -> LoraShape:
+        """The adapter this learner trains, as the rollout engines must serve it."""
+        return LoraShape(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                         target_modules=tuple(self.lora_target_modules))
