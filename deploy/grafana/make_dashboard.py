@@ -1,6 +1,6 @@
 """Writes dashboards/rft.json, the provisioned Grafana dashboard, from the panel list below.
 
-    python deploy/grafana/make_dashboard.py     # after editing PANELS; tests/test_deploy.py checks
+    python deploy/grafana/make_dashboard.py     # after editing PANELS; tests/unit/test_deploy.py checks
                                                 # that the committed JSON is this script's output
 """
 from __future__ import annotations

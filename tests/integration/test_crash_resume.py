@@ -13,7 +13,7 @@ import ray
 from services.orchestrator.driver import TrainingDivergedError
 from services.jobs.registry import SUCCEEDED, open_registry
 from tests.redis_server import RedisServer
-from tests.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
+from tests.integration.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
 
 pytestmark = pytest.mark.slow
 

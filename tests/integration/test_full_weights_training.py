@@ -17,12 +17,12 @@ from rollout_workers.engines import make_engine
 from rollout_workers.interface import SamplingSettings
 from core.config import ConfigError
 from services.config import dump_config, load_config
-from tests.test_config_data import write_config
-from tests.test_e2e import rft, write_job
-from tests.test_learner import (TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy,
+from tests.unit.test_config_data import write_config
+from tests.integration.test_e2e import rft, write_job
+from tests.integration.test_learner import (TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy,
                                 trained_one_step)
-from tests.test_transports import BF16_GAP
-from tests.test_weight_sync import mean_abs_gap
+from tests.integration.test_transports import BF16_GAP
+from tests.integration.test_weight_sync import mean_abs_gap
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
 PROMPTS = [[1, 2 + i, 30 + i] for i in range(4)]

@@ -18,7 +18,7 @@ import yaml
 
 from services.orchestrator.metrics import RunMetrics
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 DEADLINE_SECONDS = 60
 POLL_INTERVAL_SECONDS = 0.25
 

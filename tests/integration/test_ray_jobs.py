@@ -17,7 +17,7 @@ from tests.ray_head import start_ray_head, wait_for
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "arithmetic.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "arithmetic.yaml"
 
 
 def tiny_job_overrides(model_dir: Path, steps: int) -> list[str]:

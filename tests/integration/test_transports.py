@@ -18,8 +18,8 @@ from tests.conftest import worker_settings
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
-from tests.test_config_data import EXAMPLE
-from tests.test_weight_sync import as_samples, mean_abs_gap
+from tests.unit.test_config_data import EXAMPLE
+from tests.integration.test_weight_sync import as_samples, mean_abs_gap
 from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
 from weight_sync.broadcast import BroadcastMember, GroupSpec
 from weight_sync.channel import WeightSyncChannel, WeightSyncError

@@ -18,7 +18,7 @@ from reward_workers.config import RewardConfig
 from services.config import load_config
 from services.orchestrator.data import load_items
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TASKS = ["tool_calling", "text_to_sql"]
 
 

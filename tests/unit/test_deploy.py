@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from services.config import JobConfig, MetricsConfig
-from services.orchestrator.metrics import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, TARGETS_FILE, RunMetrics, advertised_host
+from core.telemetry import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, advertised_host
+from services.orchestrator.metrics import TARGETS_FILE, RunMetrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rft.json"

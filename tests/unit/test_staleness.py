@@ -7,7 +7,7 @@ from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
 from services.config import load_config
 from services.orchestrator.driver import build_batch
-from tests.test_config_data import EXAMPLE
+from tests.unit.test_config_data import EXAMPLE
 
 
 def scored(prompt_id: str, index: int, version: int, reward: float) -> ScoredRollout:

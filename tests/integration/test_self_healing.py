@@ -17,7 +17,7 @@ from services.config import load_config
 from services.orchestrator.data import PromptOrder
 from services.orchestrator.driver import run_job
 from services.orchestrator.setup import prepare_inputs
-from tests.test_e2e import read_jsonl, write_job
+from tests.integration.test_e2e import read_jsonl, write_job
 
 pytestmark = pytest.mark.slow
 STEPS, PROMPTS_PER_STEP, SAMPLES_PER_PROMPT = 5, 2, 4

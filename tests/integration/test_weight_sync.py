@@ -13,7 +13,7 @@ from tests.conftest import worker_settings
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
-from tests.test_config_data import EXAMPLE
+from tests.unit.test_config_data import EXAMPLE
 from weight_sync.channel import WeightSyncChannel
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from services.config import load_config
 from services.orchestrator.data import DatasetError, PromptOrder, load_items
 from core.model_store import ModelNotFoundError, resolve_model_path
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "arithmetic.yaml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "arithmetic.yaml"
 
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:

@@ -166,7 +166,7 @@ def test_showcase_items_run_and_a_correct_softmax_scores_one():
 
     from services.config import load_config
 
-    folder = Path(__file__).parent.parent / "examples" / "pytorch_to_triton"
+    folder = Path(__file__).parents[2] / "examples" / "pytorch_to_triton"
     items = [json.loads(line) for split in ("train", "heldout") for line in (folder / f"{split}.jsonl").open()]
     assert len(items) == 20 and len({item["id"] for item in items}) == 20
     spec = load_config(folder / "job.yaml").reward.grader.model_dump()

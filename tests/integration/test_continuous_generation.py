@@ -12,7 +12,7 @@ from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.orchestrator.setup import rollout_worker_factory
 from services.orchestrator.rollout_scheduler import RolloutScheduler
-from tests.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter
+from tests.integration.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter
 from weight_sync.channel import WeightSyncChannel
 
 LONG, SHORT = SamplingSettings(1.0, max_new_tokens=96, seed=1), SamplingSettings(1.0, max_new_tokens=2, seed=2)
