@@ -1,5 +1,5 @@
 """`rft submit | status | logs | cancel | list | scale`: jobs on a Ray cluster through the Ray Jobs
-API, with progress from the job registry (services/registry.py).
+API, with progress from the job registry (services/jobs/registry.py).
 
 One id names a job everywhere: the Ray submission id, the registry entry, the run dir
 (`<run_root>/<id>`) and the actors' names. `submit` loads and checks the config here (so a bad field
@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.config import ConfigError
+from services.cli.errors import fail
 from services.config import dump_config, load_config
 from services.jobs.redis_store import RedisUnavailableError, embedded_data_dir
 from services.jobs.registry import FAILED, TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
@@ -35,11 +36,6 @@ META_RUN_ROOT, META_REDIS_URL, META_OWNER = "rft_run_root", "rft_redis_url", "rf
 
 # Piped output (scripts, tests) gets whole table rows instead of rows wrapped at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 # ---------------------------------------------------------------- Ray Jobs client
@@ -56,7 +52,7 @@ def enable_token_auth_when_token_present() -> None:
 def cluster_address(address: Optional[str]) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        _fail("--address: give the cluster's dashboard address, e.g. http://127.0.0.1:8265")
+        fail("--address: give the cluster's dashboard address, e.g. http://127.0.0.1:8265")
     return address
 
 
@@ -68,7 +64,7 @@ def jobs_client(address: Optional[str]):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
-        _fail(f"--address {address}: cannot reach the Ray Jobs API ({e})")
+        fail(f"--address {address}: cannot reach the Ray Jobs API ({e})")
 
 
 def job_exists(client, job_id: str) -> bool:
@@ -83,7 +79,7 @@ def ray_job(client, job_id: str):
     try:
         return client.get_job_info(job_id)
     except RuntimeError as e:
-        _fail(f"job {job_id}: {e}")
+        fail(f"job {job_id}: {e}")
 
 
 # ---------------------------------------------------------------- registry lookup
@@ -199,7 +195,7 @@ def submit(
     try:
         cfg = load_config(config, override)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     job_id = job_id or f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     redis_url = redis_url or os.environ.get("RFT_REDIS_URL") or cfg.cluster.redis_url
     run_root = Path(cfg.run_root).expanduser().resolve()  # relative to here, as with `rft run`
@@ -220,7 +216,7 @@ def submit(
     metadata = {META_RUN_ROOT: str(run_root), META_REDIS_URL: redis_url or "", META_OWNER: owner}
     client = jobs_client(address)
     if job_exists(client, job_id):
-        _fail(f"--job-id {job_id}: the cluster already has a job with this id")
+        fail(f"--job-id {job_id}: the cluster already has a job with this id")
     registry = None
     try:
         registry = open_registry(run_root, redis_url)
@@ -240,7 +236,7 @@ def submit(
                 hint = ("\n  the head's dashboard agent is not up: see dashboard_agent.log in the head's Ray session"
                         " logs (a common cause: its port, 52365 by default, held by another Ray on that machine)"
                         if "No available agent" in str(e) else "")
-                _fail(f"submitting {job_id} to {cluster_address(address)}: {e}{hint}")
+                fail(f"submitting {job_id} to {cluster_address(address)}: {e}{hint}")
             time.sleep(1)
     typer.echo(f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
                f" --address {cluster_address(address)}")
@@ -304,14 +300,14 @@ def cancel(
     client = jobs_client(address)
     job = ray_job(client, job_id)
     if str(job.status) in TERMINAL_STATES:
-        _fail(f"job {job_id} already ended: {job.status}")
+        fail(f"job {job_id} already ended: {job.status}")
     client.stop_job(job_id)
     deadline = time.monotonic() + wait_s
     while str(job.status) not in TERMINAL_STATES and time.monotonic() < deadline:
         time.sleep(0.5)  # polling Ray's state with a deadline
         job = ray_job(client, job_id)
     if str(job.status) not in TERMINAL_STATES:
-        _fail(f"job {job_id} still {job.status} after {wait_s:.0f} s")
+        fail(f"job {job_id} still {job.status} after {wait_s:.0f} s")
     _registries(redis_url, run_root).record(job_id, str(job.status), job.metadata)
     typer.echo(f"{job_id}: {job.status}")
 
@@ -326,11 +322,11 @@ def scale(
     registries = _registries(redis_url, run_root)
     registry = registries.for_job(None)
     if registry is None:
-        _fail("; ".join(registries.problems))
+        fail("; ".join(registries.problems))
     try:
         registry.set_desired_rollout_workers(job_id, rollout_workers)
     except JobNotFoundError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"{job_id}: desired rollout workers = {rollout_workers}; the driver applies it at its next step")
 
 

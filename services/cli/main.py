@@ -18,6 +18,7 @@ from reward_workers.grader_spec import PythonGrader, resolve_source_paths
 from core.config import ConfigError
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import GraderConfig, check_grader
+from services.cli.errors import fail
 from services.config import load_config, parse_grader_spec
 from services.orchestrator.data import DatasetError
 from core.model_store import ModelNotFoundError
@@ -27,11 +28,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 # Errors a user can fix from the message alone: print it, no traceback.
 USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, FileNotFoundError)
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -51,19 +47,19 @@ def run(
             config = config or resume / "config.yaml"
             override = [f"run_root={resume.parent}", f"name={resume.name}", *override]
         if config is None:
-            _fail("give a job config, or --resume RUN_DIR")
+            fail("give a job config, or --resume RUN_DIR")
         cfg = load_config(config, override + ([f"cluster.address={address}"] if address else []))
         if resume is None and (cfg.run_dir / "checkpoints").exists():
-            _fail(f"{cfg.run_dir} already has checkpoints: use --resume {cfg.run_dir} or another name (-o name=...)")
+            fail(f"{cfg.run_dir} already has checkpoints: use --resume {cfg.run_dir} or another name (-o name=...)")
         inputs = prepare_inputs(cfg)
     except USER_ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     from services.orchestrator.driver import TrainingDivergedError
 
     try:
         summary = run_job(cfg, inputs, resume=resume is not None)
     except TrainingDivergedError as e:
-        _fail(str(e))
+        fail(str(e))
     base, final = summary["heldout_base"], summary["heldout_final"]
     if base and final:
         typer.echo(f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
@@ -114,7 +110,7 @@ def evaluate(
         summary = evaluate_model(model, adapter, data, RewardConfig(grader=grader_cfg), engine,
                                  max_new_tokens, limit, output)
     except USER_ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"accuracy {summary['accuracy']:.3f}  mean reward {summary['reward_mean']:.3f}  (n={summary['count']})")
 
@@ -136,7 +132,7 @@ def grade(
         reward = RewardConfig(grader=load_grader_spec(grader), allow_weak_isolation=allow_weak_isolation)
         scored, summary = grade_samples(reward, data, samples)
     except (*USER_ERRORS, SandboxUnavailableError) as e:
-        _fail(str(e))
+        fail(str(e))
     if output:
         output.write_text("".join(json.dumps(result_record(s)) + "\n" for s in scored))
     for s in scored:
@@ -164,7 +160,7 @@ def prepare_model() -> None:
     try:
         typer.echo(ensure_default_model())
     except USER_ERRORS as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -179,7 +175,7 @@ def report(
     try:
         typer.echo(write_report(run_dir, output, samples))
     except (*USER_ERRORS, ReportError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 from services.cli.jobs import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)

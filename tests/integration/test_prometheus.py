@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.net import free_port
 from services.orchestrator.metrics import RunMetrics
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -25,12 +25,6 @@ POLL_INTERVAL_SECONDS = 0.25
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
     reason="prometheus not installed (Debian/Ubuntu: apt-get install prometheus; `make setup` does it as root)")
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_config_for(targets_dir: Path) -> dict:
@@ -49,7 +43,7 @@ class PrometheusServer:
         workdir.mkdir(parents=True, exist_ok=True)
         config_file = workdir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{free_loopback_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log = workdir / "prometheus.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer, free_port
+from core.net import free_port
+from tests.redis_server import RedisServer
 from services.jobs.redis_store import RedisUnavailableError, connect, embedded_data_dir
 from services.jobs.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
-                               JobNotFoundError, JobRegistry, JobStopped, open_registry)
+                               JobNotFoundError, JobRegistry, open_registry)
+from services.jobs.signals import JobStopped
 
 
 @pytest.fixture(scope="module")
