@@ -65,7 +65,7 @@ PANELS = [
         ], "timeseries"),
         ("Policy", "none", [
             (f"rft_entropy{JOB}", "{{job}} entropy"),
-            (f"rft_clip_fraction{JOB}", "{{job}} clip fraction"),
+            (f"rft_clip_fraction{JOB}", "{{job}} clip fraction (0 until several optimizer steps per batch)"),
             (f"rft_grad_norm{JOB}", "{{job}} grad norm"),
             (f"rft_loss{JOB}", "{{job}} loss"),
         ], "timeseries"),

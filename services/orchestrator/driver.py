@@ -1,44 +1,44 @@
 """The job driver: the only place that knows the schedule.
 
-One step, top to bottom (see `run_job`):
-  prompts -> rollout workers (Rollout, tagged with policy_version)
-          -> reward pool (ScoredRollout)
-          -> group-normalised advantages (TrainBatch)
-          -> learner step (StepStats) -> new adapter -> weight-sync channel -> rollout workers
-Rollout workers generate continuously: with `sync.max_staleness` k, the prompts of the next k
-steps are already generating while a step is graded and trained, and each prompt's group is
-graded as soon as it is complete.
+`Orchestrator.run` is the main loop; each step is
+  submit ahead   scale the rollout fleet, then give it the prompts of the steps up to
+                 s + max_staleness that are not generating yet (`GenerationRequest`s)
+  collect        each prompt's group as it comes off a rollout worker (`Rollout`s), graded at
+                 once by the reward pool (`ScoredRollout`s), appended to the scored-rollout stream
+  build batch    group-normalised advantages, stale rollouts left out (`TrainBatch`)
+  train          one learner step (`StepStats`); too many non-finite steps in a row stop the job
+  publish        the new version over the weight-sync channel to every rollout worker
+  record         driver state, samples.jsonl, metrics (assembled in `records.step_metrics`),
+                 held-out evaluation and checkpoints when due
+The components never call the driver; it wires them up in `run_job` and drives them from here.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Protocol
 
 import ray
-import torch
 
-from learner.interface import TrainBatch, TrainSample
-from learner.losses import group_advantages
-from reward_workers.interface import ScoredRollout
-from reward_workers.pool import hack_rates
-from rollout_workers.interface import GenerationRequest, SamplingSettings
-from services.orchestrator.checkpoints import DriverState, restore, save_checkpoint
+from learner.interface import StepStats
+from rollout_workers.interface import SamplingSettings
 from services.config import JobConfig, dump_config
+from services.jobs.registry import JobRegistry, open_registry
+from services.orchestrator.batch import build_batch, step_requests
+from services.orchestrator.checkpoints import DriverState, restore, save_checkpoint
 from services.orchestrator.data import PromptOrder
 from services.orchestrator.evaluation import eval_requests, format_summary, greedy_settings, summarize
-from services.orchestrator.setup import JobInputs, Actors, start_actors
 from services.orchestrator.metrics import RunMetrics
 from services.orchestrator.progress import StepProgress
-from services.jobs.registry import open_registry
+from services.orchestrator.records import StepRecord, step_metrics, write_samples
 from services.orchestrator.rollout_stream import ScoredRolloutStream
+from services.orchestrator.setup import Actors, JobInputs, start_actors
+from weight_sync.channel import SyncResult
 
 log = logging.getLogger("rft.driver")
 
-# ---------------------------------------------------------------- prompts
 
 class JobControl(Protocol):
     """Instructions a running job takes from outside (e.g. `rft scale` through the registry)."""
@@ -48,234 +48,201 @@ class JobControl(Protocol):
         ...
 
 
-def step_requests(cfg: JobConfig, inputs: JobInputs, order: PromptOrder) -> list[GenerationRequest]:
-    requests = []
-    for index in order.take(cfg.prompts_per_step):
-        item = inputs.train_items[index]
-        requests += [GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]])
-                     for k in range(cfg.rollout.samples_per_prompt)]
-    return requests
-
-
-# ---------------------------------------------------------------- rewards -> advantages
-
-def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_version: int):
-    """Group by prompt, normalise rewards within each group, enforce max_staleness."""
-    groups: dict[str, list[ScoredRollout]] = defaultdict(list)
-    for s in scored:
-        groups[s.rollout.prompt_id].append(s)
-    samples, zero_signal, stale = [], 0, 0
-    for members in groups.values():
-        rewards = torch.tensor([m.reward for m in members], dtype=torch.float32)
-        if bool((rewards == rewards[0]).all()):
-            zero_signal += 1
-            if cfg.algorithm.skip_zero_signal_groups:
-                continue
-        advantages = group_advantages(rewards, cfg.algorithm.scale_by_std, cfg.algorithm.advantage_eps)
-        for member, advantage in zip(members, advantages.tolist()):
-            r = member.rollout
-            if policy_version - r.policy_version > cfg.sync.max_staleness:
-                stale += 1
-                continue
-            samples.append(TrainSample(r.sample_id, r.prompt_ids, r.completion_ids, r.behaviour_logprobs,
-                                       advantage, r.policy_version))
-    batch = TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature)
-    return batch, zero_signal, stale
-
-
-def rollout_stats(scored: list[ScoredRollout], seconds: float) -> dict[str, float]:
-    rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
-    lengths = [len(s.rollout.completion_ids) for s in scored]
-    return {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std(unbiased=False).item(),
-        "completion_length_mean": sum(lengths) / len(lengths),
-        "truncated_completions_fraction": sum(s.rollout.finish_reason == "length" for s in scored) / len(scored),
-        "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
-    }
-
-
-# ---------------------------------------------------------------- evaluation
-
-def evaluate(cfg: JobConfig, inputs: JobInputs, actors: Actors) -> dict[str, float]:
-    sampling = greedy_settings(cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    actors.rollouts.submit("eval", eval_requests(inputs.heldout_items, inputs.prompt_ids), sampling)
-    rollouts = actors.rollouts.collect("eval")
-    return summarize(actors.reward_pool.score(rollouts, inputs.items_by_id))
-
-
-# ---------------------------------------------------------------- the loop
-
-def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None) -> dict:
-    """Run (or with `resume`, continue) the job; returns the summary also written to summary.json."""
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    registry = open_registry(cfg.run_root, cfg.cluster.redis_url)
-    registry.register(cfg.name, dump_config(cfg), run_dir)
-    stream = ScoredRolloutStream(registry.redis, cfg.name)
-    if not resume:
-        stream.clear()
-    with registry.tracking(cfg.name):
-        actors = start_actors(cfg, inputs)
-        metrics = RunMetrics(cfg.name, run_dir, cfg.metrics.host, cfg.metrics.port)
-        print(f"metrics: http://{metrics.address}/metrics   run dir: {run_dir}", flush=True)
-        try:
-            return _train(cfg, inputs, actors, metrics, stream, control or RegistryControl(registry, cfg.name),
-                          resume, on_step=lambda state, values, workers: registry.update_progress(
-                              cfg.name, state.step, state.policy_version, values, workers))
-        finally:
-            metrics.close()
-            actors.shutdown()
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many learner steps in a row were skipped for non-finite numbers."""
-
-
 class RegistryControl:
     """`rft scale` writes the desired worker count into the registry; the driver reads it here."""
 
-    def __init__(self, registry, job_id: str):
+    def __init__(self, registry: JobRegistry, job_id: str):
         self.registry, self.job_id = registry, job_id
 
     def desired_rollout_workers(self) -> int | None:
         return self.registry.desired_rollout_workers(self.job_id)
 
 
-def _train(cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetrics, stream: ScoredRolloutStream,
-           control: JobControl, resume: bool, on_step) -> dict:
-    run_dir = cfg.run_dir
-    state = DriverState()
-    if resume:
-        state = restore(run_dir, actors.learner)
-        if state.policy_version > 0:
-            actors.rollouts.publish(state.policy_version, actors.channel.export())
-    elif cfg.eval.at_start and inputs.heldout_items:
-        state.base_heldout = evaluate(cfg, inputs, actors)
-        print(f"held-out before training: {format_summary(state.base_heldout)}", flush=True)
-        metrics.record(0, {"heldout_accuracy": state.base_heldout["accuracy"],
-                           "heldout_reward_mean": state.base_heldout["reward_mean"]})
-    # Scored rollouts of steps after the checkpoint, not yet trained (the run crashed): train them
-    # first, as the steps they were made for, instead of generating those steps again.
-    backlog = {step: scored for step, scored in stream.unacknowledged().items() if step >= state.step}
-    if backlog:
-        log.info("resuming with the scored rollouts of steps %s from the stream", sorted(backlog))
-    order = PromptOrder(len(inputs.train_items), cfg.seed, state.data_cursor)
-    sampling = lambda step: SamplingSettings(cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                                             seed=cfg.seed * 1_000_003 + step)
-    started: dict[int, float] = {}  # step -> when its generation was submitted
-    submitted = state.step - 1  # the last step whose prompts were taken
+class TrainingDivergedError(RuntimeError):
+    """Too many learner steps in a row were skipped for non-finite numbers."""
 
-    def start_generation_through(last_step: int) -> None:
-        """Submit every step up to `last_step` not submitted yet. Called before training step s
+
+def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None) -> dict:
+    """Run (or with `resume`, continue) the job; returns the summary also written to summary.json."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    registry = open_registry(cfg.run_root, cfg.cluster.redis_url)
+    registry.register(cfg.name, dump_config(cfg), cfg.run_dir)
+    stream = ScoredRolloutStream(registry.redis, cfg.name)
+    if not resume:
+        stream.clear()
+    with registry.tracking(cfg.name):
+        actors = start_actors(cfg, inputs)
+        metrics = RunMetrics(cfg.name, cfg.run_dir, cfg.metrics.host, cfg.metrics.port)
+        print(f"metrics: http://{metrics.address}/metrics   run dir: {cfg.run_dir}", flush=True)
+        try:
+            orchestrator = Orchestrator(cfg, inputs, actors, metrics, stream, registry,
+                                        control or RegistryControl(registry, cfg.name))
+            return orchestrator.run(resume)
+        finally:
+            metrics.close()
+            actors.shutdown()
+
+
+class Orchestrator:
+    def __init__(self, cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetrics,
+                 stream: ScoredRolloutStream, registry: JobRegistry, control: JobControl):
+        self.cfg, self.inputs, self.actors, self.metrics = cfg, inputs, actors, metrics
+        self.stream, self.registry, self.control = stream, registry, control
+        self.state = DriverState()
+        self.backlog: dict[int, list] = {}  # step -> its scored rollouts, from the stream (a resumed run)
+        self.order = PromptOrder(len(inputs.train_items), cfg.seed)
+        self.submitted = -1  # the last step whose prompts were taken
+        self.submitted_at: dict[int, float] = {}  # step -> when its prompts were submitted
+        self.skipped_in_a_row = 0
+        self.replaced_before = self.reissued_before = 0
+        self.last_heldout: dict[str, float] = {}
+
+    def run(self, resume: bool) -> dict:
+        """The main loop: one learner step (and one policy version, unless skipped) per iteration."""
+        self.start(resume)
+        with (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log, \
+                StepProgress(self.cfg.steps, self.state.step) as progress:
+            for step in range(self.state.step, self.cfg.steps):
+                for ahead in self.unsubmitted_steps(through=step + self.cfg.sync.max_staleness):
+                    self.scale_fleet()  # `rft scale` takes effect before a step's prompts go out
+                    self.submit(ahead)
+                record = self.collect_and_grade(step)
+                record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
+                record.stats = self.train(record)
+                record.sync = self.publish(record.stats)
+                self.record(record, samples_log, progress)
+                self.checkpoint_if_due()
+        return self.finish()
+
+    # ---- the steps ------------------------------------------------------------------------
+
+    def start(self, resume: bool) -> None:
+        """A fresh run evaluates the base model; a resumed one restores its last checkpoint and
+        takes the scored rollouts of steps after it (generated, not trained) from the stream."""
+        if resume:
+            self.state = restore(self.cfg.run_dir, self.actors.learner)
+            if self.state.policy_version > 0:
+                self.actors.rollouts.publish(self.state.policy_version, self.actors.channel.export())
+        elif self.cfg.eval.at_start and self.inputs.heldout_items:
+            self.state.base_heldout = self.evaluate()
+            print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
+            self.metrics.record(0, {"heldout_accuracy": self.state.base_heldout["accuracy"],
+                                    "heldout_reward_mean": self.state.base_heldout["reward_mean"]})
+        self.backlog = {step: scored for step, scored in self.stream.unacknowledged().items()
+                        if step >= self.state.step}
+        if self.backlog:
+            log.info("resuming with the scored rollouts of steps %s from the stream", sorted(self.backlog))
+        self.order.cursor = self.state.data_cursor
+        self.submitted = self.state.step - 1
+
+    def unsubmitted_steps(self, through: int) -> range:
+        """Steps up to `through` whose prompts are not out yet. Called before training step s
         with s + max_staleness: rollouts of those steps start from the weights served now
         (version s, or older only when steps were skipped), so they are at most max_staleness
         versions old when trained -- and the workers always have the next steps' prompts."""
-        nonlocal submitted
-        while submitted < min(last_step, cfg.steps - 1):
-            submitted += 1
-            desired = control.desired_rollout_workers()
-            if desired is not None and desired != len(actors.rollouts.workers):
-                actors.rollouts.resize(desired)
-            requests = step_requests(cfg, inputs, order)  # advances the data cursor either way
-            if submitted not in backlog:
-                actors.rollouts.submit(submitted, requests, sampling(submitted))
-            started[submitted] = time.perf_counter()
+        return range(self.submitted + 1, min(through, self.cfg.steps - 1) + 1)
 
-    samples_log = (run_dir / "samples.jsonl").open("a")
-    last_heldout = {}
-    replaced_before = reissued_before = skipped_in_a_row = 0
-    with samples_log, StepProgress(cfg.steps, state.step) as progress:
-        for step in range(state.step, cfg.steps):
-            start_generation_through(step + cfg.sync.max_staleness)
-            scored = backlog.pop(step, None)
-            replayed = len(scored or [])
-            generated_at = time.perf_counter()
-            if scored is None:
-                # Each prompt's group is graded as soon as it comes off a rollout worker.
-                def arriving(groups):
-                    nonlocal generated_at
-                    yield from groups
-                    generated_at = time.perf_counter()
-                scored = actors.reward_pool.score_shares(arriving(actors.rollouts.stream(step)), inputs.items_by_id)
-                stream.append(step, scored)
-            generation_seconds = generated_at - started.pop(step)
-            reward_seconds = time.perf_counter() - generated_at  # grading left after the last group
+    def scale_fleet(self) -> None:
+        desired = self.control.desired_rollout_workers()
+        if desired is not None and desired != len(self.actors.rollouts.workers):
+            self.actors.rollouts.resize(desired)
 
-            batch, zero_signal, stale = build_batch(cfg, step, scored, state.policy_version)
-            lags = [state.policy_version - sample.policy_version for sample in batch.samples]
-            values = rollout_stats(scored, generation_seconds)
-            values.update(zero_signal_groups=zero_signal, rollout_workers=len(actors.rollouts.workers),
-                          generation_seconds=generation_seconds, reward_seconds=reward_seconds,
-                          staleness_max=max(state.policy_version - s.rollout.policy_version for s in scored))
-            trained_ids: set[str] = set()  # a skipped (non-finite) step trains nothing
-            skipped, worker_values = False, {}
-            if batch.samples:
-                stats = ray.get(actors.learner.train_step.remote(batch))
-                skipped = stats.skipped
-                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-                if skipped_in_a_row >= cfg.learner.max_consecutive_skipped_steps:
-                    raise TrainingDivergedError(
-                        f"steps {step - skipped_in_a_row + 2}-{step + 1}: {skipped_in_a_row} learner steps in a row had a "
-                        f"non-finite loss or gradient (learner.max_consecutive_skipped_steps={cfg.learner.max_consecutive_skipped_steps}); "
-                        f"stopping. The adapter of policy version {state.policy_version} is unchanged; lower "
-                        "learner.learning_rate or check the rewards, then rft run --resume from the last checkpoint.")
-                if not skipped:
-                    trained_ids = {sample.sample_id for sample in batch.samples}
-                values.update({k: v for k, v in stats.__dict__.items() if isinstance(v, (int, float))})
-                values["learner_step_seconds"] = stats.step_seconds
-                values["clip_fraction"], values["is_truncated_fraction"] = stats.clip_frac, stats.is_truncated_frac
-                if stats.policy_version > state.policy_version:
-                    sync = actors.rollouts.publish(stats.policy_version, actors.channel.export())
-                    values["weight_sync_seconds"] = sync.load_seconds
-                    worker_values = {"weight_sync_worker_seconds": sync.worker_seconds,
-                                     "weight_sync_pause_seconds": sync.pause_seconds}
-                    state.policy_version = stats.policy_version
-            counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
-                      "stale_rollouts_dropped": stale, "samples_trained": len(trained_ids),
-                      "skipped_steps": int(skipped), "rollouts_scored": len(scored) - replayed,
-                      "rollouts_replayed": replayed,
-                      "rollout_workers_replaced": actors.rollouts.workers_replaced - replaced_before,
-                      "requests_reissued": actors.rollouts.requests_reissued - reissued_before}
-            replaced_before, reissued_before = actors.rollouts.workers_replaced, actors.rollouts.requests_reissued
-            # The first prompt not trained yet: those of steps submitted ahead are taken again on resume.
-            state.step, state.data_cursor = step + 1, order.cursor - cfg.prompts_per_step * (submitted - step)
-            state.samples_trained += len(trained_ids)
-            values.update(step=state.step, policy_version=state.policy_version)
-            log_samples(samples_log, state.step, scored, trained_ids)
+    def submit(self, step: int) -> None:
+        requests = step_requests(self.cfg, self.inputs, self.order)  # advances the data cursor either way
+        if step not in self.backlog:
+            sampling = SamplingSettings(self.cfg.rollout.temperature, self.cfg.rollout.max_new_tokens,
+                                        seed=self.cfg.seed * 1_000_003 + step)
+            self.actors.rollouts.submit(step, requests, sampling)
+        self.submitted, self.submitted_at[step] = step, time.perf_counter()
 
-            last_step = state.step == cfg.steps
-            if inputs.heldout_items and (state.step % cfg.eval.every_steps == 0 or last_step):
-                last_heldout = evaluate(cfg, inputs, actors)
-                values.update(heldout_accuracy=last_heldout["accuracy"],
-                              heldout_reward_mean=last_heldout["reward_mean"])
-            workers = {"rollout": len(actors.rollouts.workers), "reward": cfg.reward.num_workers, "learner": 1}
-            metrics.record(state.step, values, counts, hack_rates=hack_rates(cfg.reward.grader, scored),
-                           workers=workers, staleness=lags if trained_ids else None, per_worker=worker_values)
-            on_step(state, values, workers)
-            progress.update(values)
-            if state.step % cfg.checkpoint.every_steps == 0 or last_step:
-                save_checkpoint(cfg, run_dir, actors.learner, state)
-                stream.acknowledge(before_step=state.step)  # trained and now on disk
+    def collect_and_grade(self, step: int) -> StepRecord:
+        """The step's scored rollouts: replayed from the stream, or graded group by group as the
+        rollout workers finish them (then appended to the stream before anything trains on them)."""
+        scored = self.backlog.pop(step, None)
+        replayed = len(scored or [])
+        last_group_at = time.perf_counter()
+        if scored is None:
+            groups = self.actors.rollouts.stream(step)
+            scored = self.actors.reward_pool.score_shares(groups, self.inputs.items_by_id)
+            last_group_at = self.actors.rollouts.ended_at.pop(step)
+            self.stream.append(step, scored)
+        return StepRecord(step, self.state.policy_version, scored, replayed,
+                          generation_seconds=last_group_at - self.submitted_at.pop(step),
+                          reward_seconds=time.perf_counter() - last_group_at)
 
-    output = "adapter" if cfg.learner.lora else "model"  # a peft adapter, or (full weights) a whole model dir
-    output_dir = Path(ray.get(actors.learner.save_policy.remote(str(run_dir / output))))
-    summary = {"job": cfg.name, "steps": state.step, "policy_version": state.policy_version,
-               "data_cursor": state.data_cursor, "samples_trained": state.samples_trained,
-               "heldout_base": state.base_heldout, "heldout_final": last_heldout, output: str(output_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def train(self, record: StepRecord) -> StepStats | None:
+        """One learner step on the batch (none when it is empty)."""
+        if not record.built.batch.samples:
+            return None
+        stats = ray.get(self.actors.learner.train_step.remote(record.built.batch))
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if stats.skipped else 0
+        limit = self.cfg.learner.max_consecutive_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise TrainingDivergedError(
+                f"steps {record.step - self.skipped_in_a_row + 2}-{record.step + 1}: {self.skipped_in_a_row} "
+                "learner steps in a row had a non-finite loss or gradient "
+                f"(learner.max_consecutive_skipped_steps={limit}); stopping. The weights of policy version "
+                f"{self.state.policy_version} are unchanged; lower learner.learning_rate or check the "
+                "rewards, then rft run --resume from the last checkpoint.")
+        return stats
 
+    def publish(self, stats: StepStats | None) -> SyncResult | None:
+        """Send a new version to every rollout worker (and wait until each serves it)."""
+        if stats is None or stats.policy_version <= self.state.policy_version:
+            return None
+        sync = self.actors.rollouts.publish(stats.policy_version, self.actors.channel.export())
+        self.state.policy_version = stats.policy_version
+        return sync
 
-def log_samples(samples_log, step: int, scored: list[ScoredRollout], trained_ids: set[str]) -> None:
-    """One line per rollout: text, reward breakdown, and whether it was trained (`rft report`
-    and the exactly-once tests read this)."""
-    for s in scored:
-        samples_log.write(json.dumps({
-            "step": step, "sample_id": s.rollout.sample_id, "policy_version": s.rollout.policy_version,
-            "worker_id": s.rollout.worker_id, "text": s.rollout.text, "reward": s.reward,
-            "components": s.components, "grader_error": s.grader_error, "hack_flags": s.hack_flags,
-            "diagnostics": s.diagnostics,
-            "trained": s.rollout.sample_id in trained_ids}) + "\n")
-    samples_log.flush()
+    def record(self, record: StepRecord, samples_log, progress: StepProgress) -> None:
+        """The step is done: driver state, samples.jsonl, evaluation when due, metrics, registry."""
+        rollouts = self.actors.rollouts
+        record.rollout_workers = len(rollouts.workers)
+        record.workers_replaced = rollouts.workers_replaced - self.replaced_before
+        record.requests_reissued = rollouts.requests_reissued - self.reissued_before
+        self.replaced_before, self.reissued_before = rollouts.workers_replaced, rollouts.requests_reissued
+        # The first prompt not trained yet: those of steps submitted ahead are taken again on resume.
+        ahead = self.submitted - record.step
+        self.state.step, self.state.data_cursor = record.step + 1, self.order.cursor - self.cfg.prompts_per_step * ahead
+        self.state.samples_trained += len(record.trained_ids)
+        write_samples(samples_log, record)
+        if self.inputs.heldout_items and (self.state.step % self.cfg.eval.every_steps == 0 or self.finished):
+            record.heldout = self.last_heldout = self.evaluate()
+        assembled = step_metrics(self.cfg, record, self.state.policy_version)
+        self.metrics.record(self.state.step, assembled.values, assembled.counts, hack_rates=assembled.hack_rates,
+                            workers=assembled.workers, staleness=assembled.staleness,
+                            per_worker=assembled.per_worker)
+        self.registry.update_progress(self.cfg.name, self.state.step, self.state.policy_version,
+                                      assembled.values, assembled.workers)
+        progress.update(assembled.values)
+
+    def checkpoint_if_due(self) -> None:
+        if self.state.step % self.cfg.checkpoint.every_steps == 0 or self.finished:
+            save_checkpoint(self.cfg, self.cfg.run_dir, self.actors.learner, self.state)
+            self.stream.acknowledge(before_step=self.state.step)  # trained and now on disk
+
+    def finish(self) -> dict:
+        """The job's output (a peft adapter, or with full weights a whole model directory) and summary."""
+        output = "adapter" if self.cfg.learner.lora else "model"
+        output_dir = Path(ray.get(self.actors.learner.save_policy.remote(str(self.cfg.run_dir / output))))
+        summary = {"job": self.cfg.name, "steps": self.state.step, "policy_version": self.state.policy_version,
+                   "data_cursor": self.state.data_cursor, "samples_trained": self.state.samples_trained,
+                   "heldout_base": self.state.base_heldout, "heldout_final": self.last_heldout,
+                   output: str(output_dir)}
+        (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step == self.cfg.steps
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy completions of the held-out items, graded: accuracy, reward, components."""
+        sampling = greedy_settings(self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens)
+        self.actors.rollouts.submit("eval", eval_requests(self.inputs.heldout_items, self.inputs.prompt_ids),
+                                    sampling)
+        rollouts = self.actors.rollouts.collect("eval")
+        return summarize(self.actors.reward_pool.score(rollouts, self.inputs.items_by_id))

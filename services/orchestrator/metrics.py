@@ -30,12 +30,13 @@ GAUGES = {
     "rollout_tokens_per_second": "the step's completion tokens over its generation_seconds (a lower bound "
                                  "while later steps overlap; rft_rollout_generated_tokens_total is the engines' rate)",
     "learner_step_seconds": "wall time of the learner's optimizer step",
-    "weight_sync_seconds": "time the slowest rollout worker spent loading the new adapter",
+    "weight_sync_seconds": "time the slowest rollout worker spent loading the new policy version",
     "is_weight_mean": "mean truncated importance weight",
     "is_weight_max": "max truncated importance weight",
     "is_truncated_fraction": "share of tokens (or sequences) whose importance ratio was truncated",
     "mismatch_kl": "KL between the engine's sampling distribution and the learner's (sampled tokens)",
-    "clip_fraction": "share of tokens where the PPO clip was active",
+    "clip_fraction": "share of tokens where the PPO clip was active (always 0 for now: one optimizer step "
+                     "per batch makes the ratio 1)",
     "entropy": "mean per-token entropy of the policy on the step's completions",
     "kl_ref": "KL to the reference (adapter disabled)",
     "grad_norm": "gradient norm before clipping",

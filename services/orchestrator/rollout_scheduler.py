@@ -10,7 +10,7 @@ version or newer.
 
 Self-healing: the scheduler knows which groups of each stream have not come back yet. When a
 worker dies, its streams fail (Ray raises RayActorError within moments of the process dying);
-the scheduler starts a replacement, which loads the current adapter first, and re-issues each
+the scheduler starts a replacement, which loads the current weights first, and re-issues each
 stream's missing groups on the least-busy live worker. A group is taken exactly once and only
 missing groups are re-issued, so no request is lost or returned twice.
 
@@ -21,6 +21,7 @@ then stopped.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterator
@@ -62,6 +63,7 @@ class RolloutScheduler:
         self.retiring: dict[str, object] = {}  # removed by resize: finishing their streams
         self._streams: dict[ray.ObjectRefGenerator, _Stream] = {}
         self._arrived: dict[Hashable, list[list[Rollout]]] = defaultdict(list)  # groups not yet streamed
+        self.ended_at: dict[Hashable, float] = {}  # tag -> when `stream(tag)` gave its last group
         self.workers_replaced = 0
         self.requests_reissued = 0
         for _ in range(num_workers):
@@ -86,7 +88,7 @@ class RolloutScheduler:
     def stream(self, tag: Hashable) -> Iterator[list[Rollout]]:
         """Each group of rollouts submitted under `tag`, as soon as it is complete (re-issuing
         the groups of workers that died). Groups of other tags that finish meanwhile are kept
-        for their own stream."""
+        for their own stream. When the last group is out, `ended_at[tag]` says when."""
         yield from self._arrived.pop(tag, [])
         while any(stream.tag == tag for stream in self._streams.values()):
             [generator], _ = ray.wait(list(self._streams), num_returns=1)
@@ -98,6 +100,7 @@ class RolloutScheduler:
                 yield group
             else:
                 self._arrived[stream.tag].append(group)
+        self.ended_at[tag] = time.perf_counter()
 
     def collect(self, tag: Hashable) -> list[Rollout]:
         """Every rollout submitted under `tag`, once all are done."""

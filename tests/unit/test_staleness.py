@@ -6,7 +6,7 @@ import pytest
 from reward_workers.interface import ScoredRollout
 from rollout_workers.interface import Rollout
 from services.config import load_config
-from services.orchestrator.driver import build_batch
+from services.orchestrator.batch import build_batch
 from tests.unit.test_config_data import EXAMPLE
 
 
@@ -21,7 +21,8 @@ def scored(prompt_id: str, index: int, version: int, reward: float) -> ScoredRol
 def test_rollouts_older_than_max_staleness_are_dropped_and_counted(max_staleness, learner_version, kept_versions):
     cfg = load_config(EXAMPLE, [f"sync.max_staleness={max_staleness}"])
     batch_in = [scored(f"p{v}", i, v, reward=float(i)) for v in (0, 1, 2) for i in range(2)]
-    batch, zero_signal, stale = build_batch(cfg, step=3, scored=batch_in, policy_version=learner_version)
+    built = build_batch(cfg, step=3, scored=batch_in, policy_version=learner_version)
+    batch, zero_signal, stale = built.batch, built.zero_signal_groups, built.stale_dropped
     assert {s.policy_version for s in batch.samples} == kept_versions
     assert stale == 6 - len(batch.samples)
     assert zero_signal == 0
@@ -31,7 +32,8 @@ def test_rollouts_older_than_max_staleness_are_dropped_and_counted(max_staleness
 def test_zero_signal_groups_are_counted_and_skipped():
     cfg = load_config(EXAMPLE)
     batch_in = [scored("flat", i, 0, 0.5) for i in range(3)] + [scored("live", i, 0, float(i)) for i in range(3)]
-    batch, zero_signal, stale = build_batch(cfg, step=0, scored=batch_in, policy_version=0)
+    built = build_batch(cfg, step=0, scored=batch_in, policy_version=0)
+    batch, zero_signal, stale = built.batch, built.zero_signal_groups, built.stale_dropped
     assert zero_signal == 1 and stale == 0
     assert {s.sample_id.split("#")[0] for s in batch.samples} == {"live"}
     advantages = [s.advantage for s in batch.samples]
