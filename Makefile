@@ -48,5 +48,8 @@ test: model redis-server prometheus
 test-fast: model redis-server prometheus
 	$(PY) -m pytest -q tests/unit
 
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+
 clean-venv:
 	rm -rf $(VENV)
