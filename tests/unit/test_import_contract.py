@@ -79,7 +79,8 @@ def layer_violations(graph: grimp.ImportGraph, layers: tuple[tuple[str, ...], ..
     violations = []
     for index, layer in enumerate(layers):
         for package in layer:
-            forbidden = [p for higher in layers[index + 1:] for p in higher] + [p for p in layer if p != package]
+            higher = [p for upper in layers[index + 1:] for p in upper]
+            forbidden = higher + [p for p in layer if p != package]
             violations += imports_between(graph, [package], forbidden)
     return violations
 
@@ -171,7 +172,8 @@ def test_core_imports_no_other_rft_package(graph):
 def test_packages_import_only_lower_layers(graph):
     violations = layer_violations(graph, LAYERS)
     order = "  <-  ".join(" | ".join(layer) for layer in LAYERS)
-    assert not violations, report(f"layers (lowest first: {order}); imports upward or across a layer", violations)
+    assert not violations, report(f"layers (lowest first: {order}); imports upward or across a layer",
+                                  violations)
 
 
 def test_no_module_import_cycle(runtime_graph):
