@@ -28,11 +28,6 @@ TRANSPORTS = ("object_store", "broadcast", "file")
 PAYLOADS = ("lora", "full")
 
 
-def advance_version(learner) -> int:
-    learner.policy_version += 1
-    return learner.policy_version
-
-
 def demo_batch(step: int, samples: int, vocab: int):
     import torch
 
@@ -54,6 +49,8 @@ def main() -> None:
 
     import ray
 
+    from transformers import AutoConfig
+
     from learner.learner import Learner
     from rollout_workers.worker import RolloutWorker
     from services.config import load_config
@@ -62,28 +59,35 @@ def main() -> None:
     from weight_sync.channel import WeightSyncChannel
     from weight_sync.transports import make_transport
 
+    class BenchLearner(Learner):
+        """The learner with one bench-only call: a new policy version without a step."""
+
+        def bench_advance_version(self) -> int:
+            self.policy_version += 1
+            return self.policy_version
+
     model_path = str(ensure_default_model())
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "examples" / "arithmetic.yaml", [f"model.path={model_path}", f"rollout.engine={args.engine}"])
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=2)})
     try:
-        learner = ray.remote(Learner).remote(model_path, **cfg.learner_kwargs())
-        worker = ray.remote(RolloutWorker).remote("w0", cfg, model_path)
+        learner = ray.remote(BenchLearner).remote(model_path, **cfg.learner_kwargs())
+        worker = ray.remote(RolloutWorker).remote("w0", cfg.rollout, cfg.engine_spec(model_path))
         engine = ray.get(worker.engine_name.remote())
-        vocab = ray.get(learner.run_weight_sync.remote(lambda actor: actor.model.config.vocab_size))
+        vocab = AutoConfig.from_pretrained(model_path).vocab_size
         transports = {name: make_transport(name, learner, cfg.sync.bucket_mb * 2**20, cfg.sync.broadcast_timeout_s,
                                            file_root=None) for name in TRANSPORTS}
         channels = {(t, p): WeightSyncChannel(transports[t], learner, payload=p) for t in TRANSPORTS for p in PAYLOADS}
         # Warm-up: first calls pay imports, group formation, first allocations.
         for channel in channels.values():
-            channel.publish(ray.get(learner.run_weight_sync.remote(advance_version)), channel.export(), [worker])
+            channel.publish(ray.get(learner.bench_advance_version.remote()), channel.export(), [worker])
         step_seconds, sync_seconds, pause_seconds = [], {k: [] for k in channels}, {k: [] for k in channels}
         for repeat in range(args.repeats):
             started = time.perf_counter()
             stats = ray.get(learner.train_step.remote(demo_batch(repeat, args.samples, vocab)))
             step_seconds.append(time.perf_counter() - started)
             for key, channel in channels.items():
-                version = ray.get(learner.run_weight_sync.remote(advance_version))
+                version = ray.get(learner.bench_advance_version.remote())
                 started = time.perf_counter()
                 result = channel.publish(version, channel.export(), [worker])
                 sync_seconds[key].append(time.perf_counter() - started)

@@ -26,6 +26,7 @@ from core.net import free_port
 from core.telemetry import ComponentMetrics, MetricsContext
 from learner.config import AlgorithmConfig, LearnerConfig
 from weight_sync.adapter import AdapterWeights
+from weight_sync.endpoints import WeightsSender
 from weight_sync.full_weights import FullWeights, base_parameters
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def _init_distributed() -> Any:
     return deepspeed
 
 
-class Learner:
+class Learner(WeightsSender):
+    """Sends each policy version through `WeightsSender` (`open_sync_store`, `join_sync_group`,
+    `broadcast_weights`, `write_weights_version`)."""
+
     def __init__(self, model_path: str, *, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  dtype: str = "bfloat16", seed: int = 0, metrics: MetricsContext | None = None):
         from peft import LoraConfig, get_peft_model
@@ -69,7 +73,6 @@ class Learner:
             "steps": "optimizer steps taken", "skipped_steps": "steps skipped for non-finite numbers",
             "train_seconds": "wall time in train_step", "trained_tokens": "completion tokens trained on",
         }, gauges={"policy_version": "policy version after the last step"})
-        self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
         self.model_path = model_path
         self.lora = learner.lora
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -237,10 +240,6 @@ class Learner:
         with self.deepspeed.zero.GatheredParameters(list(self.model.parameters())):
             weights = {name: p.detach() for name, p in base_parameters(self.model).items()}
             return FullWeights.create(self.policy_version, adapter.merged_into(weights) if adapter else weights)
-
-    def run_weight_sync(self, step, *args):
-        """Run one learner-side step of a weight-sync transport (`weight_sync.transports`) here."""
-        return step(self, *args)
 
     def peft_config(self) -> dict[str, Any]:
         """The LoraConfig as JSON-able data (sets as sorted lists), incl. base_model_name_or_path."""

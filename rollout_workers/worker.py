@@ -13,6 +13,7 @@ import time
 
 from core.telemetry import ComponentMetrics, MetricsContext
 from weight_sync.adapter import AdapterWeights, WeightsRefused
+from weight_sync.endpoints import WeightsReceiver
 from weight_sync.full_weights import FullWeights
 
 from .engine_loop import END, EngineLoop, Finished
@@ -25,7 +26,10 @@ class StaleWeightsError(WeightsRefused):
     """Weights whose version is not newer than the one the worker already serves."""
 
 
-class RolloutWorker:
+class RolloutWorker(WeightsReceiver):
+    """Receives each policy version through `WeightsReceiver` (`sync_node_id`, `join_sync_group`,
+    `receive_weights`, `served_weights`), which loads them with `load_weights`."""
+
     def __init__(self, worker_id: str, rollout: RolloutConfig, engine: EngineSpec,
                  metrics: MetricsContext | None = None):
         self.worker_id = worker_id
@@ -37,7 +41,6 @@ class RolloutWorker:
         self.sha256 = ""  # checksum of the weights served
         self.load_seconds = 0.0  # the engine's last load
         self.drain_seconds = 0.0  # how long the last load waited for running requests to finish
-        self.weight_sync_state: dict = {}  # what a weight-sync transport keeps here (its process group)
         self.loop = EngineLoop(lambda: make_engine(rollout, engine),
                                served_version=lambda: self.version, on_step=self._count)
         self.engine = self.loop.engine  # used on the loop thread only
@@ -103,10 +106,6 @@ class RolloutWorker:
             self.metrics.set("policy_version", self.version)
             self.metrics.set("weight_load_seconds", self.load_seconds)
         return self.version
-
-    def run_weight_sync(self, step, *args):
-        """Run one worker-side step of a weight-sync transport (`weight_sync.transports`) here."""
-        return step(self, *args)
 
     def policy_version(self) -> int:
         return self.version

@@ -1,5 +1,10 @@
 """A torch.distributed broadcast group between the learner (rank 0) and the rollout workers.
 
+This module is the wire format and one process's membership (`BroadcastMember`). The actors
+hold theirs through the endpoint mixins (`weight_sync/endpoints.py`): the learner's
+`open_sync_store`, `join_sync_group` and `broadcast_weights`, each worker's `join_sync_group`
+and `receive_weights(FromBroadcast())`, which `BroadcastTransport` calls.
+
 The group is its own process group (`ProcessGroupGloo` on CPU, `ProcessGroupNCCL` on GPUs) over
 a TCP store the learner hosts, independent of any default group the learner's DeepSpeed engine
 uses. One sync is a fixed sequence of broadcasts from rank 0:
@@ -111,55 +116,3 @@ class BroadcastMember:
             return FullWeights(version=header["version"], tensors=tensors, sha256=header["sha256"])
         return AdapterWeights(version=header["version"], tensors=tensors, peft_config=header["peft_config"],
                               sha256=header["sha256"])
-
-
-# ---- steps run inside the actors (via their `run_weight_sync`) ---------------------------------
-
-MEMBER, MASTER_STORE = "broadcast_member", "broadcast_master_store"
-
-
-def open_store(learner, timeout_s: float) -> tuple[str, int, str, str]:
-    """Learner: host a fresh TCP store on a port the OS picks (no race for a 'free' port).
-    Returns (this node's IP, port, this node's Ray id, backend)."""
-    import ray
-
-    leave_group(learner)
-    store = dist.TCPStore("0.0.0.0", 0, None, is_master=True, timeout=timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
-    learner.weight_sync_state[MASTER_STORE] = store
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return ray.util.get_node_ip_address(), store.port, ray.get_runtime_context().get_node_id(), backend
-
-
-def node_id(_actor) -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
-def join_group(actor, spec: GroupSpec, rank: int) -> None:
-    """Any member: join a new formation (leaving the previous one). Blocks until all have joined."""
-    master_store = actor.weight_sync_state.pop(MASTER_STORE, None) if rank == 0 else None
-    if rank != 0:
-        leave_group(actor)
-    actor.weight_sync_state[MEMBER] = BroadcastMember(spec, rank, master_store)
-
-
-def leave_group(actor) -> None:
-    actor.weight_sync_state.pop(MEMBER, None)
-    actor.weight_sync_state.pop(MASTER_STORE, None)
-
-
-def send_weights(learner, weights: AdapterWeights | FullWeights, bucket_bytes: int) -> None:
-    _member(learner).send(weights, bucket_bytes)
-
-
-def receive_weights(worker) -> AdapterWeights | FullWeights:
-    return _member(worker).receive()
-
-
-def _member(actor) -> BroadcastMember:
-    member = actor.weight_sync_state.get(MEMBER)
-    if member is None:
-        raise RuntimeError("not a member of a weight-sync broadcast group (the channel forms it before a sync)")
-    return member

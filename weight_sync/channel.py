@@ -1,13 +1,15 @@
 """The versioned channel from the learner to the rollout workers.
 
 `publish(version, weights_ref, workers)` hands one version to every worker over the configured
-transport (`weight_sync/transports.py`) and waits until each serves it. Every version carries a
-sha256; a worker refuses weights that fail it, or that are not newer than what it serves, and
-keeps its current weights. The channel then re-fetches the version for that worker from the
-canonical object-store copy (`weights_ref`), at most `max_refetches` times, and raises
-`WeightSyncError` naming the worker and the reasons after that. A failed transfer (e.g. a broken
-broadcast group) is re-fetched the same way, and the transport is reset. A dead worker's
-RayActorError propagates: its replacement is caught up with `catch_up`.
+transport (`weight_sync/transports.py`) and waits until each serves it. Every delivery ends in
+the worker's `receive_weights` (`weight_sync/endpoints.py`), which answers a `LoadReport`. Every
+version carries a sha256; a worker refuses weights that fail it, or that are not newer than what
+it serves, and keeps its current weights. The channel then re-fetches the version for that
+worker from the canonical object-store copy (`weights_ref`, as `FromObjectStore`), at most
+`max_refetches` times, and raises `WeightSyncError` naming the worker and the reasons after
+that. A failed transfer (e.g. a broken broadcast group) is re-fetched the same way, and the
+transport is reset. A dead worker's RayActorError propagates: its replacement is caught up with
+`catch_up`, from the same canonical copy.
 
 A worker loads a version once the requests it is running finish (each completion comes from one
 version); requests it holds or receives meanwhile start on the new weights.
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from .transports import LoadReport, Transport, ObjectStoreTransport, deliver_from_object_store, make_transport
+from .endpoints import LoadReport
+from .transports import Transport, ObjectStoreTransport, deliver_from_object_store, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class WeightSyncChannel:
 
     def catch_up(self, worker) -> ray.ObjectRef | None:
         """Bring a new (or replacement) worker to the current version from the canonical
-        object-store copy; returns the ack ref (resolving to the version it serves)."""
+        object-store copy; returns the ack ref (resolving to the worker's LoadReport)."""
         if self._latest_ref is None:
             return None
-        return worker.load_weights.remote(self._latest_ref)
+        return deliver_from_object_store(self._latest_ref, worker)

@@ -1,8 +1,8 @@
 """The weight-sync transports (object store, torch.distributed broadcast over gloo, files) with
 real Ray actors: after a sync both engines sample with the learner's policy; corrupt and
 out-of-order deliveries are refused and re-fetched; a worker added later catches up; full
-weights travel in buckets. Faults on the wire, which cannot be caused for real here, are
-injected by wrapping a transport's worker-side fetch."""
+weights travel in buckets. A bit error on the wire, which cannot be caused for real here, is
+injected by a test-only rollout worker whose fetch step damages what arrived."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,6 +23,7 @@ from tests.integration.test_weight_sync import as_samples, mean_abs_gap
 from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
 from weight_sync.broadcast import BroadcastMember, GroupSpec
 from weight_sync.channel import WeightSyncChannel, WeightSyncError
+from weight_sync.endpoints import ReceiverActor, WeightsReceiver, WeightsSender
 from weight_sync.files import read_version, version_dir, write_version
 from weight_sync.full_weights import FullWeights, plan_buckets
 from weight_sync.transports import make_transport
@@ -83,6 +84,20 @@ def test_transports_need_the_learner_except_the_object_store():
         make_transport("carrier-pigeon", object(), 2**20, 60, None)
 
 
+def test_endpoint_names_do_not_clash_with_the_actors_own():
+    """Like vLLM's check of a worker extension's names: a mixin method the actor also defined
+    would be silently overridden (or override it)."""
+    for mixin, actor in ((WeightsReceiver, RolloutWorker), (WeightsSender, Learner)):
+        names = {n for n in vars(mixin) if not n.startswith("__")}
+        own = {n for cls in actor.__mro__ if cls not in (mixin, object)
+               for n in vars(cls) if not n.startswith("__")}
+        assert names and not names & own, (mixin.__name__, sorted(names & own))
+        assert all(getattr(actor, n) is getattr(mixin, n) for n in names)
+    # What the receiver needs of the worker (ReceiverActor): its methods are the worker's own.
+    needed = {n for n, v in vars(ReceiverActor).items() if callable(v) and not n.startswith("_")}
+    assert needed == {"load_weights"} and needed <= set(vars(RolloutWorker)) - set(vars(WeightsReceiver))
+
+
 def test_channel_from_config(tmp_path):
     from weight_sync.config import SyncConfig
     learner = object()  # stands for the learner's actor handle; nothing is called on it here
@@ -114,19 +129,23 @@ def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
 
 # ---------------------------------------------------------------- with Ray actors
 
-class CorruptingFetch:
-    """Fault injection: a transport's worker-side fetch that flips a byte of one tensor after
-    the transfer, as a bit error on the wire would."""
+class CorruptingWorker(RolloutWorker):
+    """Test-only fault injection: a rollout worker whose next `count` fetches (any transport) get
+    a byte of one tensor flipped after the transfer, as a bit error on the wire would. Until told,
+    it is a plain RolloutWorker."""
+    corrupt_fetches = 0
 
-    def __init__(self, fetch):
-        self.fetch = fetch
+    def corrupt_next_fetches(self, count: int) -> None:
+        self.corrupt_fetches = count
 
-    def __call__(self, worker, *args):
-        weights = self.fetch(worker, *args)
-        name = sorted(weights.tensors)[0]
-        damaged = weights.tensors[name].clone()
-        damaged.view(-1).view(torch.uint8)[0] ^= 0xFF
-        weights.tensors[name] = damaged
+    def _fetch_weights(self, source):
+        weights = super()._fetch_weights(source)
+        if self.corrupt_fetches > 0:
+            self.corrupt_fetches -= 1
+            name = sorted(weights.tensors)[0]
+            damaged = weights.tensors[name].clone()
+            damaged.view(-1).view(torch.uint8)[0] ^= 0xFF
+            weights.tensors[name] = damaged
         return weights
 
 
@@ -136,7 +155,7 @@ class DeliversOtherVersion:
 
     def __init__(self, inner, delivered_ref):
         self.inner, self.delivered_ref = inner, delivered_ref
-        self.name, self.fetch = inner.name, inner.fetch
+        self.name = inner.name
 
     def deliver(self, weights_ref, version, workers):
         return self.inner.deliver(self.delivered_ref, version, workers)
@@ -157,15 +176,15 @@ def learner(local_ray, tiny_model_dir):
     ray.kill(actor)
 
 
-def start_workers(tiny_model_dir, prefix: str, engines=ENGINES) -> list:
-    return [ray.remote(RolloutWorker).remote(f"{prefix}-{engine}",
-                                             *worker_settings(job_config(tiny_model_dir, engine), tiny_model_dir))
+def start_workers(tiny_model_dir, prefix: str, engines=ENGINES, worker_class=RolloutWorker) -> list:
+    return [ray.remote(worker_class).remote(
+                f"{prefix}-{engine}", *worker_settings(job_config(tiny_model_dir, engine), tiny_model_dir))
             for engine in engines]
 
 
 @pytest.fixture(scope="module")
 def workers(local_ray, tiny_model_dir):
-    handles = start_workers(tiny_model_dir, "w")
+    handles = start_workers(tiny_model_dir, "w", worker_class=CorruptingWorker)
     yield handles
     for handle in handles:
         ray.kill(handle)
@@ -186,7 +205,8 @@ def channel_for(transport: str, learner, payload: str = "lora", bucket_bytes: in
 
 
 def served_sha256(worker) -> str:
-    return ray.get(worker.run_weight_sync.remote(lambda w: w.sha256))
+    _, sha256 = ray.get(worker.served_weights.remote())
+    return sha256
 
 
 def assert_serves_learner_policy(learner, workers, weights_ref):
@@ -216,7 +236,7 @@ def test_sync_gives_every_engine_the_learners_policy(learner, workers, transport
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_corrupt_delivery_is_refused_then_refetched(learner, workers, transport):
     channel = channel_for(transport, learner)
-    channel.transport.fetch = CorruptingFetch(channel.transport.fetch)
+    ray.get([w.corrupt_next_fetches.remote(1) for w in workers])  # the first delivery only
     version = train_step(learner)
     ref = channel.export()
     result = channel.publish(version, ref, workers)
@@ -264,7 +284,8 @@ def test_worker_added_after_three_versions_catches_up(learner, workers, tiny_mod
         channel.publish(train_step(learner), channel.export(), workers)
     late, = start_workers(tiny_model_dir, "late", ["hf"])
     try:
-        assert ray.get(channel.catch_up(late)) == channel.version  # from the object store
+        caught_up = ray.get(channel.catch_up(late))  # from the object store
+        assert caught_up.served_version == channel.version and caught_up.refused is None
         version = train_step(learner)
         ref = channel.export()
         formations = getattr(channel.transport, "formations", None)
