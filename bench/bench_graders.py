@@ -11,6 +11,7 @@ One run measures, on the same batch of samples with a trivial grader (string equ
 
     .venv/bin/python bench/bench_graders.py [--samples 400] [--repeats 3] [--workers 1 2 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TRIVIAL_GRADER = '''
+TRIVIAL_GRADER = """
 def grade(sample, item):
     return float(sample["output_text"].strip() == item["reward_model"]["ground_truth"])
-'''
+"""
 GOAL_OVERHEAD_MS = 5.0
 
 
@@ -32,10 +33,22 @@ def make_batch(count: int):
     """Rollouts and items keyed by prompt id: half right, half wrong, 8 samples per prompt."""
     from rollout_workers.interface import Rollout
 
-    items = {f"p{p}": {"id": f"p{p}", "reward_model": {"ground_truth": str(p)}} for p in range((count + 7) // 8)}
-    rollouts = [Rollout(prompt_id=f"p{i // 8}", sample_index=i % 8, prompt_ids=[1], completion_ids=[2],
-                        behaviour_logprobs=[-0.1], policy_version=0, finish_reason="stop",
-                        text=str(i // 8) if i % 2 == 0 else "wrong") for i in range(count)]
+    items = {
+        f"p{p}": {"id": f"p{p}", "reward_model": {"ground_truth": str(p)}} for p in range((count + 7) // 8)
+    }
+    rollouts = [
+        Rollout(
+            prompt_id=f"p{i // 8}",
+            sample_index=i % 8,
+            prompt_ids=[1],
+            completion_ids=[2],
+            behaviour_logprobs=[-0.1],
+            policy_version=0,
+            finish_reason="stop",
+            text=str(i // 8) if i % 2 == 0 else "wrong",
+        )
+        for i in range(count)
+    ]
     return rollouts, items
 
 
@@ -50,7 +63,9 @@ def best_of(repeats: int, run) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -58,11 +73,11 @@ def main() -> None:
 
     import ray
 
-    from reward_workers.graders import build_grader
+    from reward_workers.config import RewardConfig
     from reward_workers.grader_spec import PythonGrader
+    from reward_workers.graders import build_grader
     from reward_workers.pool import RewardPool, grader_sample
     from reward_workers.sandbox import GraderSandbox, runner_spec
-    from reward_workers.config import RewardConfig
 
     cores = os.cpu_count()
     reward_cfg = RewardConfig(grader=PythonGrader(source=TRIVIAL_GRADER, name="trivial"))
@@ -70,8 +85,10 @@ def main() -> None:
     samples = [grader_sample(r) for r in rollouts]
     items = [items_by_id[r.prompt_id] for r in rollouts]
     n = len(samples)
-    print(f"this box has {cores} cores (os.cpu_count()), load average {os.getloadavg()[0]:.1f} at start; "
-          f"{n} samples, best of {args.repeats} runs each")
+    print(
+        f"this box has {cores} cores (os.cpu_count()), load average {os.getloadavg()[0]:.1f} at start; "
+        f"{n} samples, best of {args.repeats} runs each"
+    )
 
     grade = build_grader(runner_spec(reward_cfg.grader))
     unsandboxed_s = best_of(args.repeats, lambda: [grade(s, i) for s, i in zip(samples, items)])
@@ -84,9 +101,13 @@ def main() -> None:
     overhead_ms = 1000 * (sandboxed_s - unsandboxed_s) / n
     print("per-sample grading, trivial grader:")
     print(f"  unsandboxed (in-process call)      {1000 * unsandboxed_s / n:8.3f} ms")
-    print(f"  sandboxed (GraderSandbox, 1 runner) {1000 * sandboxed_s / n:8.3f} ms   ({', '.join(protections)})")
-    print(f"  overhead                            {overhead_ms:8.3f} ms per sample "
-          f"(goal <= {GOAL_OVERHEAD_MS:g} ms: {'met' if overhead_ms <= GOAL_OVERHEAD_MS else 'NOT met'})")
+    print(
+        f"  sandboxed (GraderSandbox, 1 runner) {1000 * sandboxed_s / n:8.3f} ms   ({', '.join(protections)})"
+    )
+    print(
+        f"  overhead                            {overhead_ms:8.3f} ms per sample "
+        f"(goal <= {GOAL_OVERHEAD_MS:g} ms: {'met' if overhead_ms <= GOAL_OVERHEAD_MS else 'NOT met'})"
+    )
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
@@ -98,7 +119,9 @@ def main() -> None:
                 errors = [s.grader_error for s in scored if s.grader_error]
                 if errors:
                     raise SystemExit(f"the pool failed to grade: {errors[0]}")
-                rates[workers] = n / best_of(args.repeats, lambda: pool.score(rollouts, items_by_id))
+                rates[workers] = n / best_of(
+                    args.repeats, lambda pool=pool: pool.score(rollouts, items_by_id)
+                )
             finally:
                 pool.shutdown()
     finally:

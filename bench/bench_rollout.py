@@ -9,6 +9,7 @@ Goal: worker / raw >= 0.95.
 
     .venv/bin/python bench/bench_rollout.py [--engine vllm|hf] [--prompts 16] [--samples 4] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=4)
@@ -32,30 +37,40 @@ def main() -> None:
     args = parser.parse_args()
 
     from services.orchestrator.setup import actor_env
+
     # One process computes at a time here (the raw engine, then the worker): give each the same threads.
     for name, value in actor_env(heavy_actors=1).items():
         os.environ.setdefault(name, value)
 
     import ray
+    from transformers import AutoTokenizer
 
+    from core.model_store import resolve_model_path
     from rollout_workers.engines import make_engine
     from rollout_workers.interface import GenerationRequest, SamplingSettings
     from services.config import load_config
     from services.orchestrator.data import load_items, prompt_token_ids
-    from services.orchestrator.setup import rollout_worker_factory
-    from core.model_store import resolve_model_path
     from services.orchestrator.rollout_scheduler import RolloutScheduler
+    from services.orchestrator.setup import rollout_worker_factory
     from weight_sync.channel import WeightSyncChannel
-    from transformers import AutoTokenizer
 
     example = Path(__file__).resolve().parents[1] / "examples" / "arithmetic.yaml"
-    cfg = load_config(example, [f"rollout.engine={args.engine}", f"rollout.max_new_tokens={args.max_new_tokens}",
-                                "name=bench-rollout"])
+    cfg = load_config(
+        example,
+        [
+            f"rollout.engine={args.engine}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            "name=bench-rollout",
+        ],
+    )
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    items = load_items(cfg.data.train)[:args.prompts]
-    requests = [GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
-                for item in items for k in range(args.samples)]
+    items = load_items(cfg.data.train)[: args.prompts]
+    requests = [
+        GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
+        for item in items
+        for k in range(args.samples)
+    ]
 
     engine = make_engine(cfg.rollout, cfg.engine_spec(model_path))
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=1)})
@@ -82,8 +97,10 @@ def main() -> None:
     scheduler.shutdown()
     ray.shutdown()
     raw, worker = (statistics.median(rates[name]) for name in ("raw", "worker"))
-    print(f"engine {engine.name}, {len(requests)} samples x <= {args.max_new_tokens} tokens, "
-          f"median of {args.repeats}, alternating")
+    print(
+        f"engine {engine.name}, {len(requests)} samples x <= {args.max_new_tokens} tokens, "
+        f"median of {args.repeats}, alternating"
+    )
     print(f"raw engine      {raw:8.1f} tok/s   {[round(r) for r in rates['raw']]}")
     print(f"rollout worker  {worker:8.1f} tok/s   {[round(r) for r in rates['worker']]}")
     print(f"ratio worker/raw {worker / raw:.3f}  (goal >= 0.95)")

@@ -11,6 +11,7 @@ policy_version is advanced without a step: the tensors keep their size, which is
 cost depends on. Prints medians and the ratios: sync time as a share of a learner step, and full
 vs adapter sync time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,17 @@ def demo_batch(step: int, samples: int, vocab: int):
     from learner.interface import TrainBatch, TrainSample
 
     generator = torch.Generator().manual_seed(step)
-    rows = [TrainSample(f"s{step}-{i}", torch.randint(10, vocab, (40,), generator=generator).tolist(),
-                        torch.randint(10, vocab, (48,), generator=generator).tolist(), [-2.0] * 48,
-                        1.0 if i % 2 else -1.0, 0) for i in range(samples)]
+    rows = [
+        TrainSample(
+            f"s{step}-{i}",
+            torch.randint(10, vocab, (40,), generator=generator).tolist(),
+            torch.randint(10, vocab, (48,), generator=generator).tolist(),
+            [-2.0] * 48,
+            1.0 if i % 2 else -1.0,
+            0,
+        )
+        for i in range(samples)
+    ]
     return TrainBatch(step, rows, temperature=0.7)
 
 
@@ -48,14 +57,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
     from transformers import AutoConfig
 
+    from core.model_store import ensure_default_model
     from learner.learner import Learner
     from rollout_workers.worker import RolloutWorker
     from services.config import load_config
     from services.orchestrator.setup import actor_env
-    from core.model_store import ensure_default_model
     from weight_sync.channel import WeightSyncChannel
     from weight_sync.transports import make_transport
 
@@ -68,16 +76,24 @@ def main() -> None:
 
     model_path = str(ensure_default_model())
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "examples" / "arithmetic.yaml", [f"model.path={model_path}", f"rollout.engine={args.engine}"])
+    cfg = load_config(
+        root / "examples" / "arithmetic.yaml", [f"model.path={model_path}", f"rollout.engine={args.engine}"]
+    )
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": actor_env(heavy_actors=2)})
     try:
         learner = ray.remote(BenchLearner).remote(model_path, **cfg.learner_kwargs())
         worker = ray.remote(RolloutWorker).remote("w0", cfg.rollout, cfg.engine_spec(model_path))
         engine = ray.get(worker.engine_name.remote())
         vocab = AutoConfig.from_pretrained(model_path).vocab_size
-        transports = {name: make_transport(name, learner, cfg.sync.bucket_mb * 2**20, cfg.sync.broadcast_timeout_s,
-                                           file_root=None) for name in TRANSPORTS}
-        channels = {(t, p): WeightSyncChannel(transports[t], learner, payload=p) for t in TRANSPORTS for p in PAYLOADS}
+        transports = {
+            name: make_transport(
+                name, learner, cfg.sync.bucket_mb * 2**20, cfg.sync.broadcast_timeout_s, file_root=None
+            )
+            for name in TRANSPORTS
+        }
+        channels = {
+            (t, p): WeightSyncChannel(transports[t], learner, payload=p) for t in TRANSPORTS for p in PAYLOADS
+        }
         # Warm-up: first calls pay imports, group formation, first allocations.
         for channel in channels.values():
             channel.publish(ray.get(learner.bench_advance_version.remote()), channel.export(), [worker])
@@ -92,28 +108,44 @@ def main() -> None:
                 result = channel.publish(version, channel.export(), [worker])
                 sync_seconds[key].append(time.perf_counter() - started)
                 pause_seconds[key].append(result.pause_seconds["w0"])
-            print(f"repeat {repeat + 1}/{args.repeats}: step {step_seconds[-1]:.2f} s "
-                  f"({stats.tokens} tokens)", flush=True)
+            print(
+                f"repeat {repeat + 1}/{args.repeats}: step {step_seconds[-1]:.2f} s ({stats.tokens} tokens)",
+                flush=True,
+            )
     finally:
         ray.shutdown()
 
     step = statistics.median(step_seconds)
-    report = {"engine": engine, "repeats": args.repeats, "samples": args.samples,
-              "learner_step_s": round(step, 3), "transports": {}}
-    print(f"\nSmolLM2-135M, LoRA r16 q/k/v/o, engine {engine}; medians of {args.repeats}; "
-          f"learner step {step:.2f} s ({args.samples} samples x 88 tokens)")
-    print(f"{'transport':<13} {'adapter s':>10} {'full s':>8} {'full/adapter':>13} {'adapter/step':>13} "
-          f"{'full/step':>10} {'adapter pause s':>16}")
+    report = {
+        "engine": engine,
+        "repeats": args.repeats,
+        "samples": args.samples,
+        "learner_step_s": round(step, 3),
+        "transports": {},
+    }
+    print(
+        f"\nSmolLM2-135M, LoRA r16 q/k/v/o, engine {engine}; medians of {args.repeats}; "
+        f"learner step {step:.2f} s ({args.samples} samples x 88 tokens)"
+    )
+    print(
+        f"{'transport':<13} {'adapter s':>10} {'full s':>8} {'full/adapter':>13} {'adapter/step':>13} "
+        f"{'full/step':>10} {'adapter pause s':>16}"
+    )
     for t in TRANSPORTS:
         lora, full = (statistics.median(sync_seconds[(t, p)]) for p in PAYLOADS)
         pause = statistics.median(pause_seconds[(t, "lora")])
-        report["transports"][t] = {"adapter_sync_s": round(lora, 4), "full_sync_s": round(full, 4),
-                                   "full_over_adapter": round(full / lora, 2),
-                                   "adapter_sync_share_of_step": round(lora / step, 4),
-                                   "full_sync_share_of_step": round(full / step, 4),
-                                   "adapter_pause_s": round(pause, 4)}
-        print(f"{t:<13} {lora:>10.3f} {full:>8.3f} {full / lora:>12.1f}x {lora / step:>12.1%} "
-              f"{full / step:>9.1%} {pause:>16.3f}")
+        report["transports"][t] = {
+            "adapter_sync_s": round(lora, 4),
+            "full_sync_s": round(full, 4),
+            "full_over_adapter": round(full / lora, 2),
+            "adapter_sync_share_of_step": round(lora / step, 4),
+            "full_sync_share_of_step": round(full / step, 4),
+            "adapter_pause_s": round(pause, 4),
+        }
+        print(
+            f"{t:<13} {lora:>10.3f} {full:>8.3f} {full / lora:>12.1f}x {lora / step:>12.1%} "
+            f"{full / step:>9.1%} {pause:>16.3f}"
+        )
     print(json.dumps(report))
 
 

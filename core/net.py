@@ -1,4 +1,5 @@
 """Networking helpers shared by the actors and the tests."""
+
 from __future__ import annotations
 
 import socket

@@ -5,6 +5,7 @@ learner serves its own metrics (labels `job` and `worker`) on a free port of 127
 Prometheus of deploy/ scrapes every component without configuration. On a multi-node cluster the
 targets directory must be shared storage (the compose and KubeRay files mount the run root).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-TARGETS_DIRNAME = "prometheus-targets"    # next to the run dirs: one <job>.json per running job
+TARGETS_DIRNAME = "prometheus-targets"  # next to the run dirs: one <job>.json per running job
 ADVERTISE_HOST_ENV = "RFT_METRICS_ADVERTISE_HOST"  # the host name Prometheus should scrape
 
 
@@ -31,13 +32,16 @@ def write_targets_file(path: Path, target: str, job: str, component: str = "driv
     """One file_sd target group, written atomically (Prometheus may read it at any moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps([{"targets": [target], "labels": {"job": job, "component": component}}], indent=2))
+    staging.write_text(
+        json.dumps([{"targets": [target], "labels": {"job": job, "component": component}}], indent=2)
+    )
     os.replace(staging, path)
 
 
 @dataclass(frozen=True)
 class MetricsContext:
     """What an actor needs to export its metrics; the job setup passes one to each actor."""
+
     job: str
     targets_dir: str
     host: str = "127.0.0.1"
@@ -56,20 +60,38 @@ class MetricsContext:
 
 
 class ComponentMetrics:
-    def __init__(self, context: MetricsContext, component: str, worker: str,
-                 counters: dict[str, str], gauges: dict[str, str]):
+    def __init__(
+        self,
+        context: MetricsContext,
+        component: str,
+        worker: str,
+        counters: dict[str, str],
+        gauges: dict[str, str],
+    ):
         """Serve `rft_<component>_<name>` counters and gauges (name -> help text) for one worker."""
         self.registry = CollectorRegistry()
         labels = {"job": context.job, "worker": worker}
-        self.counters = {name: Counter(f"rft_{component}_{name}", text, list(labels), registry=self.registry)
-                         .labels(**labels) for name, text in counters.items()}
-        self.gauges = {name: Gauge(f"rft_{component}_{name}", text, list(labels), registry=self.registry)
-                       .labels(**labels) for name, text in gauges.items()}
+        self.counters = {
+            name: Counter(f"rft_{component}_{name}", text, list(labels), registry=self.registry).labels(
+                **labels
+            )
+            for name, text in counters.items()
+        }
+        self.gauges = {
+            name: Gauge(f"rft_{component}_{name}", text, list(labels), registry=self.registry).labels(
+                **labels
+            )
+            for name, text in gauges.items()
+        }
         self._server, _ = start_http_server(0, addr=context.host, registry=self.registry)
         self.address = f"{context.host}:{self._server.server_port}"
         self.targets_file = context.targets_file(worker)
-        write_targets_file(self.targets_file, f"{advertised_host(context.host)}:{self._server.server_port}",
-                           context.job, component)
+        write_targets_file(
+            self.targets_file,
+            f"{advertised_host(context.host)}:{self._server.server_port}",
+            context.job,
+            component,
+        )
 
     def add(self, name: str, amount: float = 1.0) -> None:
         self.counters[name].inc(amount)

@@ -4,6 +4,7 @@ and the job's output policy when it trains full weights (a Hugging Face model di
 Both are written to a staging directory next to the target, then renamed into place, so a crash
 mid-write leaves the previous copy usable.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,8 +19,16 @@ ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a checkpoint directory
 
 # Besides config.json and the weights, what a model directory needs to load and generate as the
 # source model did: tokenizer files of every common kind, chat template, generation settings.
-MODEL_SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-                    "*.model", "chat_template.*", "generation_config.json")
+MODEL_SIDE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "generation_config.json",
+)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -45,16 +54,25 @@ def staged(directory: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_engine_checkpoint(engine, directory: str | Path, policy_version: int, exclude_frozen: bool,
-                           extra: Callable[[Path], object] | None = None) -> Path:
+def save_engine_checkpoint(
+    engine,
+    directory: str | Path,
+    policy_version: int,
+    exclude_frozen: bool,
+    extra: Callable[[Path], object] | None = None,
+) -> Path:
     """The engine's module and optimizer state (incl. fp32 master weights, every ZeRO stage) and
     the policy version; `extra(staging_dir)` may add files. `exclude_frozen` leaves out frozen
     weights (a LoRA's base: the model directory's), except a tied output embedding DeepSpeed's
     filter misses (+56 MB for SmolLM2-135M, restored unchanged)."""
     with staged(directory) as staging:
-        engine.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False,
-                               client_state={"policy_version": policy_version},
-                               exclude_frozen_parameters=exclude_frozen)
+        engine.save_checkpoint(
+            str(staging),
+            tag=ENGINE_TAG,
+            save_latest=False,
+            client_state={"policy_version": policy_version},
+            exclude_frozen_parameters=exclude_frozen,
+        )
         if extra is not None:
             extra(staging)
     return Path(directory)
@@ -70,8 +88,9 @@ def load_engine_checkpoint(engine, directory: str | Path, strict: bool) -> int:
     return int(client_state["policy_version"])
 
 
-def save_model_directory(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source_dir: str | Path,
-                         directory: str | Path) -> Path:
+def save_model_directory(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], source_dir: str | Path, directory: str | Path
+) -> Path:
     """`model`'s config with `tensors` (checkpoint names) as a Hugging Face model directory, with
     the tokenizer and generation files of `source_dir` copied: it loads with
     `AutoModelForCausalLM.from_pretrained`, vLLM and `rft eval --model` like the source model."""

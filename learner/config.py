@@ -1,4 +1,5 @@
 """The learner's config sections: how it trains (`learner`) and the loss (`algorithm`)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -48,5 +49,9 @@ class LearnerConfig(Section):
     @property
     def lora_shape(self) -> LoraShape:
         """The adapter this learner trains, as the rollout engines must serve it."""
-        return LoraShape(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                         target_modules=tuple(self.lora_target_modules))
+        return LoraShape(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=tuple(self.lora_target_modules),
+        )

@@ -1,4 +1,5 @@
 """What the learner trains on and what it reports."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ vLLM reports "processed" logprobs: log_softmax(logits / temperature) of the samp
 learner must compute the same quantity, or the importance weights π_old / μ measure the
 temperature instead of the policy gap.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,11 +16,14 @@ from torch import Tensor
 def right_pad(rows: Sequence[Sequence[float | int]], value: float | int, dtype: torch.dtype) -> Tensor:
     """[B, max_len] tensor of the rows, padded on the right with `value`."""
     width = max((len(r) for r in rows), default=0)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype).reshape(len(rows), width)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype).reshape(
+        len(rows), width
+    )
 
 
-def completion_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
-                        temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def completion_logprobs(
+    model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """One forward pass over (prompt_ids, completion_ids) pairs.
 
     Returns (logprobs [B, T], mask [B, T] bool, entropy [B, T]) for the completion tokens, with
@@ -43,7 +47,9 @@ def completion_logprobs(model: torch.nn.Module, sequences: Sequence[tuple[Sequen
     # prompt_len_i - 1 + t. Only the logits from the earliest such position on are computed.
     first = int(prompt_lens.min()) - 1
     logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=length - first).logits
-    positions = (prompt_lens[:, None] - 1 - first + torch.arange(width)[None, :]).clamp(max=logits.shape[1] - 1)
+    positions = (prompt_lens[:, None] - 1 - first + torch.arange(width)[None, :]).clamp(
+        max=logits.shape[1] - 1
+    )
     logits = logits[torch.arange(batch_size)[:, None], positions.to(logits.device)]  # [B, T, V]
 
     all_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)

@@ -10,6 +10,7 @@ temperature):
 Tensors are [B, T] (right-padded), `mask` marks the real completion tokens, `advantages` is [B].
 Every function works in any float dtype; padding positions may hold any finite value.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,9 @@ def k3(log_ratio: Tensor) -> Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
-                       cfg: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+def importance_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cfg: AlgorithmConfig
+) -> tuple[Tensor, Tensor]:
     """TIS weights correcting for sampling from μ while training π_old: ([B, T] weights, [B] keep).
 
     token_truncate:    w_t = min(exp(π_old,t - μ_t), C)
@@ -65,9 +67,16 @@ def importance_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: T
     return weights, keep
 
 
-def policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, behaviour_logprobs: Tensor,
-                ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, cfg: AlgorithmConfig,
-                denominator: float | None = None) -> tuple[Tensor, dict[str, float]]:
+def policy_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: AlgorithmConfig,
+    denominator: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """The clipped, importance-weighted policy-gradient loss plus β·k3 to the reference.
 
     Per token: L_t = -w_t · min(ρ_t A, clip(ρ_t, 1-ε_low, 1+ε_high) A) + β·k3, ρ_t = exp(π_θ - π_old).

@@ -1,4 +1,5 @@
 """The reward workers' config section (`reward`): the grader spec and the sandbox's limits."""
+
 from __future__ import annotations
 
 from pydantic import Field, model_validator
@@ -21,9 +22,14 @@ class RewardConfig(Section):
     @model_validator(mode="after")
     def _code_tests_fit_the_sample_limit(self) -> "RewardConfig":
         # Past reward.timeout_s the whole sample is killed: no partial credit, no diagnostics.
-        test_time = sum(spec.timeout_s for _, spec in walk(self.grader)
-                        if isinstance(spec, (CodeTestsGrader, TritonKernelGrader)))
+        test_time = sum(
+            spec.timeout_s
+            for _, spec in walk(self.grader)
+            if isinstance(spec, (CodeTestsGrader, TritonKernelGrader))
+        )
         if test_time >= self.timeout_s:
-            raise ValueError(f"the code_tests graders' timeout_s ({test_time:g} s in all) must be below "
-                             f"reward.timeout_s ({self.timeout_s:g} s)")
+            raise ValueError(
+                f"the code_tests graders' timeout_s ({test_time:g} s in all) must be below "
+                f"reward.timeout_s ({self.timeout_s:g} s)"
+            )
         return self

@@ -3,6 +3,7 @@ told apart by `type` (extra fields are errors). A superset of OpenAI's reinforce
 fine-tuning grader JSON: string_check, text_similarity, python (with `source` as code),
 score_model (= llm_judge) and multi (with `calculate_output`) validate as they are.
 """
+
 from __future__ import annotations
 
 import re
@@ -72,7 +73,9 @@ class JsonMatchGrader(GraderSpec):
     type: Literal["json_match"]
     input: str = SAMPLE_TEXT
     reference: str = GROUND_TRUTH
-    name_weight: float = Field(default=0.5, ge=0, le=1, description="tool calls: credit for the right function")
+    name_weight: float = Field(
+        default=0.5, ge=0, le=1, description="tool calls: credit for the right function"
+    )
 
 
 class TextSimilarityGrader(GraderSpec):
@@ -86,7 +89,11 @@ class TextSimilarityGrader(GraderSpec):
     @classmethod
     def _supported(cls, metric: str) -> str:
         if metric not in SIMILARITY_METRICS:
-            kind = "is an OpenAI metric not supported here" if metric in OPENAI_METRICS_NOT_SUPPORTED else "is unknown"
+            kind = (
+                "is an OpenAI metric not supported here"
+                if metric in OPENAI_METRICS_NOT_SUPPORTED
+                else "is unknown"
+            )
             raise ValueError(f"{metric!r} {kind}; use one of {', '.join(SIMILARITY_METRICS)}")
         return metric
 
@@ -111,22 +118,29 @@ class CodeTestsGrader(GraderSpec):
 
 class TritonKernelGrader(GraderSpec):
     """A model-written Triton kernel vs the item's PyTorch reference (graders/triton_kernel.py)."""
+
     type: Literal["triton_kernel"]
     code: str = SAMPLE_TEXT
-    function: str = "{{item.function}}"    # the name the model's function must have
+    function: str = "{{item.function}}"  # the name the model's function must have
     reference: str = "{{item.reference}}"  # Python source defining that function with torch
-    cases: str = "{{item.cases}}"          # [{"seed", "args": [number | {"shape", "dtype", "low", "high"}]}]
+    cases: str = "{{item.cases}}"  # [{"seed", "args": [number | {"shape", "dtype", "low", "high"}]}]
     atol: float = Field(default=1e-4, ge=0)
     rtol: float = Field(default=1e-4, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when the harness sees one, else the interpreter
-    timeout_s: float = Field(default=30.0, gt=0, description="for all cases of one sample, interpreter start included")
+    device: Literal["auto", "cpu", "cuda"] = (
+        "auto"  # auto: a GPU when the harness sees one, else the interpreter
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="for all cases of one sample, interpreter start included"
+    )
     format_weight: float = Field(default=0.1, ge=0, le=1)
     compile_weight: float = Field(default=0.1, ge=0, le=1)
 
     @model_validator(mode="after")
     def _weights_leave_room(self) -> TritonKernelGrader:
         if self.format_weight + self.compile_weight > 1:
-            raise ValueError("format_weight + compile_weight must be at most 1 (the rest is for correct cases)")
+            raise ValueError(
+                "format_weight + compile_weight must be at most 1 (the rest is for correct cases)"
+            )
         return self
 
 
@@ -145,12 +159,20 @@ class ChatMessage(BaseModel):
     type: Literal["message"] | None = None
 
 
-JUDGE_SAMPLING_PARAMS = {"temperature", "top_p", "seed", "max_completions_tokens", "max_tokens", "reasoning_effort"}
+JUDGE_SAMPLING_PARAMS = {
+    "temperature",
+    "top_p",
+    "seed",
+    "max_completions_tokens",
+    "max_tokens",
+    "reasoning_effort",
+}
 
 
 class LlmJudgeGrader(GraderSpec):
     """A model scores the sample (graders/llm_judge.py): called in the reward worker's process,
     not in the sandbox. OpenAI's score_model JSON validates as it is (add base_url to run it)."""
+
     type: Literal["llm_judge", "score_model"]
     model: str = Field(description="served model name with base_url; else a local HF model dir or 'default'")
     base_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
@@ -171,7 +193,9 @@ class LlmJudgeGrader(GraderSpec):
             raise ValueError("give input (the judge's messages) or rubric, exactly one")
         unknown = sorted(set(self.sampling_params or {}) - JUDGE_SAMPLING_PARAMS)
         if unknown:
-            raise ValueError(f"sampling_params: unknown keys {unknown}; known: {sorted(JUDGE_SAMPLING_PARAMS)}")
+            raise ValueError(
+                f"sampling_params: unknown keys {unknown}; known: {sorted(JUDGE_SAMPLING_PARAMS)}"
+            )
         return self
 
 
@@ -209,9 +233,22 @@ def _python_by_default(value: Any) -> Any:
 
 
 GraderConfig = Annotated[
-    Union[StringCheckGrader, RegexGrader, NumericGrader, JsonMatchGrader, TextSimilarityGrader, PythonGrader,
-          CodeTestsGrader, SqlGrader, TritonKernelGrader, LlmJudgeGrader, MultiGrader],
-    Field(discriminator="type"), BeforeValidator(_python_by_default)]
+    Union[
+        StringCheckGrader,
+        RegexGrader,
+        NumericGrader,
+        JsonMatchGrader,
+        TextSimilarityGrader,
+        PythonGrader,
+        CodeTestsGrader,
+        SqlGrader,
+        TritonKernelGrader,
+        LlmJudgeGrader,
+        MultiGrader,
+    ],
+    Field(discriminator="type"),
+    BeforeValidator(_python_by_default),
+]
 MultiGrader.model_rebuild()
 
 

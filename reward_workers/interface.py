@@ -1,4 +1,5 @@
 """What the reward workers return for each rollout."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -6,6 +6,7 @@ pool splits a batch across the actors (or takes shares as they arrive, e.g. grou
 the rollout workers), runs the shares in parallel and returns results in order; a share whose
 actor died is re-scored on a replacement actor, so no sample is lost.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,12 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError
 
+from core.telemetry import ComponentMetrics, MetricsContext
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import GraderConfig, MultiGrader, check_grader
 from reward_workers.interface import ScoredRollout
 from reward_workers.sandbox import GraderSandbox
 from rollout_workers.interface import Rollout
-from core.telemetry import ComponentMetrics, MetricsContext
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,17 @@ def grader_sample(rollout: Rollout) -> dict:
 
 def score_with(sandbox: GraderSandbox, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
     results = sandbox.grade([grader_sample(r) for r in rollouts], items)
-    return [ScoredRollout(rollout=r, reward=g.reward, components=g.components, grader_error=g.error,
-                          hack_flags=g.hack_flags, diagnostics=g.diagnostics) for r, g in zip(rollouts, results)]
+    return [
+        ScoredRollout(
+            rollout=r,
+            reward=g.reward,
+            components=g.components,
+            grader_error=g.error,
+            hack_flags=g.hack_flags,
+            diagnostics=g.diagnostics,
+        )
+        for r, g in zip(rollouts, results)
+    ]
 
 
 def hack_rates(grader: GraderConfig, scored: list[ScoredRollout]) -> dict[str, float]:
@@ -59,8 +69,9 @@ def _items_for(rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> 
     return [items_by_prompt_id[r.prompt_id] for r in rollouts]
 
 
-def score_locally(reward_cfg: RewardConfig, rollouts: list[Rollout],
-                  items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
+def score_locally(
+    reward_cfg: RewardConfig, rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]
+) -> list[ScoredRollout]:
     """Score without Ray (for `rft eval`/`rft grade`): one sandbox, started and closed here."""
     items = _items_for(rollouts, items_by_prompt_id)
     with GraderSandbox(reward_cfg.grader, reward_cfg) as sandbox:
@@ -70,12 +81,22 @@ def score_locally(reward_cfg: RewardConfig, rollouts: list[Rollout],
 class RewardWorker:
     """One reward worker: a warm sandboxed grader. Use as the Ray actor RewardWorkerActor."""
 
-    def __init__(self, reward_cfg: RewardConfig, worker_id: str = "reward", metrics: MetricsContext | None = None):
+    def __init__(
+        self, reward_cfg: RewardConfig, worker_id: str = "reward", metrics: MetricsContext | None = None
+    ):
         self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg)
-        self.metrics = metrics and ComponentMetrics(metrics, "reward", worker_id, counters={
-            "samples_graded": "samples graded", "grader_errors": "samples whose grader crashed, hung or "
-            "returned garbage", "hack_flags": "samples a hack probe flagged", "grading_seconds": "wall time grading",
-        }, gauges={})
+        self.metrics = metrics and ComponentMetrics(
+            metrics,
+            "reward",
+            worker_id,
+            counters={
+                "samples_graded": "samples graded",
+                "grader_errors": "samples whose grader crashed, hung or returned garbage",
+                "hack_flags": "samples a hack probe flagged",
+                "grading_seconds": "wall time grading",
+            },
+            gauges={},
+        )
 
     def score(self, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
         started = time.perf_counter()
@@ -101,8 +122,9 @@ RewardWorkerActor = ray.remote(num_cpus=0)(RewardWorker)
 class RewardPool:
     """`num_workers` reward-worker actors (default reward_cfg.num_workers)."""
 
-    def __init__(self, reward_cfg: RewardConfig, num_workers: int | None = None,
-                 metrics: MetricsContext | None = None):
+    def __init__(
+        self, reward_cfg: RewardConfig, num_workers: int | None = None, metrics: MetricsContext | None = None
+    ):
         check_grader(reward_cfg.grader)  # a grader that cannot run stops the job before any actor
         self._cfg, self._metrics = reward_cfg, metrics
         self._started = 0
@@ -123,14 +145,17 @@ class RewardPool:
         _items_for(rollouts, items_by_prompt_id)  # every item is there, before any actor works
         # Round-robin shares, one per actor: actor k gets positions k, k+n, k+2n, ...
         positions = [range(slot, len(rollouts), len(self._actors)) for slot in range(len(self._actors))]
-        scored = self.score_shares([[rollouts[i] for i in share] for share in positions if share],
-                                   items_by_prompt_id)
+        scored = self.score_shares(
+            [[rollouts[i] for i in share] for share in positions if share], items_by_prompt_id
+        )
         results: list[ScoredRollout | None] = [None] * len(rollouts)
         for i, scored_rollout in zip([i for share in positions for i in share], scored):
             results[i] = scored_rollout
         return results
 
-    def score_shares(self, shares: Iterable[list[Rollout]], items_by_prompt_id: dict[str, dict]) -> list[ScoredRollout]:
+    def score_shares(
+        self, shares: Iterable[list[Rollout]], items_by_prompt_id: dict[str, dict]
+    ) -> list[ScoredRollout]:
         """Score each share on the least busy actor as soon as it arrives: with shares coming off
         the rollout stream (a prompt's group each), grading runs while generation goes on.
         Results in share order. A share whose actor died is re-scored on a replacement."""
@@ -140,7 +165,13 @@ class RewardPool:
 
         def submit(index: int, share: list[Rollout], slot: int, attempt: int) -> None:
             actor = self._actors[slot]
-            pending[actor.score.remote(share, _items_for(share, items_by_prompt_id))] = (index, share, slot, actor, attempt)
+            pending[actor.score.remote(share, _items_for(share, items_by_prompt_id))] = (
+                index,
+                share,
+                slot,
+                actor,
+                attempt,
+            )
             busy[slot] += 1
 
         def take(ref) -> None:
@@ -152,7 +183,11 @@ class RewardPool:
                 if attempt >= MAX_ATTEMPTS_PER_SHARE:
                     raise RuntimeError(f"reward worker died {attempt} times scoring the same share") from e
                 if self._actors[slot] is actor:  # not replaced yet (it may have had several shares)
-                    log.warning("reward worker %d died (%s); re-scoring its shares on a new one", slot, type(e).__name__)
+                    log.warning(
+                        "reward worker %d died (%s); re-scoring its shares on a new one",
+                        slot,
+                        type(e).__name__,
+                    )
                     self._actors[slot] = self._start_actor()
                 submit(index, share, slot, attempt + 1)
 
@@ -170,8 +205,11 @@ class RewardPool:
         """Close the sandboxes (bounded wait: a dead or stuck actor is simply killed), then the actors."""
         if not self._actors:
             return
-        ray.wait([actor.close.remote() for actor in self._actors], num_returns=len(self._actors),
-                 timeout=SHUTDOWN_TIMEOUT_S)
+        ray.wait(
+            [actor.close.remote() for actor in self._actors],
+            num_returns=len(self._actors),
+            timeout=SHUTDOWN_TIMEOUT_S,
+        )
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []

@@ -12,6 +12,7 @@ it; host root when the service runs as root), so it can read what that user can 
 the hidden /tmp, /run and /dev, though with no network it can only leak it through its result.
 Memory and CPU limits are per process, not for the sandbox as a whole (no cgroups).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,15 @@ from reward_workers.graders.llm_judge import Judges
 log = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
-NAMESPACE_FLAGS = ("--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc",
-                   "--kill-child=SIGKILL")
+NAMESPACE_FLAGS = (
+    "--user",
+    "--map-root-user",
+    "--net",
+    "--pid",
+    "--fork",
+    "--mount-proc",
+    "--kill-child=SIGKILL",
+)
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # RLIMIT_NPROC of each grading child. The kernel ignores it for host root; the runner then
 # caps its pid namespace instead (Linux >= 6.14).
@@ -45,7 +53,7 @@ MAX_PROCESSES = 64
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_OPEN_FILES = 256
 LOAD_TIMEOUT_S = 60.0  # runner start + grader import
-RUNNER_GRACE_S = 5.0   # beyond timeout_s: fork, kill and clean-up of one sample
+RUNNER_GRACE_S = 5.0  # beyond timeout_s: fork, kill and clean-up of one sample
 MAX_ERROR_CHARS = 4000
 RESULT_KEYS = {"reward", "components", "hack_flags", "diagnostics"}
 MAX_DIAGNOSTICS = 20
@@ -99,8 +107,9 @@ def namespace_problem() -> str | None:
     if unshare is None:
         return "the `unshare` program (util-linux) is not installed"
     try:
-        probe = subprocess.run([unshare, *NAMESPACE_FLAGS, "true"], capture_output=True, text=True,
-                               env=SANDBOX_ENV, timeout=30)
+        probe = subprocess.run(
+            [unshare, *NAMESPACE_FLAGS, "true"], capture_output=True, text=True, env=SANDBOX_ENV, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"`unshare` failed to run: {e}"
     if probe.returncode != 0:
@@ -113,8 +122,9 @@ def _finite(value, what: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
     if not math.isfinite(number):
-        raise ValueError(f"grader returned {type(value).__name__} {value!r:.80} as {what}, "
-                         "expected a finite number")
+        raise ValueError(
+            f"grader returned {type(value).__name__} {value!r:.80} as {what}, expected a finite number"
+        )
     return number
 
 
@@ -126,8 +136,10 @@ def _validated(value) -> GradeResult:
         except ValueError as e:
             raise ValueError(f"{e} (grade() must return one, or a dict with a 'reward' key)") from None
     if "reward" not in value or not RESULT_KEYS.issuperset(value):
-        raise ValueError(f"grader returned a dict with keys {sorted(value)}; "
-                         f"expected 'reward' and optionally 'components', 'hack_flags', 'diagnostics'")
+        raise ValueError(
+            f"grader returned a dict with keys {sorted(value)}; "
+            f"expected 'reward' and optionally 'components', 'hack_flags', 'diagnostics'"
+        )
     components = value.get("components", {})
     if not isinstance(components, dict):
         raise ValueError(f"grader's components is {type(components).__name__}, expected a dict")
@@ -135,9 +147,12 @@ def _validated(value) -> GradeResult:
     for key, strings in (("hack_flags", flags), ("diagnostics", diagnostics)):
         if not isinstance(strings, list) or not all(isinstance(f, str) for f in strings):
             raise ValueError(f"grader's {key} must be a list of strings")
-    return GradeResult(reward=_finite(value["reward"], "the reward"),
-                       components={k: _finite(v, f"component {k!r}") for k, v in components.items()},
-                       hack_flags=flags, diagnostics=[d[:MAX_ERROR_CHARS] for d in diagnostics[:MAX_DIAGNOSTICS]])
+    return GradeResult(
+        reward=_finite(value["reward"], "the reward"),
+        components={k: _finite(v, f"component {k!r}") for k, v in components.items()},
+        hack_flags=flags,
+        diagnostics=[d[:MAX_ERROR_CHARS] for d in diagnostics[:MAX_DIAGNOSTICS]],
+    )
 
 
 def _result_from_reply(reply: dict) -> GradeResult:
@@ -159,12 +174,15 @@ class GraderSandbox:
         if problem and not limits.allow_weak_isolation:
             raise SandboxUnavailableError(
                 f"cannot isolate graders: {problem}. Graders would run with network access and "
-                "the host's filesystem; set reward.allow_weak_isolation=true to accept that.")
+                "the host's filesystem; set reward.allow_weak_isolation=true to accept that."
+            )
         self._isolated = problem is None
         if not self._isolated:
-            log.warning("grader isolation is WEAKER: %s; graders run with rlimits, an empty "
-                        "environment and a temp dir only (network and filesystem are the host's)",
-                        problem)
+            log.warning(
+                "grader isolation is WEAKER: %s; graders run with rlimits, an empty "
+                "environment and a temp dir only (network and filesystem are the host's)",
+                problem,
+            )
         # Inside the namespaces /tmp is a private tmpfs; without them, a temp dir of our own.
         self._scratch = "/tmp" if self._isolated else tempfile.mkdtemp(prefix="rft-grader-")
         self._runner: subprocess.Popen | None = None
@@ -203,7 +221,7 @@ class GraderSandbox:
 
     def _grade_one(self, sample: dict, item: dict) -> GradeResult:
         request = (json.dumps({"sample": sample, "item": item}, default=str) + "\n").encode()
-        for attempt in range(2):
+        for _attempt in range(2):
             if self._runner is None and self._load_error is None:
                 self._start_runner()
             if self._load_error is not None:
@@ -236,24 +254,39 @@ class GraderSandbox:
         if self._isolated:
             command = [shutil.which("unshare"), *NAMESPACE_FLAGS, *command]
         self._runner = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env={**SANDBOX_ENV, "HOME": self._scratch, "TMPDIR": self._scratch},
-            cwd="/" if self._isolated else self._scratch, start_new_session=True)
+            cwd="/" if self._isolated else self._scratch,
+            start_new_session=True,
+        )
         self._buffer = b""
         limits = self._limits
-        config = {"grader": spec, "scratch": self._scratch, "isolated": self._isolated,
-                  "limits": {"timeout_s": limits.timeout_s, "cpu_s": limits.cpu_s,
-                             "memory_mb": limits.memory_mb, "max_output_bytes": limits.max_output_bytes,
-                             "max_processes": MAX_PROCESSES, "max_file_bytes": MAX_FILE_BYTES,
-                             "max_open_files": MAX_OPEN_FILES}}
+        config = {
+            "grader": spec,
+            "scratch": self._scratch,
+            "isolated": self._isolated,
+            "limits": {
+                "timeout_s": limits.timeout_s,
+                "cpu_s": limits.cpu_s,
+                "memory_mb": limits.memory_mb,
+                "max_output_bytes": limits.max_output_bytes,
+                "max_processes": MAX_PROCESSES,
+                "max_file_bytes": MAX_FILE_BYTES,
+                "max_open_files": MAX_OPEN_FILES,
+            },
+        }
         try:
             self._runner.stdin.write((json.dumps(config) + "\n").encode())
             self._runner.stdin.flush()
             reply = self._read_reply(LOAD_TIMEOUT_S)
         except (OSError, _RunnerFailure) as e:
             stderr = self._stop_runner()
-            self._load_error = (f"grader {label}: the sandbox runner failed to start or to load it "
-                                f"({e}) {stderr}").strip()
+            self._load_error = (
+                f"grader {label}: the sandbox runner failed to start or to load it ({e}) {stderr}"
+            ).strip()
             return
         if "setup_error" in reply:  # the machine's fault, not the grader's: do not score 0 quietly
             self._stop_runner()

@@ -10,6 +10,7 @@ Protocol, JSON lines over stdin/stdout:
 The grader is loaded once; each sample is graded in a forked child, so a crash, hang or fork
 bomb costs only that sample, and the per-sample cost is a fork, not a Python start.
 """
+
 import ctypes
 import gc
 import json
@@ -59,8 +60,16 @@ def _check(ret: int, what: str) -> None:
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    _check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                      ctypes.c_ulong(flags), data.encode()), f"mount {target}")
+    _check(
+        libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode(),
+        ),
+        f"mount {target}",
+    )
 
 
 def _clone_tree(path: str) -> int:
@@ -136,8 +145,12 @@ def harden(scratch: str, max_processes: int) -> list[str]:
     if process_cap:  # (before /proc becomes read-only)
         protections.append(process_cap)
     attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-    _check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr),
-                        ctypes.sizeof(attr)), "make / read-only")
+    _check(
+        libc.syscall(
+            SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+        ),
+        "make / read-only",
+    )
     protections.append("read-only filesystem")
     # The standard library must stay visible; a venv under a hidden dir (a checkout in /tmp)
     # is carried over into the private one, read-only, at the same path.
@@ -153,8 +166,12 @@ def harden(scratch: str, max_processes: int) -> list[str]:
         protections.append(f"private empty {hidden}")
         if venv_tree is not None:
             os.makedirs(venv)
-            _check(libc.syscall(SYS_MOVE_MOUNT, venv_tree, b"", AT_FDCWD, venv.encode(), MOVE_MOUNT_F_EMPTY_PATH),
-                   f"move_mount {venv}")
+            _check(
+                libc.syscall(
+                    SYS_MOVE_MOUNT, venv_tree, b"", AT_FDCWD, venv.encode(), MOVE_MOUNT_F_EMPTY_PATH
+                ),
+                f"move_mount {venv}",
+            )
             os.close(venv_tree)
     _build_minimal_dev(scratch)
     protections.append("minimal /dev")
@@ -167,10 +184,12 @@ def set_runner_limits(limits: dict) -> None:
     """Limits that every process in the sandbox inherits. Each child adds the CPU limit and the
     process limit (without a user namespace RLIMIT_NPROC counts all the user's processes on
     the host, so the runner itself must not carry it)."""
-    for which, value in ((resource.RLIMIT_AS, limits["memory_mb"] * 1024 * 1024),
-                         (resource.RLIMIT_FSIZE, limits["max_file_bytes"]),
-                         (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-                         (resource.RLIMIT_CORE, 0)):
+    for which, value in (
+        (resource.RLIMIT_AS, limits["memory_mb"] * 1024 * 1024),
+        (resource.RLIMIT_FSIZE, limits["max_file_bytes"]),
+        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
         resource.setrlimit(which, (value, value))
 
 

@@ -1,5 +1,6 @@
 """The rollout workers' config section (`rollout`), and what an engine needs from the rest of
 the job (`EngineSpec`, which the job derives from its other sections)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class RolloutConfig(Section):
 class EngineSpec:
     """The model an engine serves: its directory and dtype, the LoRA shape the learner trains
     (what a synced adapter must have), and the longest prompt + completion it must hold."""
+
     model_path: str
     dtype: Literal["bfloat16", "float32"]
     lora: LoraShape

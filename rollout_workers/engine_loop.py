@@ -11,6 +11,7 @@ thread, the only one that touches the engine:
   completion comes from exactly one policy version), the load runs between two steps, and the
   held requests start on the new weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ _CLOSED = RuntimeError("the rollout worker was closed")
 @dataclass
 class Batch:
     """Requests submitted together; their groups come out of `groups` as they finish."""
+
     requests: list[GenerationRequest]
     sampling: SamplingSettings
     min_version: int
@@ -54,8 +56,12 @@ class _Exclusive:
 
 
 class EngineLoop:
-    def __init__(self, make_engine: Callable[[], InferenceEngine], served_version: Callable[[], int],
-                 on_step: Callable[[float, list[Finished]], None] = lambda seconds, finished: None):
+    def __init__(
+        self,
+        make_engine: Callable[[], InferenceEngine],
+        served_version: Callable[[], int],
+        on_step: Callable[[float, list[Finished]], None] = lambda seconds, finished: None,
+    ):
         """`make_engine()` builds the engine, on the loop thread: vLLM on CPU pins the OpenMP
         threads of the thread that builds it, so that thread must be the one that runs it.
         `served_version()` is the policy version the engine serves (changed only by exclusive
@@ -74,7 +80,9 @@ class EngineLoop:
 
     # ---- called from any thread
 
-    def submit(self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0) -> Batch:
+    def submit(
+        self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0
+    ) -> Batch:
         if self._closed:
             raise _CLOSED
         batch = Batch(list(requests), sampling, min_version)
@@ -180,8 +188,11 @@ class EngineLoop:
                 batch.left[request.prompt_id] = batch.left.get(request.prompt_id, 0) + 1
                 request_id, self._next_id = str(self._next_id), self._next_id + 1
                 self._running[request_id] = (batch, request, version)
-                self.engine.add(request_id, request.prompt_ids,
-                                replace(batch.sampling, seed=request_seed(batch.sampling.seed, request.sample_id)))
+                self.engine.add(
+                    request_id,
+                    request.prompt_ids,
+                    replace(batch.sampling, seed=request_seed(batch.sampling.seed, request.sample_id)),
+                )
             if not batch.requests:
                 batch.groups.put(END)
 

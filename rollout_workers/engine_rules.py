@@ -5,6 +5,7 @@ token, its log-probability under that same distribution: the quantity the learne
 What both engines must decide alike (which tokens end a completion, which LoRA shape an
 adapter must have) lives here so the two cannot drift apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def lora_tensor_shapes(model_path: str | Path, lora: LoraShape) -> dict[str, tor
     weightless (meta-device) copy of the model wrapped in the job's LoRA."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
         model = get_peft_model(model, LoraConfig(**lora.peft_kwargs()))
@@ -38,11 +40,15 @@ def check_adapter(adapter: AdapterWeights, lora: LoraShape, shapes: dict[str, to
     adapter.verify()
     # What sets the LoRA scaling, which the tensor shapes below cannot reveal.
     expected = {"r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": False, "use_dora": False}
-    mismatched = {key: adapter.peft_config.get(key, False) for key, value in expected.items()
-                  if adapter.peft_config.get(key, False) != value}
+    mismatched = {
+        key: adapter.peft_config.get(key, False)
+        for key, value in expected.items()
+        if adapter.peft_config.get(key, False) != value
+    }
     if mismatched:
-        raise ValueError(f"adapter version {adapter.version}: LoRA settings {mismatched} differ from "
-                         f"the job's {expected}")
+        raise ValueError(
+            f"adapter version {adapter.version}: LoRA settings {mismatched} differ from the job's {expected}"
+        )
     check_shapes(f"adapter version {adapter.version}", adapter.tensors, shapes)
 
 
@@ -66,8 +72,9 @@ def request_seed(seed: int | None, key: str) -> int | None:
     return None if seed is None else (seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63
 
 
-def run_to_completion(engine: InferenceEngine, prompts: list[list[int]],
-                      sampling: SamplingSettings) -> list[Completion]:
+def run_to_completion(
+    engine: InferenceEngine, prompts: list[list[int]], sampling: SamplingSettings
+) -> list[Completion]:
     """Generate one completion per prompt, in order, stepping the engine until all are done."""
     for index, prompt in enumerate(prompts):
         engine.add(str(index), prompt, replace(sampling, seed=request_seed(sampling.seed, str(index))))

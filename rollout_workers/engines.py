@@ -1,4 +1,5 @@
 """Choosing an inference engine: vLLM where it is installed, else Hugging Face transformers."""
+
 from __future__ import annotations
 
 from .config import EngineSpec, RolloutConfig
@@ -16,7 +17,14 @@ def make_engine(rollout: RolloutConfig, spec: EngineSpec) -> InferenceEngine:
             if rollout.engine == "vllm":
                 raise
         else:
-            return VLLMEngine(spec.model_path, spec.dtype, spec.lora, kv_cache_gib=rollout.vllm_kv_cache_gib,
-                              merge_adapter=rollout.vllm_merge_adapter, max_model_len=spec.max_model_len)
+            return VLLMEngine(
+                spec.model_path,
+                spec.dtype,
+                spec.lora,
+                kv_cache_gib=rollout.vllm_kv_cache_gib,
+                merge_adapter=rollout.vllm_merge_adapter,
+                max_model_len=spec.max_model_len,
+            )
     from .hf_engine import HFEngine
+
     return HFEngine(spec.model_path, spec.dtype, spec.lora)

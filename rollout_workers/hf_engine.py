@@ -8,6 +8,7 @@ it was sampled from.
 No continuous batching here: `step()` runs every waiting request with the same settings as one
 batch to completion (a step is a whole batch). The worker's interface is the same as vLLM's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,8 +91,13 @@ class HFEngine:
         # a non-contiguous bf16 lm_head input, for which torch 2.13 on CPU transiently allocates
         # gigabytes (5 GB for 100 prompts of 60 tokens) instead of the 10 MB of output.
         last_position = torch.tensor([input_ids.shape[1] - 1], device=self.device)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=last_position)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=last_position,
+        )
         for step in range(sampling.max_new_tokens):
             token, logprob = _sample(out.logits[:, -1].float(), sampling.temperature, generator)
             token = token.masked_fill(finished, self.pad_id)
@@ -102,8 +108,13 @@ class HFEngine:
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = self.model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
         return self._completions(torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist())
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +122,8 @@ class HFEngine:
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt):] = 1
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _completions(self, token_rows: list[list[int]], logprob_rows: list[list[float]]) -> list[Completion]:
@@ -121,15 +132,20 @@ class HFEngine:
             # Keep everything up to and including the first EOS: the learner must learn to stop.
             end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
             ids, logprobs = ids[:end], logprobs[:end]
-            completions.append(Completion(
-                completion_ids=ids, behaviour_logprobs=logprobs,
-                finish_reason="stop" if end is not None else "length",
-                text=self.tokenizer.decode(ids, skip_special_tokens=True)))
+            completions.append(
+                Completion(
+                    completion_ids=ids,
+                    behaviour_logprobs=logprobs,
+                    finish_reason="stop" if end is not None else "length",
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                )
+            )
         return completions
 
 
-def _sample(logits: torch.Tensor, temperature: float,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits / T), full vocabulary, and its log-prob under that
     distribution. T = 0 is greedy, reported with T = 1 log-probs (as vLLM does)."""
     if temperature == 0:

@@ -1,4 +1,5 @@
 """What a rollout worker takes and returns, and the engine interface both engines implement."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ if TYPE_CHECKING:  # only for annotations: reward actors unpickle Rollouts witho
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sample to generate: sample `sample_index` of the group for prompt `prompt_id`."""
+
     prompt_id: str
     sample_index: int
     prompt_ids: list[int]
@@ -24,6 +26,7 @@ class GenerationRequest:
 class SamplingSettings:
     """temperature 0 = greedy (evaluation). Sampling uses the full distribution softened by
     `temperature` (no top-k/top-p), which is exactly what the learner scores."""
+
     temperature: float
     max_new_tokens: int
     seed: int | None = None
@@ -59,6 +62,7 @@ class InferenceEngine(Protocol):
     """An engine generates step by step: requests are added at any time and join the running
     batch (continuous batching); `step()` advances every running request and returns those that
     finished. Only one thread may call an engine (the worker's engine loop)."""
+
     name: str
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
@@ -69,8 +73,7 @@ class InferenceEngine(Protocol):
         """Advance the running requests; (request_id, completion) of each that finished."""
         ...
 
-    def has_unfinished(self) -> bool:
-        ...
+    def has_unfinished(self) -> bool: ...
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
         """One completion per prompt, in order, run to completion (evaluation, benchmarks)."""

@@ -12,6 +12,7 @@ Adapters, two ways (`rollout.vllm_merge_adapter`):
 - LoRA request: each version is written to a private directory and served as a LoRA request with
   a new integer id; the previous one is removed so memory stays flat.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,10 +30,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
-from vllm.sampling_params import RequestOutputKind
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
 
 from weight_sync.adapter import AdapterWeights
 from weight_sync.config import LoraShape
@@ -48,26 +49,39 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, dtype: str, lora: LoraShape,
-                 kv_cache_gib: int, max_model_len: int, merge_adapter: bool = True):
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str,
+        lora: LoraShape,
+        kv_cache_gib: int,
+        max_model_len: int,
+        merge_adapter: bool = True,
+    ):
         max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.rank), None)
         if max_lora_rank is None:
             raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.rank}")
         self.lora = lora
         self.lora_shapes = lora_tensor_shapes(model_path, lora)
         self.full_shapes = full_weight_shapes(model_path)
-        lora_serving = {} if merge_adapter else dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        lora_serving = (
+            {} if merge_adapter else dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        )
         self.llm = LLM(
-            model=str(model_path), dtype=dtype, max_model_len=max_model_len,
+            model=str(model_path),
+            dtype=dtype,
+            max_model_len=max_model_len,
             # Explicit KV-cache size on CPU and GPU alike (a set VLLM_CPU_KVCACHE_SPACE overrides it).
             kv_cache_memory_bytes=kv_cache_gib * 2**30,
             logprobs_mode="processed_logprobs",
-            **lora_serving, **_cpu_scheduling(max_model_len),
+            **lora_serving,
+            **_cpu_scheduling(max_model_len),
         )
         # The untouched base weights every version is merged into (merging into the served,
         # already-merged weights would accumulate rounding error version after version).
-        self.base_weights = _load_checkpoint(model_path, self.llm.llm_engine.model_config.dtype) \
-            if merge_adapter else None
+        self.base_weights = (
+            _load_checkpoint(model_path, self.llm.llm_engine.model_config.dtype) if merge_adapter else None
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.adapter_root = Path(tempfile.mkdtemp(prefix="rft-vllm-lora-"))
@@ -115,7 +129,10 @@ class VLLMEngine:
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingSettings) -> None:
         params = SamplingParams(
-            temperature=sampling.temperature, top_p=1.0, top_k=0, min_p=0.0,
+            temperature=sampling.temperature,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
             seed=sampling.seed,
@@ -123,12 +140,16 @@ class VLLMEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,  # no partial output every step
         )
         # The request joins the running batch at the next step.
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params,
-                                        lora_request=self.lora_request)
+        self.llm.llm_engine.add_request(
+            request_id, TokensPrompt(prompt_token_ids=prompt_ids), params, lora_request=self.lora_request
+        )
 
     def step(self) -> list[tuple[str, Completion]]:
-        return [(output.request_id, self._completion(output.outputs[0]))
-                for output in self.llm.llm_engine.step() if output.finished]
+        return [
+            (output.request_id, self._completion(output.outputs[0]))
+            for output in self.llm.llm_engine.step()
+            if output.finished
+        ]
 
     def has_unfinished(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
@@ -142,7 +163,8 @@ class VLLMEngine:
             completion_ids=ids,
             behaviour_logprobs=[step[token].logprob for step, token in zip(sample.logprobs, ids)],
             finish_reason="stop" if ids and ids[-1] in self.eos_ids else "length",
-            text=self.tokenizer.decode(ids, skip_special_tokens=True))
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+        )
 
 
 def _repack_tied_output_layer(worker) -> None:
@@ -161,8 +183,11 @@ def _load_checkpoint(model_path: str | Path, dtype: torch.dtype) -> dict:
     files = sorted(Path(model_path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_path}: no *.safetensors weights to merge adapters into")
-    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-            for file in files for name, tensor in load_file(str(file)).items()}
+    return {
+        name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for file in files
+        for name, tensor in load_file(str(file)).items()
+    }
 
 
 def _cpu_scheduling(max_model_len: int) -> dict:

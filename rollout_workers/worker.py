@@ -6,6 +6,7 @@ handed to the worker; `generate_stream` gives each prompt's group back as soon a
 Its only state is its weights, so a dead worker is replaced by a fresh one loaded with the
 latest version.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,8 @@ from weight_sync.adapter import AdapterWeights, WeightsRefused
 from weight_sync.endpoints import WeightsReceiver
 from weight_sync.full_weights import FullWeights
 
-from .engine_loop import END, EngineLoop, Finished
 from .config import EngineSpec, RolloutConfig
+from .engine_loop import END, EngineLoop, Finished
 from .engines import make_engine
 from .interface import GenerationRequest, Rollout, SamplingSettings
 
@@ -30,22 +31,41 @@ class RolloutWorker(WeightsReceiver):
     """Receives each policy version through `WeightsReceiver` (`sync_node_id`, `join_sync_group`,
     `receive_weights`, `served_weights`), which loads them with `load_weights`."""
 
-    def __init__(self, worker_id: str, rollout: RolloutConfig, engine: EngineSpec,
-                 metrics: MetricsContext | None = None):
+    def __init__(
+        self,
+        worker_id: str,
+        rollout: RolloutConfig,
+        engine: EngineSpec,
+        metrics: MetricsContext | None = None,
+    ):
         self.worker_id = worker_id
-        self.metrics = metrics and ComponentMetrics(metrics, "rollout", worker_id, counters={
-            "generated_tokens": "completion tokens generated", "generated_samples": "completions generated",
-            "generation_seconds": "wall time spent generating", "weight_loads": "policy versions loaded",
-        }, gauges={"policy_version": "policy version served", "weight_load_seconds": "time the last load took"})
+        self.metrics = metrics and ComponentMetrics(
+            metrics,
+            "rollout",
+            worker_id,
+            counters={
+                "generated_tokens": "completion tokens generated",
+                "generated_samples": "completions generated",
+                "generation_seconds": "wall time spent generating",
+                "weight_loads": "policy versions loaded",
+            },
+            gauges={
+                "policy_version": "policy version served",
+                "weight_load_seconds": "time the last load took",
+            },
+        )
         self.version = 0  # the base model, before any sync
         self.sha256 = ""  # checksum of the weights served
         self.load_seconds = 0.0  # the engine's last load
         self.drain_seconds = 0.0  # how long the last load waited for running requests to finish
-        self.loop = EngineLoop(lambda: make_engine(rollout, engine),
-                               served_version=lambda: self.version, on_step=self._count)
+        self.loop = EngineLoop(
+            lambda: make_engine(rollout, engine), served_version=lambda: self.version, on_step=self._count
+        )
         self.engine = self.loop.engine  # used on the loop thread only
 
-    def generate_stream(self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0):
+    def generate_stream(
+        self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0
+    ):
         """Yield each prompt's group of rollouts as soon as all its samples are done (a Ray
         streaming generator). Generation starts once the worker serves `min_version` or newer."""
         batch = self.loop.submit(requests, sampling, min_version)
@@ -54,17 +74,27 @@ class RolloutWorker(WeightsReceiver):
                 raise group
             yield [self._rollout(*finished) for finished in group]
 
-    def generate(self, requests: list[GenerationRequest], sampling: SamplingSettings,
-                 min_version: int = 0) -> list[Rollout]:
+    def generate(
+        self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0
+    ) -> list[Rollout]:
         """Every request's rollout, in request order."""
-        rollouts = {r.sample_id: r for group in self.generate_stream(requests, sampling, min_version) for r in group}
+        rollouts = {
+            r.sample_id: r for group in self.generate_stream(requests, sampling, min_version) for r in group
+        }
         return [rollouts[request.sample_id] for request in requests]
 
     def _rollout(self, request: GenerationRequest, completion, version: int) -> Rollout:
-        return Rollout(prompt_id=request.prompt_id, sample_index=request.sample_index,
-                       prompt_ids=list(request.prompt_ids), completion_ids=completion.completion_ids,
-                       behaviour_logprobs=completion.behaviour_logprobs, policy_version=version,
-                       finish_reason=completion.finish_reason, text=completion.text, worker_id=self.worker_id)
+        return Rollout(
+            prompt_id=request.prompt_id,
+            sample_index=request.sample_index,
+            prompt_ids=list(request.prompt_ids),
+            completion_ids=completion.completion_ids,
+            behaviour_logprobs=completion.behaviour_logprobs,
+            policy_version=version,
+            finish_reason=completion.finish_reason,
+            text=completion.text,
+            worker_id=self.worker_id,
+        )
 
     def _count(self, seconds: float, finished: list[Finished]) -> None:
         if self.metrics:
@@ -91,8 +121,10 @@ class RolloutWorker(WeightsReceiver):
         if self._serves(weights):  # a concurrent duplicate of the same sync
             return self.version
         if weights.version <= self.version:
-            raise StaleWeightsError(f"worker {self.worker_id}: version {weights.version} is not "
-                                    f"newer than the served version {self.version}")
+            raise StaleWeightsError(
+                f"worker {self.worker_id}: version {weights.version} is not "
+                f"newer than the served version {self.version}"
+            )
         started = time.perf_counter()
         # Both verify the checksum and the shapes before touching the served weights.
         if isinstance(weights, FullWeights):

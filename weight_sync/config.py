@@ -1,4 +1,5 @@
 """The weight-sync channel's config section (`sync`), and the shape of the adapter it carries."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,9 +18,14 @@ class SyncConfig(Section):
     # With learner.lora false it is full whenever not given (lora is then an error).
     payload: Literal["lora", "full"] = "lora"
     bucket_mb: int = Field(default=256, ge=1)
-    broadcast_timeout_s: float = Field(default=600, gt=0, description="a broadcast waits this long for every rank")
-    file_dir: str | None = Field(default=None, description="file transport: a directory every worker can read "
-                                 "(default: a temporary directory, one machine)")
+    broadcast_timeout_s: float = Field(
+        default=600, gt=0, description="a broadcast waits this long for every rank"
+    )
+    file_dir: str | None = Field(
+        default=None,
+        description="file transport: a directory every worker can read "
+        "(default: a temporary directory, one machine)",
+    )
     max_refetches: int = Field(default=2, ge=0, description="re-fetches of a refused version per worker")
     # How many policy versions a rollout may lag when trained: 0 = synchronous on-policy; k = the
     # next k steps generate while a step trains.
@@ -30,6 +36,7 @@ class SyncConfig(Section):
 class LoraShape:
     """What fixes a LoRA adapter's tensors and scaling: the learner trains this, every rollout
     engine refuses an adapter of another shape."""
+
     rank: int
     alpha: int
     target_modules: tuple[str, ...]
@@ -37,5 +44,10 @@ class LoraShape:
 
     def peft_kwargs(self) -> dict[str, Any]:
         """The arguments of peft's `LoraConfig` for a causal LM with this adapter."""
-        return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                    target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+        return dict(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type="CAUSAL_LM",
+        )

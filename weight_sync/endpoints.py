@@ -15,6 +15,7 @@ learner's TCP store) starts as a class-level `None` and becomes an instance attr
 so the mixins work the same in a Ray actor and in a plain instance. Their names must not clash
 with the actor's own (a test checks).
 """
+
 from __future__ import annotations
 
 import time
@@ -36,16 +37,19 @@ Weights = Union[AdapterWeights, FullWeights]
 
 # ---- where a receiver gets the weights from --------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FromObjectStore:
     """The canonical Ray object. The ref travels inside this box, so Ray does not resolve it
     before the call: the transfer happens (and is timed) inside `receive_weights`."""
+
     ref: ray.ObjectRef
 
 
 @dataclass(frozen=True)
 class FromDirectory:
     """A version directory written by `WeightsSender.write_weights_version` (`weight_sync/files.py`)."""
+
     directory: str
 
 
@@ -60,6 +64,7 @@ WeightsSource = Union[FromObjectStore, FromDirectory, FromBroadcast]
 @dataclass
 class LoadReport:
     """A worker's answer to one delivery."""
+
     worker_id: str
     served_version: int  # after the call
     # The call (fetch + checks + load), less its wait for the requests running at the time to
@@ -71,6 +76,7 @@ class LoadReport:
 
 class SyncStore(NamedTuple):
     """Where the learner's TCP store for a new broadcast formation listens."""
+
     ip: str  # this node's IP
     port: int
     node_id: str  # this node's Ray id: members on the same node connect over loopback
@@ -87,6 +93,7 @@ def _no_group() -> RuntimeError:
 
 # ---- the learner's side ----------------------------------------------------------------------
 
+
 class WeightsSender:
     """Mixed into the learner; relies on nothing of the learner's own. Methods:
 
@@ -96,14 +103,16 @@ class WeightsSender:
     - `write_weights_version(weights, root, keep_last) -> FromDirectory`: write `<root>/v<version>/`
       atomically; the answer is where receivers read it (a transport passes its ref on as is).
     """
+
     _sync_member: BroadcastMember | None = None
     _sync_master_store: dist.TCPStore | None = None
 
     def open_sync_store(self, timeout_s: float) -> SyncStore:
         """Host a fresh TCP store on a port the OS picks (no race for a 'free' port)."""
         self._sync_member = self._sync_master_store = None
-        store = dist.TCPStore("0.0.0.0", 0, None, is_master=True, timeout=timedelta(seconds=timeout_s),
-                              wait_for_workers=False)
+        store = dist.TCPStore(
+            "0.0.0.0", 0, None, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
         self._sync_master_store = store
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         return SyncStore(ray.util.get_node_ip_address(), store.port, _node_id(), backend)
@@ -126,8 +135,10 @@ class WeightsSender:
 
 # ---- each rollout worker's side --------------------------------------------------------------
 
+
 class ReceiverActor(Protocol):
     """What `WeightsReceiver` uses of the actor it is mixed into."""
+
     worker_id: str
     version: int  # the policy version served
     sha256: str  # the served weights' checksum
@@ -149,6 +160,7 @@ class WeightsReceiver:
     - `receive_weights(source) -> LoadReport`: fetch the weights from `source`, load them.
     - `served_weights() -> (version, sha256)`: what the worker serves now.
     """
+
     _sync_member: BroadcastMember | None = None
 
     def sync_node_id(self) -> str:
@@ -166,8 +178,12 @@ class WeightsReceiver:
         try:
             self.load_weights(self._fetch_weights(source))
         except WeightsRefused as refusal:
-            return LoadReport(self.worker_id, self.version, time.perf_counter() - started,
-                              refused=f"{type(refusal).__name__}: {refusal}")
+            return LoadReport(
+                self.worker_id,
+                self.version,
+                time.perf_counter() - started,
+                refused=f"{type(refusal).__name__}: {refusal}",
+            )
         paused = time.perf_counter() - started - self.drain_seconds
         return LoadReport(self.worker_id, self.version, paused, self.load_seconds)
 

@@ -6,6 +6,7 @@ weights, `model.safetensors`. The version and sha256 travel in the safetensors m
 reader checks the tensors against the checksum they were published with. A directory is written
 under a staging name and renamed into place: a reader never sees a half-written version.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,11 @@ from safetensors.torch import load_file, save_file
 from .adapter import AdapterWeights
 from .full_weights import FullWeights
 
-ADAPTER_FILE, ADAPTER_CONFIG, FULL_FILE = "adapter_model.safetensors", "adapter_config.json", "model.safetensors"
+ADAPTER_FILE, ADAPTER_CONFIG, FULL_FILE = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "model.safetensors",
+)
 
 
 def version_dir(root: str | Path, version: int) -> Path:
@@ -37,8 +42,11 @@ def write_version(weights: AdapterWeights | FullWeights, root: str | Path, keep_
         if isinstance(weights, AdapterWeights):
             weights.save_pretrained(staging)  # metadata: policy_version, sha256
         else:
-            save_file(weights.tensors, str(staging / FULL_FILE),
-                      metadata={"format": "pt", "policy_version": str(weights.version), "sha256": weights.sha256})
+            save_file(
+                weights.tensors,
+                str(staging / FULL_FILE),
+                metadata={"format": "pt", "policy_version": str(weights.version), "sha256": weights.sha256},
+            )
         shutil.rmtree(target, ignore_errors=True)  # a re-publish of the same version (after a restart)
         os.rename(staging, target)
     finally:

@@ -5,6 +5,7 @@ checkpoint tensors (for a LoRA learner, the base weights with the adapter merged
 the model's own `named_parameters()` names with peft's wrapping removed; a tied output
 embedding appears once, under its first name, exactly as in the checkpoint file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ class FullWeights:
         actual = checksum(self.tensors)
         if actual != self.sha256:
             raise WeightsIntegrityError(
-                f"full weights version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}")
+                f"full weights version {self.version}: checksum {actual[:12]} != published {self.sha256[:12]}"
+            )
 
     def check(self, shapes: dict[str, torch.Size]) -> None:
         """Refuse, before touching served weights, tensors that fail their checksum or do not
@@ -43,13 +45,17 @@ def base_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The model's own parameters under checkpoint names, also when it is wrapped by peft: LoRA
     tensors left out, `.base_layer` removed, shared (tied) parameters once."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {name.replace(".base_layer.", "."): param for name, param in base.named_parameters()
-            if ".lora_" not in name}
+    return {
+        name.replace(".base_layer.", "."): param
+        for name, param in base.named_parameters()
+        if ".lora_" not in name
+    }
 
 
 def full_weight_shapes(model_path: str | Path) -> dict[str, torch.Size]:
     """Name -> shape of every tensor a full-weight sync carries for this model (meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return {name: param.shape for name, param in base_parameters(model).items()}

@@ -18,6 +18,7 @@ loads them and answers with a `LoadReport`. Three transports:
 The object-store copy of a version is the canonical one: the channel re-fetches a refused
 version, and catches up a worker that joins later, through it, whatever the transport.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -84,6 +85,7 @@ class BroadcastTransport:
     """The group is formed at the first delivery and re-formed whenever the set of workers
     changes (a group's size is fixed) or a delivery failed; a worker added in between is caught
     up through the object store, so a joiner never holds a collective open mid-step."""
+
     name = "broadcast"
 
     def __init__(self, learner, bucket_bytes: int, timeout_s: float) -> None:
@@ -103,19 +105,27 @@ class BroadcastTransport:
         nodes = ray.get([w.sync_node_id.remote() for w in workers])
         self.formations += 1
         spec = GroupSpec(
-            host="127.0.0.1" if all(n == store.node_id for n in nodes) else store.ip, port=store.port,
-            world_size=1 + len(workers), backend=store.backend, timeout_s=self.timeout_s,
-            name=f"rft-weight-sync-{self.formations}")
+            host="127.0.0.1" if all(n == store.node_id for n in nodes) else store.ip,
+            port=store.port,
+            world_size=1 + len(workers),
+            backend=store.backend,
+            timeout_s=self.timeout_s,
+            name=f"rft-weight-sync-{self.formations}",
+        )
         # Every rank must be in the rendezvous at once: all calls first, then wait.
-        ray.get([self.learner.join_sync_group.remote(spec, 0)]
-                + [w.join_sync_group.remote(spec, rank) for rank, w in enumerate(workers, start=1)])
+        ray.get(
+            [self.learner.join_sync_group.remote(spec, 0)]
+            + [w.join_sync_group.remote(spec, rank) for rank, w in enumerate(workers, start=1)]
+        )
         self.members = list(workers)
 
     def reset(self) -> None:
         self.members = None  # re-formed at the next delivery
 
 
-def make_transport(name: str, learner, bucket_bytes: int, timeout_s: float, file_root: str | None) -> Transport:
+def make_transport(
+    name: str, learner, bucket_bytes: int, timeout_s: float, file_root: str | None
+) -> Transport:
     if name == "object_store":
         return ObjectStoreTransport()
     if learner is None:

@@ -7,6 +7,7 @@ reward = 0.2 for a well-formed 'Answer: <number>' line
 Full reward (1.0) = right answer in the required format: what held-out accuracy counts.
 Components: format, lenient_correct, correct.
 """
+
 import re
 
 _ANSWER = re.compile(r"answer\s*[:=]\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
@@ -32,5 +33,9 @@ def grade(sample, item):
     lenient = last_number is not None and abs(last_number - truth) < 1e-6
     return {
         "reward": 0.2 * formatted + 0.3 * lenient + 0.5 * correct,
-        "components": {"format": float(formatted), "correct": float(correct), "lenient_correct": float(lenient)},
+        "components": {
+            "format": float(formatted),
+            "correct": float(correct),
+            "lenient_correct": float(lenient),
+        },
     }

@@ -4,6 +4,7 @@ each an item with the PyTorch reference, the signature to implement and three te
 
     python examples/pytorch_to_triton/generate.py    # (re)writes the data; already committed
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-VECTOR = [{"shape": [1000]}, {"shape": [4096]}, {"shape": [333]}]      # 1-D float32, standard normal
+VECTOR = [{"shape": [1000]}, {"shape": [4096]}, {"shape": [333]}]  # 1-D float32, standard normal
 MATRIX = [{"shape": [8, 100]}, {"shape": [16, 256]}, {"shape": [5, 37]}]  # (rows, cols), cols <= 256
 
 # name -> (signature, body, per-case extra args after the tensors, tensor arity, shapes)
@@ -58,22 +59,32 @@ def item(name: str) -> dict:
     signature, body, extra, arity, shapes = FUNCTIONS[name]
     reference = reference_source(name, signature, body)
     if shapes is MATRIX:
-        inputs = "x is a contiguous 2-D float32 tensor (rows, cols) with at most 256 columns; reduce each row."
+        inputs = (
+            "x is a contiguous 2-D float32 tensor (rows, cols) with at most 256 columns; reduce each row."
+        )
     else:
-        inputs = f"{'x and y are' if arity == 2 else 'x is'} a contiguous 1-D float32 tensor{'s' if arity == 2 else ''}."
+        subject, plural = ("x and y are", "s") if arity == 2 else ("x is", "")
+        inputs = f"{subject} a contiguous 1-D float32 tensor{plural}."
     cases = []
     for seed, shape in enumerate(shapes):
         tensors = [dict(shape) for _ in range(arity)]
         args = [0.75, *tensors] if extra is None else [*tensors, *extra]  # axpy takes the scalar first
         cases.append({"name": f"{'x'.join(map(str, shape['shape']))}", "seed": seed, "args": args})
     prompt = PROMPT.format(reference=reference, inputs=inputs, name=name, signature=signature)
-    return {"id": name, "messages": [{"role": "user", "content": prompt}], "function": name,
-            "reference": reference, "cases": cases}
+    return {
+        "id": name,
+        "messages": [{"role": "user", "content": prompt}],
+        "function": name,
+        "reference": reference,
+        "cases": cases,
+    }
 
 
 def main() -> None:
-    for split, names in (("train", [n for n in FUNCTIONS if n not in HELDOUT]),
-                         ("heldout", [n for n in FUNCTIONS if n in HELDOUT])):
+    for split, names in (
+        ("train", [n for n in FUNCTIONS if n not in HELDOUT]),
+        ("heldout", [n for n in FUNCTIONS if n in HELDOUT]),
+    ):
         lines = [json.dumps(item(name)) for name in names]
         (HERE / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
         print(f"{split}: {len(lines)} items")

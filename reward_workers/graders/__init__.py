@@ -6,10 +6,22 @@ It runs inside the sandbox runner (sandbox_runner.py), which imports this packag
 locks the filesystem down and builds the grader once; every sample is graded in a forked child.
 Standard library only at import time: third-party libraries load when a grader is built.
 """
+
 from __future__ import annotations
 
-from reward_workers.graders import (code_tests, json_match, llm_judge, multi, numeric, python_grader, regex_match,
-                                    sql, string_check, text_similarity, triton_kernel)
+from reward_workers.graders import (
+    code_tests,
+    json_match,
+    llm_judge,
+    multi,
+    numeric,
+    python_grader,
+    regex_match,
+    sql,
+    string_check,
+    text_similarity,
+    triton_kernel,
+)
 
 BUILDERS = {
     "string_check": string_check.build,

@@ -10,6 +10,7 @@ own process group, killed at `timeout_s` for all tests of a sample. Failing test
 stack traces are kept as diagnostics. A probe hit (reads_tests, edits_tests, exit_before_tests,
 forged_report) scores 0 with that hack flag.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,7 +41,9 @@ def normalized_tests(tests) -> list[dict]:
         if isinstance(test, str):
             test = {"code": test}
         if not isinstance(test, dict) or not ({"code"} <= test.keys() or {"stdin", "stdout"} <= test.keys()):
-            raise GraderInputError(f"code_tests: test {i} must be a string, {{'code'}} or {{'stdin', 'stdout'}}")
+            raise GraderInputError(
+                f"code_tests: test {i} must be a string, {{'code'}} or {{'stdin', 'stdout'}}"
+            )
         normalized.append({**test, "name": str(test.get("name", f"test_{i}"))})
     names = [test["name"] for test in normalized]
     if len(set(names)) != len(names):
@@ -54,11 +57,19 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def run_process(argv: list[str], stdin: bytes, deadline: float) -> tuple[bytes, int | None, float, str | None]:
+def run_process(
+    argv: list[str], stdin: bytes, deadline: float
+) -> tuple[bytes, int | None, float, str | None]:
     """Run argv in its own process group until it exits or `deadline`, feeding stdin and keeping
     at most MAX_OUTPUT_BYTES of stdout. Returns (stdout, wait status or None, CPU s, why stopped)."""
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               start_new_session=True, preexec_fn=_die_with_parent)
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     os.set_blocking(process.stdin.fileno(), False)
     output, pending, stopped = b"", stdin, None
     readers, writers = [process.stdout], [process.stdin]
@@ -70,7 +81,7 @@ def run_process(argv: list[str], stdin: bytes, deadline: float) -> tuple[bytes, 
             break
         if writable:
             try:
-                pending = pending[os.write(process.stdin.fileno(), pending[:65536]):]
+                pending = pending[os.write(process.stdin.fileno(), pending[:65536]) :]
             except BrokenPipeError:
                 pending = b""
             if not pending:
@@ -141,8 +152,11 @@ def _program_test(code: str, test: dict, deadline: float) -> str | None:
     if stopped:
         return stopped
     if os.waitstatus_to_exitcode(status) != 0:
-        return "exceeded the CPU-time limit" if _cpu_limited(status, cpu_s) else \
-            f"exited with status {os.waitstatus_to_exitcode(status)}"
+        return (
+            "exceeded the CPU-time limit"
+            if _cpu_limited(status, cpu_s)
+            else f"exited with status {os.waitstatus_to_exitcode(status)}"
+        )
     lines = lambda text: [line.rstrip() for line in text.rstrip().splitlines()]
     got = lines(output.decode(errors="replace"))
     if got != lines(str(test["stdout"])):
@@ -156,16 +170,24 @@ def build(spec: dict):
         code = last_code_block(render_text(spec["code"], sample, item), ("python", "py", "python3"))
         deadline = time.monotonic() + spec["timeout_s"]
         assertion_tests = [{"name": t["name"], "code": t["code"]} for t in tests if "code" in t]
-        errors, flags, diagnostics = _assertion_tests(code, assertion_tests, deadline) if assertion_tests \
-            else ({}, set(), [])
+        errors, flags, diagnostics = (
+            _assertion_tests(code, assertion_tests, deadline) if assertion_tests else ({}, set(), [])
+        )
         for test in tests:
             if "code" in test:
                 errors.setdefault(test["name"], "did not run")
             else:
                 errors[test["name"]] = _program_test(code, test, deadline)
         passed = sum(error is None for error in errors.values())
-        diagnostics += [f"{name} failed: {error[-MAX_DIAGNOSTIC_CHARS:]}" for name, error in errors.items() if error]
+        diagnostics += [
+            f"{name} failed: {error[-MAX_DIAGNOSTIC_CHARS:]}" for name, error in errors.items() if error
+        ]
         pass_rate = passed / len(tests)
-        return {"reward": 0.0 if flags else pass_rate, "components": {"pass_rate": pass_rate},
-                "hack_flags": sorted(flags), "diagnostics": diagnostics}
+        return {
+            "reward": 0.0 if flags else pass_rate,
+            "components": {"pass_rate": pass_rate},
+            "hack_flags": sorted(flags),
+            "diagnostics": diagnostics,
+        }
+
     return grade

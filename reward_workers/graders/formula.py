@@ -2,16 +2,32 @@
 "0.7 * correctness + 0.3 * min(style, 1)": numbers, the sub-graders' names, + - * / ^ (power,
 as in OpenAI's grader formulas) ** %, and a few functions. Parsed with `ast` and walked over a
 whitelist; nothing is ever passed to eval()."""
+
 from __future__ import annotations
 
 import ast
 import math
 import operator
 
-FUNCTIONS = {"min": min, "max": max, "abs": abs, "floor": math.floor, "ceil": math.ceil, "exp": math.exp,
-             "sqrt": math.sqrt, "log": math.log, "round": round}
-BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-          ast.Pow: operator.pow, ast.Mod: operator.mod}
+FUNCTIONS = {
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "exp": math.exp,
+    "sqrt": math.sqrt,
+    "log": math.log,
+    "round": round,
+}
+BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.Mod: operator.mod,
+}
 UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 MAX_FORMULA_CHARS = 2000
 
@@ -65,6 +81,7 @@ def evaluate(tree: ast.Expression, scores: dict[str, float]) -> float:
         if isinstance(node, ast.UnaryOp):
             return UNARY[type(node.op)](walk(node.operand))
         return FUNCTIONS[node.func.id](*(walk(arg) for arg in node.args))
+
     try:
         return float(walk(tree))
     except (ArithmeticError, ValueError, TypeError) as e:

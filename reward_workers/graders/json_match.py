@@ -11,6 +11,7 @@ The expected value (the `reference` template, a JSON value or JSON text) is one 
   per position over the longer list; scalars: equal, numbers within 1e-9).
 The model's reply may be bare JSON, fenced ```json, or <tool_call>...</tool_call> blocks.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def _as_call(value) -> dict | None:
     """{"name", "arguments": dict} from the usual tool-call shapes, else None."""
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
         value = value["function"]
-    if not (isinstance(value, dict) and isinstance(value.get("name"), str)
-            and ("arguments" in value or "parameters" in value)):
+    if not (
+        isinstance(value, dict)
+        and isinstance(value.get("name"), str)
+        and ("arguments" in value or "parameters" in value)
+    ):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
@@ -80,7 +84,9 @@ def similarity(expected, actual) -> float:
             return 0.0
         if not expected:
             return float(not actual)
-        return sum(similarity(v, actual[k]) if k in actual else 0.0 for k, v in expected.items()) / len(expected)
+        return sum(similarity(v, actual[k]) if k in actual else 0.0 for k, v in expected.items()) / len(
+            expected
+        )
     if isinstance(expected, list):
         if not isinstance(actual, list):
             return 0.0
@@ -97,8 +103,9 @@ def _call_score(expected: dict, actual: dict | None, name_weight: float) -> floa
     if actual is None or actual["name"] != expected["name"]:
         return 0.0
     expected_args = expected["arguments"] or {}
-    argument_credit = similarity(expected_args, actual["arguments"]) if expected_args else float(
-        not actual["arguments"])
+    argument_credit = (
+        similarity(expected_args, actual["arguments"]) if expected_args else float(not actual["arguments"])
+    )
     return name_weight + (1.0 - name_weight) * argument_credit
 
 
@@ -115,19 +122,28 @@ def build(spec: dict):
         text = render_text(spec["input"], sample, item)
         replies = parse_json_reply(text)
         calls = _calls(replies)
-        kind = next((k for k in NO_CALL_KINDS if isinstance(expected, dict) and expected.get(k) is True), None)
+        kind = next(
+            (k for k in NO_CALL_KINDS if isinstance(expected, dict) and expected.get(k) is True), None
+        )
         if kind is not None:
             asked = "?" in text or kind == "refusal"
             return {"reward": float(not calls and asked), "components": {"no_call": float(not calls)}}
         expected_calls = _calls([expected])
         if expected_calls:
             longest = max(len(expected_calls), len(calls))
-            scores = [_call_score(e, calls[i] if i < len(calls) else None, name_weight)
-                      for i, e in enumerate(expected_calls)]
-            names = sum(i < len(calls) and calls[i]["name"] == e["name"] for i, e in enumerate(expected_calls))
-            return {"reward": sum(scores) / longest,
-                    "components": {"valid_json": float(bool(replies)), "name": names / longest}}
+            scores = [
+                _call_score(e, calls[i] if i < len(calls) else None, name_weight)
+                for i, e in enumerate(expected_calls)
+            ]
+            names = sum(
+                i < len(calls) and calls[i]["name"] == e["name"] for i, e in enumerate(expected_calls)
+            )
+            return {
+                "reward": sum(scores) / longest,
+                "components": {"valid_json": float(bool(replies)), "name": names / longest},
+            }
         if not replies:
             return {"reward": 0.0, "components": {"valid_json": 0.0}, "diagnostics": ["no JSON in the reply"]}
         return {"reward": similarity(expected, replies[0]), "components": {"valid_json": 1.0}}
+
     return grade

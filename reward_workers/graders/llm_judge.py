@@ -17,6 +17,7 @@ temperature 0. The score is parsed from the reply (parse_score) and normalised f
 [0, 1]; an unparseable or out-of-range reply scores 0 with the reason; a failed call is a grader
 error (the sample's fault it is not).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,10 @@ from reward_workers.graders.templates import GraderInputError, render_text
 
 SAMPLE_FIELD = "llm_judge"
 DEFAULT_MAX_TOKENS = 32
-RUBRIC_SYSTEM = ("You are a strict grader. Score the response below with this rubric.\n\nRubric:\n{rubric}\n\n"
-                 "Reply with only `Score: N`, where N is a number from {low:g} to {high:g}.")
+RUBRIC_SYSTEM = (
+    "You are a strict grader. Score the response below with this rubric.\n\nRubric:\n{rubric}\n\n"
+    "Reply with only `Score: N`, where N is a number from {low:g} to {high:g}."
+)
 RUBRIC_USER = "Task:\n{item_text}\n\nResponse:\n{{{{sample.output_text}}}}"
 _NUMBER = r"([-+]?\d+(?:\.\d+)?)"
 _LABELLED = re.compile(r"\"?score\"?\s*[:=]\s*\"?" + _NUMBER, re.IGNORECASE)
@@ -47,11 +50,16 @@ def judge_key(spec: dict) -> str:
 def judge_messages(spec: dict, sample: dict, item: dict) -> list[dict]:
     """The judge's chat: the spec's `input` messages, or the rubric + item + sample template."""
     if spec.get("input"):
-        return [{"role": m["role"], "content": render_text(m["content"], sample, item)} for m in spec["input"]]
+        return [
+            {"role": m["role"], "content": render_text(m["content"], sample, item)} for m in spec["input"]
+        ]
     low, high = spec["range"]
     system = RUBRIC_SYSTEM.format(rubric=spec["rubric"], low=low, high=high)
     user = RUBRIC_USER.format(item_text=spec["item_text"])
-    return [{"role": "system", "content": system}, {"role": "user", "content": render_text(user, sample, item)}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": render_text(user, sample, item)},
+    ]
 
 
 def parse_score(reply: str, low: float, high: float) -> tuple[float | None, str | None]:
@@ -80,7 +88,10 @@ class EndpointJudge:
         self.url = spec["base_url"].rstrip("/") + "/chat/completions"
         self.model, self.timeout_s = spec["model"], spec["timeout_s"]
         key = os.environ.get(spec["api_key_env"])
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        self.headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {key}"} if key else {}),
+        }
         params = dict(spec.get("sampling_params") or {})
         max_tokens = params.pop("max_completions_tokens", params.pop("max_tokens", DEFAULT_MAX_TOKENS))
         self.params = {"temperature": 0.0, **params, "max_tokens": max_tokens}
@@ -98,7 +109,9 @@ class EndpointJudge:
         try:
             return str(answer["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"{self.url} sent no choices[0].message.content: {str(answer)[:300]}") from None
+            raise RuntimeError(
+                f"{self.url} sent no choices[0].message.content: {str(answer)[:300]}"
+            ) from None
 
 
 class LocalJudge:
@@ -113,27 +126,39 @@ class LocalJudge:
         try:
             path = resolve_model_path(None if spec["model"] in ("default", "embedded") else spec["model"])
         except ModelNotFoundError as e:
-            raise ModelNotFoundError(f"llm_judge {spec['name']!r}: model {spec['model']!r} is neither a local model "
-                                     f"directory nor 'default' ({e}); for a served model give base_url") from None
+            raise ModelNotFoundError(
+                f"llm_judge {spec['name']!r}: model {spec['model']!r} is neither a local model "
+                f"directory nor 'default' ({e}); for a served model give base_url"
+            ) from None
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         params = spec.get("sampling_params") or {}
-        self.max_new_tokens = int(params.get("max_completions_tokens", params.get("max_tokens", DEFAULT_MAX_TOKENS)))
+        self.max_new_tokens = int(
+            params.get("max_completions_tokens", params.get("max_tokens", DEFAULT_MAX_TOKENS))
+        )
         self.temperature = float(params.get("temperature", 0.0))
         self.top_p, self.seed = float(params.get("top_p", 1.0)), int(params.get("seed", 0))
         self._torch = torch
 
     def reply(self, messages: list[dict]) -> str:
         torch = self._torch
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
-            if self.temperature > 0 else {"do_sample": False}
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        sampling = (
+            {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+            if self.temperature > 0
+            else {"do_sample": False}
+        )
         torch.manual_seed(self.seed)
         with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(
+                **ids,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 class Judges:
@@ -182,15 +207,21 @@ def build(spec: dict):
     def grade(sample: dict, item: dict) -> dict:
         outcome = (sample.get(SAMPLE_FIELD) or {}).get(key)
         if outcome is None:
-            raise GraderInputError(f"llm_judge {spec['name']!r}: no judge outcome in the sample (judges run in the "
-                                   "reward worker's process before the sandbox: grade through GraderSandbox)")
+            raise GraderInputError(
+                f"llm_judge {spec['name']!r}: no judge outcome in the sample (judges run in the "
+                "reward worker's process before the sandbox: grade through GraderSandbox)"
+            )
         if "error" in outcome:
             raise RuntimeError(f"llm_judge {spec['name']!r}: the judge call failed: {outcome['error']}")
         if outcome["score"] is None:
-            return {"reward": 0.0, "components": {"parsed": 0.0},
-                    "diagnostics": [f"judge reply unusable: {outcome['why']}; reply {outcome['reply']!r:.300}"]}
+            return {
+                "reward": 0.0,
+                "components": {"parsed": 0.0},
+                "diagnostics": [f"judge reply unusable: {outcome['why']}; reply {outcome['reply']!r:.300}"],
+            }
         components = {"score": outcome["score"], "parsed": 1.0}
         if spec.get("pass_threshold") is not None:
             components["passed"] = float(outcome["score"] >= spec["pass_threshold"])
         return {"reward": (outcome["score"] - low) / (high - low), "components": components}
+
     return grade

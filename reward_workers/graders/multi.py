@@ -5,6 +5,7 @@ Components: each sub-grader's reward under its name, and its own components as n
 Hack flags are prefixed with the sub-grader's name; any hack flag zeroes the combined reward
 (credit for the rest of an answer must not pay for a hack). A sub-grader error fails the sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,11 @@ def build(spec: dict, build_grader):
             reward = formula.evaluate(tree, scores)
         else:
             reward = sum(weights[name] * score for name, score in scores.items()) / total_weight
-        return {"reward": 0.0 if flags else reward, "components": components, "hack_flags": flags,
-                "diagnostics": diagnostics}
+        return {
+            "reward": 0.0 if flags else reward,
+            "components": components,
+            "hack_flags": flags,
+            "diagnostics": diagnostics,
+        }
+
     return grade

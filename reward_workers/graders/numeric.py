@@ -1,5 +1,6 @@
 """numeric: extract a number from the output and compare it with the reference within
 abs_tol / rel_tol. Thousands separators, currency signs, percent signs and units are ignored."""
+
 from __future__ import annotations
 
 import math
@@ -57,4 +58,5 @@ def build(spec: dict):
             return {"reward": 0.0, "components": {"found": 0.0}, "diagnostics": ["no number found"]}
         close = math.isclose(value, reference, rel_tol=spec["rel_tol"], abs_tol=spec["abs_tol"])
         return {"reward": float(close), "components": {"found": 1.0}}
+
     return grade

@@ -1,5 +1,6 @@
 """python: user code defining grade(sample, item) -> float | dict, from a file or inline (the
 OpenAI RFT `source` string). What grade() returns is validated by the sandbox's parent."""
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """regex: the output must match a pattern (search or fullmatch), or a group extracted by it
 (the group named `answer`, else group 1, else the whole match) must equal a reference."""
+
 from __future__ import annotations
 
 import re
@@ -21,10 +22,17 @@ def build(spec: dict):
         if not matches:
             return {"reward": 0.0, "components": {"found": 0.0}, "diagnostics": ["pattern not found"]}
         match = matches[-1]  # the final answer, when the model restates it
-        extracted = match.group("answer") if "answer" in pattern.groupindex else match.group(
-            1 if pattern.groups else 0)
+        extracted = (
+            match.group("answer")
+            if "answer" in pattern.groupindex
+            else match.group(1 if pattern.groups else 0)
+        )
         reference = render_text(spec["reference"], sample, item)
-        same = (extracted or "").strip().casefold() == reference.strip().casefold() if spec["ignore_case"] \
+        same = (
+            (extracted or "").strip().casefold() == reference.strip().casefold()
+            if spec["ignore_case"]
             else (extracted or "").strip() == reference.strip()
+        )
         return {"reward": float(same), "components": {"found": 1.0}}
+
     return grade

@@ -7,6 +7,7 @@ query (a string) run on the same database. The model's query is the last ```sql 
 reply, or the whole reply; it may only read (an authorizer refuses writes, ATTACH, PRAGMA).
 It runs in the sandbox's grading child, under the sample's CPU, memory and wall-clock limits.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -14,8 +15,12 @@ from collections import Counter
 
 from reward_workers.graders.templates import GraderInputError, last_code_block, render, render_text
 
-READ_ONLY_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                     getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+READ_ONLY_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+}
 
 
 def _read_only(action, *_):
@@ -24,7 +29,9 @@ def _read_only(action, *_):
 
 def build_database(database) -> sqlite3.Connection:
     if not isinstance(database, dict) or not isinstance(database.get("schema"), str):
-        raise GraderInputError("sql: the item's database must be {'schema': 'CREATE TABLE ...', 'rows': {...}}")
+        raise GraderInputError(
+            "sql: the item's database must be {'schema': 'CREATE TABLE ...', 'rows': {...}}"
+        )
     connection = sqlite3.connect(":memory:")
     try:
         connection.executescript(database["schema"])
@@ -41,10 +48,12 @@ def build_database(database) -> sqlite3.Connection:
 
 def _normalized(rows) -> list[tuple]:
     """Rows as tuples, numbers as rounded floats (so 2 == 2.0 and 0.1 + 0.2 == 0.3)."""
+
     def cell(value):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return round(float(value), 6)
         return value
+
     return [tuple(cell(v) for v in row) for row in rows]
 
 
@@ -72,4 +81,5 @@ def build(spec: dict):
         same = got == expected if ordered else Counter(got) == Counter(expected)
         diagnostics = [] if same else [f"expected {len(expected)} rows, got {len(got)}: {got[:3]!r:.300}"]
         return {"reward": float(same), "components": {"executes": 1.0}, "diagnostics": diagnostics}
+
     return grade

@@ -1,4 +1,5 @@
 """string_check: compare two rendered strings (OpenAI RFT semantics: like = contains)."""
+
 from __future__ import annotations
 
 from reward_workers.graders.templates import render_text
@@ -17,4 +18,5 @@ def build(spec: dict):
     def grade(sample: dict, item: dict) -> dict:
         passed = check(render_text(spec["input"], sample, item), render_text(spec["reference"], sample, item))
         return {"reward": float(passed)}
+
     return grade

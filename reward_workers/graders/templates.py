@@ -1,5 +1,6 @@
 """Template inputs shared by the built-in graders: `{{sample.output_text}}`, `{{item.a.b}}`,
 `{{sample.output_json.field}}` (the OpenAI RFT grader convention), and answer extraction."""
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def render(template: str, sample: dict, item: dict):
     def substitute(match: re.Match) -> str:
         value = _lookup(match.group(1), sample, item)
         return value if isinstance(value, str) else json.dumps(value)
+
     return _PLACEHOLDER.sub(substitute, template)
 
 

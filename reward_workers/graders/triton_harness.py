@@ -22,6 +22,7 @@ Not detected: code that finds and forges the report (the nonce) through introspe
 tensor memory through data_ptr/ctypes, or computes with numpy inside a kernel body in
 interpreter mode (a GPU compile would refuse it).
 """
+
 import base64
 import json
 import os
@@ -30,18 +31,75 @@ import traceback
 
 ALLOWED_ATEN_OPS = {
     # allocation and constant fills (independent of the inputs' values)
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
-    "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "fill_", "zero_", "arange",
-    "scalar_tensor", "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "zeros",
+    "zeros_like",
+    "new_zeros",
+    "ones",
+    "ones_like",
+    "new_ones",
+    "full",
+    "full_like",
+    "new_full",
+    "fill_",
+    "zero_",
+    "arange",
+    "scalar_tensor",
+    "lift_fresh",
     # views and metadata
-    "view", "_unsafe_view", "reshape", "as_strided", "slice", "select", "t", "transpose", "permute", "expand",
-    "squeeze", "unsqueeze", "flatten", "unflatten", "alias", "detach", "split", "split_with_sizes", "chunk",
-    "unbind", "narrow", "view_as", "is_contiguous", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
-    "_reshape_alias", "resolve_conj", "resolve_neg",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "as_strided",
+    "slice",
+    "select",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "squeeze",
+    "unsqueeze",
+    "flatten",
+    "unflatten",
+    "alias",
+    "detach",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "narrow",
+    "view_as",
+    "is_contiguous",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "_reshape_alias",
+    "resolve_conj",
+    "resolve_neg",
     # copies and casts (moving data, not computing the result)
-    "clone", "copy_", "_to_copy", "to", "contiguous", "_copy_from",
+    "clone",
+    "copy_",
+    "_to_copy",
+    "to",
+    "contiguous",
+    "_copy_from",
 }
-HOST_READS = {"tolist", "item", "numpy", "__array__", "__float__", "__int__", "__bool__", "__index__", "__complex__"}
+HOST_READS = {
+    "tolist",
+    "item",
+    "numpy",
+    "__array__",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "__index__",
+    "__complex__",
+}
 UNIFORM_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
 MAX_ERROR_CHARS = 1500
@@ -65,8 +123,13 @@ def make_inputs(args: list, seed: int, device: str = "cpu") -> list:
         if dtype_name in INTEGER_DTYPES:
             if "low" not in arg or "high" not in arg:
                 raise ValueError(f"argument {i}: integer tensors need low and high")
-            tensor = torch.randint(int(arg["low"]), int(arg["high"]), shape, generator=generator,
-                                   dtype=getattr(torch, dtype_name))
+            tensor = torch.randint(
+                int(arg["low"]),
+                int(arg["high"]),
+                shape,
+                generator=generator,
+                dtype=getattr(torch, dtype_name),
+            )
         elif dtype_name in UNIFORM_DTYPES:
             if "low" in arg or "high" in arg:
                 low, high = float(arg.get("low", 0.0)), float(arg.get("high", 1.0))
@@ -75,7 +138,9 @@ def make_inputs(args: list, seed: int, device: str = "cpu") -> list:
                 tensor = torch.randn(shape, generator=generator)
             tensor = tensor.to(getattr(torch, dtype_name))
         else:
-            raise ValueError(f"argument {i}: dtype {dtype_name!r} is not one of {UNIFORM_DTYPES + INTEGER_DTYPES}")
+            raise ValueError(
+                f"argument {i}: dtype {dtype_name!r} is not one of {UNIFORM_DTYPES + INTEGER_DTYPES}"
+            )
         values.append(tensor.to(device))
     return values
 
@@ -95,8 +160,11 @@ def encode(tensor) -> dict:
     import torch
 
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-            "data": base64.b64encode(flat.view(torch.uint8).numpy().tobytes()).decode()}
+    return {
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "data": base64.b64encode(flat.view(torch.uint8).numpy().tobytes()).decode(),
+    }
 
 
 def decode(encoded: dict):
@@ -123,7 +191,11 @@ class Tracer:
         class OpTrace(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func.overloadpacket.__name__
-                if tracer.active and name.rstrip("_") not in ALLOWED_ATEN_OPS and name not in ALLOWED_ATEN_OPS:
+                if (
+                    tracer.active
+                    and name.rstrip("_") not in ALLOWED_ATEN_OPS
+                    and name not in ALLOWED_ATEN_OPS
+                ):
                     tracer.torch_ops.append(f"aten.{name}")
                 return func(*args, **(kwargs or {}))
 
@@ -141,6 +213,7 @@ class Tracer:
                     return method(*args, **kwargs)
                 finally:
                     tracer.active = was
+
             return run_untraced
 
         def counted(method, compiled: bool):
@@ -148,6 +221,7 @@ class Tracer:
                 if not kwargs.get("warmup"):
                     tracer.launches += 1
                 return (paused(method) if compiled else method)(*args, **kwargs)
+
             return launch
 
         self.hooks = {}
@@ -156,10 +230,12 @@ class Tracer:
             import triton.runtime.jit as jit
 
             executor = interpreter.GridExecutor
-            self.hooks = {(jit.JITFunction, "run"): counted(jit.JITFunction.run, compiled=True),
-                          (interpreter.InterpretedFunction, "run"): counted(interpreter.InterpretedFunction.run, False),
-                          (executor, "_init_args_hst"): paused(executor._init_args_hst),
-                          (executor, "_restore_args_dev"): paused(executor._restore_args_dev)}
+            self.hooks = {
+                (jit.JITFunction, "run"): counted(jit.JITFunction.run, compiled=True),
+                (interpreter.InterpretedFunction, "run"): counted(interpreter.InterpretedFunction.run, False),
+                (executor, "_init_args_hst"): paused(executor._init_args_hst),
+                (executor, "_restore_args_dev"): paused(executor._restore_args_dev),
+            }
         for (owner, name), hook in self.hooks.items():
             setattr(owner, name, hook)
         self.modes = (HostReadTrace(), OpTrace())
@@ -177,9 +253,11 @@ class Tracer:
                 result = function(*args)
             finally:
                 self.active = False
-                self.tampered = not (host_mode in _get_current_function_mode_stack()
-                                     and op_mode in _get_current_dispatch_mode_stack()
-                                     and all(getattr(owner, name) is hook for (owner, name), hook in self.hooks.items()))
+                self.tampered = not (
+                    host_mode in _get_current_function_mode_stack()
+                    and op_mode in _get_current_dispatch_mode_stack()
+                    and all(getattr(owner, name) is hook for (owner, name), hook in self.hooks.items())
+                )
         return result
 
     def reset(self):
@@ -202,6 +280,7 @@ def main():
         send({"load_error": "".join(traceback.format_exception_only(e)).strip()[-MAX_ERROR_CHARS:]})
         return
     import torch
+
     device = request["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,8 +312,15 @@ def main():
         except BaseException as e:  # noqa: BLE001 - a failing case
             trace = traceback.format_exception(type(e), e, e.__traceback__.tb_next)
             message["error"] = "".join(trace)[-MAX_ERROR_CHARS:]
-        send({**message, "launches": tracer.launches, "torch_ops": sorted(set(tracer.torch_ops)),
-              "host_reads": sorted(set(tracer.host_reads)), "tampered": tracer.tampered})
+        send(
+            {
+                **message,
+                "launches": tracer.launches,
+                "torch_ops": sorted(set(tracer.torch_ops)),
+                "host_reads": sorted(set(tracer.host_reads)),
+                "tampered": tracer.tampered,
+            }
+        )
     send({"done": True})
 
 

@@ -26,6 +26,7 @@ importing torch). Anti-hacking probes (reward 0 with the flag):
 - edits_harness: the function removed the harness's tracing or launch hooks.
 See triton_harness.py for exactly what is traced and what is not.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,15 @@ def normalized_cases(cases) -> list[dict]:
         raise GraderInputError("triton_kernel: the item's cases must be a non-empty list")
     normalized = []
     for i, case in enumerate(cases):
-        if not isinstance(case, dict) or not isinstance(case.get("args"), list) or \
-                not isinstance(case.get("seed", 0), int):
+        if (
+            not isinstance(case, dict)
+            or not isinstance(case.get("args"), list)
+            or not isinstance(case.get("seed", 0), int)
+        ):
             raise GraderInputError(f"triton_kernel: case {i} must be {{'seed': int, 'args': [...]}}")
-        normalized.append({"name": str(case.get("name", f"case_{i}")), "seed": case.get("seed", 0),
-                           "args": case["args"]})
+        normalized.append(
+            {"name": str(case.get("name", f"case_{i}")), "seed": case.get("seed", 0), "args": case["args"]}
+        )
     names = [case["name"] for case in normalized]
     if len(set(names)) != len(names):
         raise GraderInputError(f"triton_kernel: case names repeat: {names}")
@@ -67,7 +72,9 @@ def reference_outputs(source: str, function: str, cases: list[dict], torch) -> l
         exec(compile(source, "<reference>", "exec"), namespace)
         reference = namespace[function]
     except Exception as e:  # noqa: BLE001 - the item is broken, not the sample
-        raise GraderInputError(f"triton_kernel: the item's reference does not define {function!r}: {e}") from None
+        raise GraderInputError(
+            f"triton_kernel: the item's reference does not define {function!r}: {e}"
+        ) from None
     results = []
     for case in cases:
         try:
@@ -75,15 +82,19 @@ def reference_outputs(source: str, function: str, cases: list[dict], torch) -> l
         except ValueError as e:
             raise GraderInputError(f"triton_kernel: case {case['name']}: {e}") from None
         with torch.no_grad():
-            outputs = triton_harness.as_outputs(reference(*[x.clone() if isinstance(x, torch.Tensor) else x
-                                                            for x in inputs]))
+            outputs = triton_harness.as_outputs(
+                reference(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+            )
         results.append((inputs, outputs))
     return results
 
 
 def _close(a, b, spec, torch) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(
-        a.double(), b.double(), atol=spec["atol"], rtol=spec["rtol"], equal_nan=True)
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.allclose(a.double(), b.double(), atol=spec["atol"], rtol=spec["rtol"], equal_nan=True)
+    )
 
 
 def _trivial_match(got: list, want: list, inputs: list, spec, torch) -> str | None:
@@ -91,8 +102,11 @@ def _trivial_match(got: list, want: list, inputs: list, spec, torch) -> str | No
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     for output, expected in zip(got, want):
         for x in tensors:
-            if x.shape == output.shape and torch.equal(output.double(), x.double()) and \
-                    not _close(x.to(expected.dtype), expected, spec, torch):
+            if (
+                x.shape == output.shape
+                and torch.equal(output.double(), x.double())
+                and not _close(x.to(expected.dtype), expected, spec, torch)
+            ):
                 return "passthrough"
         zeros = torch.zeros_like(expected)
         if output.shape == expected.shape and not output.any() and not _close(zeros, expected, spec, torch):
@@ -100,13 +114,24 @@ def _trivial_match(got: list, want: list, inputs: list, spec, torch) -> str | No
     return None
 
 
-def _run_harness(code: str, function: str, cases: list[dict], expected: list, spec) -> tuple[dict, list, str | None]:
+def _run_harness(
+    code: str, function: str, cases: list[dict], expected: list, spec
+) -> tuple[dict, list, str | None]:
     """The harness's messages: (first message, per-case messages, why it stopped early or None)."""
     nonce = secrets.token_hex(16)
-    request = json.dumps({"code": code, "function": function, "cases": cases, "expected": expected,
-                          "device": spec["device"], "nonce": nonce}).encode()
-    output, status, _, stopped = run_process([sys.executable, "-I", "-c", HARNESS], request,
-                                             time.monotonic() + spec["timeout_s"])
+    request = json.dumps(
+        {
+            "code": code,
+            "function": function,
+            "cases": cases,
+            "expected": expected,
+            "device": spec["device"],
+            "nonce": nonce,
+        }
+    ).encode()
+    output, status, _, stopped = run_process(
+        [sys.executable, "-I", "-c", HARNESS], request, time.monotonic() + spec["timeout_s"]
+    )
     messages = []
     for line in output.splitlines():
         try:
@@ -115,8 +140,14 @@ def _run_harness(code: str, function: str, cases: list[dict], expected: list, sp
             continue
         if isinstance(message, dict) and message.get("nonce") == nonce:
             messages.append(message)
-    head = messages[0] if messages else {"load_error": f"the harness stopped before loading the code: "
-                                                       f"{stopped or 'exit status ' + str(status)}"}
+    head = (
+        messages[0]
+        if messages
+        else {
+            "load_error": f"the harness stopped before loading the code: "
+            f"{stopped or 'exit status ' + str(status)}"
+        }
+    )
     done = any(m.get("done") for m in messages)
     why = None if done else (stopped or "the candidate's process exited before all cases ran")
     return head, [m for m in messages if "case" in m], why
@@ -134,10 +165,17 @@ def build(spec: dict):
             raise GraderInputError(f"triton_kernel: function {function!r} is not a Python name")
         cases = normalized_cases(render(spec["cases"], sample, item))
         references = reference_outputs(render_text(spec["reference"], sample, item), function, cases, torch)
-        expected = [[{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in outs]
-                    for _, outs in references]
-        if sum(o.numel() * o.element_size() for _, outs in references for o in outs) * 4 // 3 > MAX_OUTPUT_BYTES // 2:
-            raise GraderInputError(f"triton_kernel: the cases' outputs exceed {MAX_OUTPUT_BYTES // 2} bytes encoded")
+        expected = [
+            [{"shape": list(o.shape), "dtype": str(o.dtype).removeprefix("torch.")} for o in outs]
+            for _, outs in references
+        ]
+        if (
+            sum(o.numel() * o.element_size() for _, outs in references for o in outs) * 4 // 3
+            > MAX_OUTPUT_BYTES // 2
+        ):
+            raise GraderInputError(
+                f"triton_kernel: the cases' outputs exceed {MAX_OUTPUT_BYTES // 2} bytes encoded"
+            )
         text = render_text(spec["code"], sample, item)
         code = last_code_block(text, PYTHON_BLOCK)
         formatted = code != text and re.search(rf"^\s*def\s+{function}\s*\(", code, re.MULTILINE) is not None
@@ -158,8 +196,10 @@ def build(spec: dict):
                 continue
             if report.get("torch_ops") or report.get("host_reads"):
                 flags.add("calls_torch_op")
-                diagnostics.append(f"{case['name']}: the function ran torch compute ops / host reads "
-                                   f"{report.get('torch_ops', []) + report.get('host_reads', [])}")
+                diagnostics.append(
+                    f"{case['name']}: the function ran torch compute ops / host reads "
+                    f"{report.get('torch_ops', []) + report.get('host_reads', [])}"
+                )
             if report.get("tampered"):
                 flags.add("edits_harness")
             if "error" in report:
@@ -175,10 +215,17 @@ def build(spec: dict):
                 matched += 1
             else:
                 error = max(float((g.double() - w.double()).abs().max()) for g, w in zip(got, want))
-                diagnostics.append(f"{case['name']} failed: max abs error {error:.3g} "
-                                   f"(atol {spec['atol']:g}, rtol {spec['rtol']:g})")
+                diagnostics.append(
+                    f"{case['name']} failed: max abs error {error:.3g} "
+                    f"(atol {spec['atol']:g}, rtol {spec['rtol']:g})"
+                )
         share = matched / len(cases)
         reward = spec["format_weight"] * formatted + spec["compile_weight"] * loaded + correct_weight * share
-        return {"reward": 0.0 if flags else reward, "hack_flags": sorted(flags), "diagnostics": diagnostics,
-                "components": {"format": float(formatted), "compiles": float(loaded), "correct": share}}
+        return {
+            "reward": 0.0 if flags else reward,
+            "hack_flags": sorted(flags),
+            "diagnostics": diagnostics,
+            "components": {"format": float(formatted), "compiles": float(loaded), "correct": share},
+        }
+
     return grade

@@ -1,4 +1,5 @@
 """How the CLI's commands end on an error the user can fix from the message alone."""
+
 from __future__ import annotations
 
 from typing import NoReturn

@@ -6,6 +6,7 @@ One id names a job everywhere: the Ray submission id, the registry entry, the ru
 fails before anything is sent), uploads the config's directory as the job's working dir, and runs
 `python -m services.cli run CONFIG --address auto -o name=ID -o run_root=ABS ...` on the head.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,14 @@ from core.config import ConfigError
 from services.cli.errors import fail
 from services.config import dump_config, load_config
 from services.jobs.redis_store import RedisUnavailableError, embedded_data_dir
-from services.jobs.registry import FAILED, TERMINAL_STATES, JobNotFoundError, JobRecord, JobRegistry, open_registry
+from services.jobs.registry import (
+    FAILED,
+    TERMINAL_STATES,
+    JobNotFoundError,
+    JobRecord,
+    JobRegistry,
+    open_registry,
+)
 
 ADDRESS_HELP = "Ray dashboard address of the cluster, http://HEAD:PORT (or $RAY_ADDRESS)"
 REDIS_HELP = "the registry's Redis (default: the embedded store under the job's run root)"
@@ -39,6 +47,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 # ---------------------------------------------------------------- Ray Jobs client
+
 
 def enable_token_auth_when_token_present() -> None:
     """Ray 2.60 clusters require a token (`Authorization: Bearer`), which the Jobs client sends
@@ -83,6 +92,7 @@ def ray_job(client, job_id: str):
 
 
 # ---------------------------------------------------------------- registry lookup
+
 
 class Registries:
     """Registry clients by location, opened once. The embedded store is opened only where it
@@ -131,6 +141,7 @@ def _registries(redis_url: Optional[str], run_root: Path) -> Registries:
 
 # ---------------------------------------------------------------- formatting
 
+
 def _number(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -146,22 +157,43 @@ def _workers(workers: dict) -> str:
 def progress_cells(record: JobRecord | None) -> list[str]:
     if record is None:
         return ["-"] * 6
-    return [record.state, str(record.step), str(record.policy_version), _number(record.metrics.get("reward_mean")),
-            _number(record.metrics.get("heldout_accuracy")), _workers(record.workers)]
+    return [
+        record.state,
+        str(record.step),
+        str(record.policy_version),
+        _number(record.metrics.get("reward_mean")),
+        _number(record.metrics.get("heldout_accuracy")),
+        _workers(record.workers),
+    ]
 
 
 def jobs_table(client, registries: Registries) -> Table:
     table = Table(title="rft jobs")
-    for column in ("job", "ray state", "registry state", "step", "version", "reward", "held-out", "workers",
-                   "owner", "started"):
+    for column in (
+        "job",
+        "ray state",
+        "registry state",
+        "step",
+        "version",
+        "reward",
+        "held-out",
+        "workers",
+        "owner",
+        "started",
+    ):
         table.add_column(column)
     for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
         if not job.submission_id:
             continue  # drivers that connected directly, not submitted jobs
         record = registries.record(job.submission_id, str(job.status), job.metadata)
         owner = record.owner if record else (job.metadata or {}).get(META_OWNER, "-")
-        table.add_row(job.submission_id, str(job.status), *progress_cells(record), owner,
-                      _when((job.start_time or 0) / 1000))
+        table.add_row(
+            job.submission_id,
+            str(job.status),
+            *progress_cells(record),
+            owner,
+            _when((job.start_time or 0) / 1000),
+        )
     return table
 
 
@@ -171,25 +203,91 @@ def print_job_detail(job, record: JobRecord | None) -> None:
     if record is None:
         return
     console.print(f"  registry: {record.state}   owner {record.owner}   run dir {record.run_dir}")
-    console.print(f"  step {record.step}   policy version {record.policy_version}   "
-                  f"reward {_number(record.metrics.get('reward_mean'))}   "
-                  f"held-out {_number(record.metrics.get('heldout_accuracy'))}   workers {_workers(record.workers)}")
+    console.print(
+        f"  step {record.step}   policy version {record.policy_version}   "
+        f"reward {_number(record.metrics.get('reward_mean'))}   "
+        f"held-out {_number(record.metrics.get('heldout_accuracy'))}   workers {_workers(record.workers)}"
+    )
     if record.desired_rollout_workers is not None:
         console.print(f"  desired rollout workers: {record.desired_rollout_workers}")
     for change in record.history:
         console.print(f"  {_when(change.at)}  {change.state:<9} ({change.source})")
 
 
+def job_entrypoint(config: Path, job_overrides: list[str], run_root: Path, python: str) -> tuple[str, dict]:
+    """The command the cluster runs (`rft run` joining the cluster) and its runtime env: the
+    config's directory as the working dir, less the run root and caches."""
+    working_dir = config.resolve().parent
+    entrypoint = shlex.join(
+        [
+            python,
+            "-m",
+            "services.cli",
+            "run",
+            config.name,
+            "--address",
+            "auto",
+            *(a for o in job_overrides for a in ("-o", o)),
+        ]
+    )
+    excludes = [".rft", "__pycache__"]
+    if run_root.is_relative_to(working_dir):
+        excludes.append(str(run_root.relative_to(working_dir)))
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": excludes,
+        # the driver's ray.init adds actor env vars; let them merge with the job's
+        "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "HF_HUB_OFFLINE": "1"},
+    }
+    return entrypoint, runtime_env
+
+
+def submit_when_agent_is_up(
+    client,
+    job_id: str,
+    submission: dict,
+    registry: JobRegistry | None,
+    address: Optional[str],
+    agent_wait_s: float,
+) -> None:
+    """Submit; a head that has just started refuses until its dashboard agent is up, so retry
+    that refusal for `agent_wait_s`. Any other failure marks the job FAILED and exits."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            client.submit_job(**submission)
+            return
+        except RuntimeError as e:
+            no_agent = "No available agent" in str(e)
+            if not no_agent or time.monotonic() > deadline:
+                if registry is not None:
+                    registry.transition(job_id, FAILED, source="submit")
+                hint = (
+                    "\n  the head's dashboard agent is not up: see dashboard_agent.log in the head's Ray "
+                    "session logs (a common cause: its port, 52365 by default, held by another Ray on "
+                    "that machine)"
+                    if no_agent
+                    else ""
+                )
+                fail(f"submitting {job_id} to {cluster_address(address)}: {e}{hint}")
+            time.sleep(1)
+
+
 # ---------------------------------------------------------------- commands
+
 
 def submit(
     config: Path = typer.Argument(..., help="job config YAML; its directory is uploaded as the working dir"),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    override: list[str] = typer.Option([], "--set", "-o", help="override a config field: section.field=value"),
+    override: list[str] = typer.Option(
+        [], "--set", "-o", help="override a config field: section.field=value"
+    ),
     job_id: Optional[str] = typer.Option(None, "--job-id", help="default: <name>-<date>-<time>"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     python: str = typer.Option("python", "--python", help="Python on the cluster that has rft installed"),
-    agent_wait_s: float = typer.Option(120, "--agent-wait", help="seconds to wait for a just-started head's job agent"),
+    agent_wait_s: float = typer.Option(
+        120, "--agent-wait", help="seconds to wait for a just-started head's job agent"
+    ),
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API)."""
     try:
@@ -203,15 +301,7 @@ def submit(
     if redis_url:
         job_overrides.append(f"cluster.redis_url={redis_url}")
     cfg = load_config(config, job_overrides)
-    working_dir = config.resolve().parent
-    entrypoint = shlex.join([python, "-m", "services.cli", "run", config.name, "--address", "auto",
-                             *(a for o in job_overrides for a in ("-o", o))])
-    excludes = [".rft", "__pycache__"]
-    if run_root.is_relative_to(working_dir):
-        excludes.append(str(run_root.relative_to(working_dir)))
-    runtime_env = {"working_dir": str(working_dir), "excludes": excludes,
-                   # the driver's ray.init adds actor env vars; let them merge with the job's
-                   "env_vars": {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "HF_HUB_OFFLINE": "1"}}
+    entrypoint, runtime_env = job_entrypoint(config, job_overrides, run_root, python)
     owner = getpass.getuser()
     metadata = {META_RUN_ROOT: str(run_root), META_REDIS_URL: redis_url or "", META_OWNER: owner}
     client = jobs_client(address)
@@ -223,23 +313,18 @@ def submit(
         registry.register(job_id, dump_config(cfg), cfg.run_dir, owner, source="submit")
     except RedisUnavailableError as e:
         console.print(f"[yellow]registry: {e}; the job is submitted without a registry entry[/yellow]")
-    deadline = time.monotonic() + agent_wait_s
-    while True:
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
-            break
-        except RuntimeError as e:
-            # A head that has just started answers this until its dashboard agent is up.
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                if registry is not None:
-                    registry.transition(job_id, FAILED, source="submit")
-                hint = ("\n  the head's dashboard agent is not up: see dashboard_agent.log in the head's Ray session"
-                        " logs (a common cause: its port, 52365 by default, held by another Ray on that machine)"
-                        if "No available agent" in str(e) else "")
-                fail(f"submitting {job_id} to {cluster_address(address)}: {e}{hint}")
-            time.sleep(1)
-    typer.echo(f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
-               f" --address {cluster_address(address)}")
+    submit_when_agent_is_up(
+        client,
+        job_id,
+        dict(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata),
+        registry,
+        address,
+        agent_wait_s,
+    )
+    typer.echo(
+        f"submitted {job_id}\n  run dir: {cfg.run_dir}\n  follow: rft logs {job_id} --follow"
+        f" --address {cluster_address(address)}"
+    )
 
 
 def status(
@@ -314,7 +399,9 @@ def cancel(
 
 def scale(
     job_id: str = typer.Argument(...),
-    rollout_workers: int = typer.Option(..., "--rollout-workers", min=1, help="desired number of rollout workers"),
+    rollout_workers: int = typer.Option(
+        ..., "--rollout-workers", min=1, help="desired number of rollout workers"
+    ),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     run_root: Path = typer.Option(Path("runs"), "--run-root", help="run root of the job's embedded registry"),
 ) -> None:
@@ -327,7 +414,9 @@ def scale(
         registry.set_desired_rollout_workers(job_id, rollout_workers)
     except JobNotFoundError as e:
         fail(str(e))
-    typer.echo(f"{job_id}: desired rollout workers = {rollout_workers}; the driver applies it at its next step")
+    typer.echo(
+        f"{job_id}: desired rollout workers = {rollout_workers}; the driver applies it at its next step"
+    )
 
 
 def register_job_commands(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
 """The `rft` command line."""
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer
 import yaml
 
-from reward_workers.grader_spec import PythonGrader, resolve_source_paths
 from core.config import ConfigError
+from core.model_store import ModelNotFoundError
 from reward_workers.config import RewardConfig
-from reward_workers.grader_spec import GraderConfig, check_grader
+from reward_workers.grader_spec import GraderConfig, PythonGrader, check_grader, resolve_source_paths
 from services.cli.errors import fail
 from services.config import load_config, parse_grader_spec
 from services.orchestrator.data import DatasetError
-from core.model_store import ModelNotFoundError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Reinforcement fine-tuning of language models with verifiable rewards.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reinforcement fine-tuning of language models with verifiable rewards.",
+)
 
 # Errors a user can fix from the message alone: print it, no traceback.
 USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, FileNotFoundError)
@@ -32,10 +35,18 @@ USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, FileNotFoundError)
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Argument(None, help="job config YAML (default with --resume: RUN_DIR/config.yaml)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in RUN_DIR from its last checkpoint"),
-    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster instead of starting one"),
-    override: list[str] = typer.Option([], "--set", "-o", help="override a config field: section.field=value"),
+    config: Optional[Path] = typer.Argument(
+        None, help="job config YAML (default with --resume: RUN_DIR/config.yaml)"
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="continue the run in RUN_DIR from its last checkpoint"
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="join this Ray cluster instead of starting one"
+    ),
+    override: list[str] = typer.Option(
+        [], "--set", "-o", help="override a config field: section.field=value"
+    ),
 ) -> None:
     """Run a job on this machine (an embedded Ray unless --address is given)."""
     from services.orchestrator.driver import run_job
@@ -50,7 +61,10 @@ def run(
             fail("give a job config, or --resume RUN_DIR")
         cfg = load_config(config, override + ([f"cluster.address={address}"] if address else []))
         if resume is None and (cfg.run_dir / "checkpoints").exists():
-            fail(f"{cfg.run_dir} already has checkpoints: use --resume {cfg.run_dir} or another name (-o name=...)")
+            fail(
+                f"{cfg.run_dir} already has checkpoints: "
+                f"use --resume {cfg.run_dir} or another name (-o name=...)"
+            )
         inputs = prepare_inputs(cfg)
     except USER_ERRORS as e:
         fail(str(e))
@@ -62,8 +76,10 @@ def run(
         fail(str(e))
     base, final = summary["heldout_base"], summary["heldout_final"]
     if base and final:
-        typer.echo(f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
-                   f"({100 * (final['accuracy'] - base['accuracy']):+.1f} points, n={final['count']})")
+        typer.echo(
+            f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
+            f"({100 * (final['accuracy'] - base['accuracy']):+.1f} points, n={final['count']})"
+        )
     # A LoRA job's output is its adapter; a full-weight job's (learner.lora: false) a model directory.
     kind = "adapter" if "adapter" in summary else "model"
     typer.echo(f"{kind}: {summary[kind]}")
@@ -92,11 +108,17 @@ def load_grader_spec(spec: str) -> GraderConfig:
 
 @app.command(name="eval")
 def evaluate(
-    model: Optional[str] = typer.Option(None, "--model", help="HF model dir, e.g. runs/<job>/model of a "
-                                        "full-weight job (default: embedded SmolLM2-135M-Instruct)"),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        help="HF model dir, e.g. runs/<job>/model of a "
+        "full-weight job (default: embedded SmolLM2-135M-Instruct)",
+    ),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="peft LoRA adapter dir to apply"),
     data: Path = typer.Option(..., "--data", help="JSONL items in the job format"),
-    grader: str = typer.Option(..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"),
+    grader: str = typer.Option(
+        ..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"
+    ),
     engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N items"),
@@ -107,24 +129,34 @@ def evaluate(
 
     try:
         grader_cfg = load_grader_spec(grader)
-        summary = evaluate_model(model, adapter, data, RewardConfig(grader=grader_cfg), engine,
-                                 max_new_tokens, limit, output)
+        summary = evaluate_model(
+            model, adapter, data, RewardConfig(grader=grader_cfg), engine, max_new_tokens, limit, output
+        )
     except USER_ERRORS as e:
         fail(str(e))
     typer.echo(json.dumps(summary, indent=2))
-    typer.echo(f"accuracy {summary['accuracy']:.3f}  mean reward {summary['reward_mean']:.3f}  (n={summary['count']})")
+    typer.echo(
+        f"accuracy {summary['accuracy']:.3f}  mean reward {summary['reward_mean']:.3f}  "
+        f"(n={summary['count']})"
+    )
 
 
 @app.command()
 def grade(
-    grader: str = typer.Option(..., "--grader", help="grader spec YAML/JSON (OpenAI RFT grader JSON too), or a .py file"),
+    grader: str = typer.Option(
+        ..., "--grader", help="grader spec YAML/JSON (OpenAI RFT grader JSON too), or a .py file"
+    ),
     data: Path = typer.Option(..., "--data", help="JSONL items in the job format"),
-    samples: Path = typer.Option(..., "--samples", help='JSONL {"id", "output_text"}, or a run\'s samples.jsonl'),
+    samples: Path = typer.Option(
+        ..., "--samples", help='JSONL {"id", "output_text"}, or a run\'s samples.jsonl'
+    ),
     output: Optional[Path] = typer.Option(None, "--output", help="write per-sample results as JSONL"),
-    allow_weak_isolation: bool = typer.Option(False, "--allow-weak-isolation",
-                                              help="grade even where the sandbox cannot make namespaces"),
+    allow_weak_isolation: bool = typer.Option(
+        False, "--allow-weak-isolation", help="grade even where the sandbox cannot make namespaces"
+    ),
 ) -> None:
-    """Score samples offline in the grader sandbox: per-sample scores, errors and hack flags, then a summary."""
+    """Score samples offline in the grader sandbox: per-sample scores, errors and hack flags,
+    then a summary."""
     from reward_workers.sandbox import SandboxUnavailableError
     from services.tools.offline_eval import grade_samples, result_record
 
@@ -148,8 +180,10 @@ def grade(
             typer.echo(f"    {lines[0][:120]}" + (f" ... {lines[-1][:120]}" if len(lines) > 1 else ""))
     typer.echo(json.dumps(summary, indent=2))
     means = ", ".join(f"{name} {value:.3f}" for name, value in summary["reward_mean_by_grader"].items())
-    typer.echo(f"mean reward: {means}  errors {summary['grader_error_rate']:.3f}  "
-               f"hacks {max(summary['hack_rate_by_grader'].values()):.3f}  (n={summary['count']})")
+    typer.echo(
+        f"mean reward: {means}  errors {summary['grader_error_rate']:.3f}  "
+        f"hacks {max(summary['hack_rate_by_grader'].values()):.3f}  (n={summary['count']})"
+    )
 
 
 @app.command(name="prepare-model")
@@ -167,7 +201,9 @@ def prepare_model() -> None:
 def report(
     run_dir: Path = typer.Argument(..., help="a run directory, runs/<job>"),
     output: Optional[Path] = typer.Option(None, "--output", help="where to write (default: RUN_DIR/report)"),
-    samples: int = typer.Option(6, "--samples", min=1, help="sample completions shown for the first and last step"),
+    samples: int = typer.Option(
+        6, "--samples", min=1, help="sample completions shown for the first and last step"
+    ),
 ) -> None:
     """PNG plots of the run's curves and an HTML page with them and sample completions."""
     from services.tools.report import ReportError, write_report

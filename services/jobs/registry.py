@@ -12,6 +12,7 @@ Driver side, in short:
     with registry.tracking(cfg.name):      # RUNNING; then SUCCEEDED, FAILED or STOPPED (SIGTERM)
         ... registry.update_progress(cfg.name, step, version, metrics, workers) each step ...
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,19 +94,31 @@ class JobRegistry:
 
     # ------------------------------------------------------------------ writes
 
-    def register(self, job_id: str, config_yaml: str, run_dir: str | Path, owner: str | None = None,
-                 source: str = "driver") -> JobRecord:
+    def register(
+        self,
+        job_id: str,
+        config_yaml: str,
+        run_dir: str | Path,
+        owner: str | None = None,
+        source: str = "driver",
+    ) -> JobRecord:
         """Create the job as PENDING; for a known job, refresh config and run dir (a finished job
         that is started again goes back to PENDING, keeping its history)."""
         if not job_id or ":" in job_id:
             raise ValueError(f"job id {job_id!r}: must be non-empty and contain no ':'")
         now = time.time()
-        fields = {"owner": owner or getpass.getuser(), "config_yaml": config_yaml, "run_dir": str(run_dir),
-                  "updated_at": now}
+        fields = {
+            "owner": owner or getpass.getuser(),
+            "config_yaml": config_yaml,
+            "run_dir": str(run_dir),
+            "updated_at": now,
+        }
         key = job_key(job_id)
         if self.redis.hsetnx(key, "state", PENDING):
             pipe = self.redis.pipeline()
-            pipe.hset(key, mapping={**fields, "job_id": job_id, "created_at": now, "step": 0, "policy_version": 0})
+            pipe.hset(
+                key, mapping={**fields, "job_id": job_id, "created_at": now, "step": 0, "policy_version": 0}
+            )
             pipe.rpush(history_key(job_id), json.dumps({"state": PENDING, "at": now, "source": source}))
             pipe.zadd(INDEX_KEY, {job_id: now})
             pipe.execute()
@@ -150,14 +163,19 @@ class JobRegistry:
                 except redis.WatchError:
                     continue  # someone else changed the job between the read and the write: re-read
 
-    def update_progress(self, job_id: str, step: int, policy_version: int, metrics: dict,
-                        workers: dict | None = None) -> None:
+    def update_progress(
+        self, job_id: str, step: int, policy_version: int, metrics: dict, workers: dict | None = None
+    ) -> None:
         """Where the job is after a step. `metrics` (JSON-able values) is merged into the last
         metrics, so each one keeps its latest value (held-out scores exist only on eval steps)."""
         self._require(job_id)
         last = json.loads(_text(self.redis.hget(job_key(job_id), "metrics")) or "{}")
-        fields = {"step": int(step), "policy_version": int(policy_version), "updated_at": time.time(),
-                  "metrics": json.dumps({**last, **metrics}, default=float)}
+        fields = {
+            "step": int(step),
+            "policy_version": int(policy_version),
+            "updated_at": time.time(),
+            "metrics": json.dumps({**last, **metrics}, default=float),
+        }
         if workers is not None:
             fields["workers"] = json.dumps(workers)
         self.redis.hset(job_key(job_id), mapping=fields)
@@ -179,14 +197,25 @@ class JobRegistry:
         raw = {_text(k): _text(v) for k, v in self.redis.hgetall(job_key(job_id)).items()}
         if "state" not in raw or "created_at" not in raw:
             raise JobNotFoundError(job_id)
-        history = [StateChange(**json.loads(entry)) for entry in self.redis.lrange(history_key(job_id), 0, -1)]
+        history = [
+            StateChange(**json.loads(entry)) for entry in self.redis.lrange(history_key(job_id), 0, -1)
+        ]
         desired = raw.get("desired_rollout_workers")
         return JobRecord(
-            job_id=raw["job_id"], owner=raw["owner"], state=raw["state"], config_yaml=raw["config_yaml"],
-            run_dir=raw["run_dir"], created_at=float(raw["created_at"]), updated_at=float(raw["updated_at"]),
-            step=int(raw.get("step", 0)), policy_version=int(raw.get("policy_version", 0)),
-            metrics=json.loads(raw.get("metrics", "{}")), workers=json.loads(raw.get("workers", "{}")),
-            desired_rollout_workers=int(desired) if desired is not None else None, history=history)
+            job_id=raw["job_id"],
+            owner=raw["owner"],
+            state=raw["state"],
+            config_yaml=raw["config_yaml"],
+            run_dir=raw["run_dir"],
+            created_at=float(raw["created_at"]),
+            updated_at=float(raw["updated_at"]),
+            step=int(raw.get("step", 0)),
+            policy_version=int(raw.get("policy_version", 0)),
+            metrics=json.loads(raw.get("metrics", "{}")),
+            workers=json.loads(raw.get("workers", "{}")),
+            desired_rollout_workers=int(desired) if desired is not None else None,
+            history=history,
+        )
 
     def find(self, job_id: str) -> JobRecord | None:
         try:

@@ -1,5 +1,6 @@
 """SIGTERM in the driver: `ray job stop` sends it, and the registry records the job as STOPPED
 (see JobRegistry.tracking) whatever exception the signal ended up as."""
+
 from __future__ import annotations
 
 import os

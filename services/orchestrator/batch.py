@@ -1,5 +1,6 @@
 """From prompts to a TrainBatch: the step's generation requests, and its scored rollouts grouped by
 prompt with group-normalised advantages (GRPO), rollouts older than `sync.max_staleness` left out."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -21,8 +22,10 @@ def step_requests(cfg: JobConfig, inputs: JobInputs, order: PromptOrder) -> list
     requests = []
     for index in order.take(cfg.prompts_per_step):
         item = inputs.train_items[index]
-        requests += [GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]])
-                     for k in range(cfg.rollout.samples_per_prompt)]
+        requests += [
+            GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]])
+            for k in range(cfg.rollout.samples_per_prompt)
+        ]
     return requests
 
 
@@ -52,6 +55,16 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
             if policy_version - r.policy_version > cfg.sync.max_staleness:
                 stale += 1
                 continue
-            samples.append(TrainSample(r.sample_id, r.prompt_ids, r.completion_ids, r.behaviour_logprobs,
-                                       advantage, r.policy_version))
-    return BuiltBatch(TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature), zero_signal, stale)
+            samples.append(
+                TrainSample(
+                    r.sample_id,
+                    r.prompt_ids,
+                    r.completion_ids,
+                    r.behaviour_logprobs,
+                    advantage,
+                    r.policy_version,
+                )
+            )
+    return BuiltBatch(
+        TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature), zero_signal, stale
+    )

@@ -5,6 +5,7 @@ Written to a staging directory and renamed, so a crash mid-write leaves the prev
 usable; the last `checkpoint.keep_last` are kept. The data order is a pure function of
 (seed, cursor), so the cursor is the whole RNG state of the data stream.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ DRIVER_STATE = "driver_state.json"
 @dataclass
 class DriverState:
     """Everything besides the learner's checkpoint needed to continue a run exactly."""
+
     step: int = 0  # steps completed
     policy_version: int = 0
     data_cursor: int = 0
@@ -44,7 +46,7 @@ def save_checkpoint(cfg: JobConfig, run_dir: Path, learner, state: DriverState) 
     target = root / f"step_{state.step}"
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    for old in sorted(checkpoints(run_dir))[:-cfg.checkpoint.keep_last]:
+    for old in sorted(checkpoints(run_dir))[: -cfg.checkpoint.keep_last]:
         shutil.rmtree(old[1])
     return target
 
@@ -67,8 +69,11 @@ def restore(run_dir: Path, learner) -> DriverState:
     ray.get(learner.load_checkpoint.remote(str(latest / "learner")))
     samples_log = run_dir / "samples.jsonl"
     if samples_log.is_file():
-        kept = [line for line in samples_log.read_text().splitlines(keepends=True)
-                if json.loads(line)["step"] <= state.step]
+        kept = [
+            line
+            for line in samples_log.read_text().splitlines(keepends=True)
+            if json.loads(line)["step"] <= state.step
+        ]
         staging = samples_log.with_name(".samples.jsonl.tmp")
         staging.write_text("".join(kept))
         os.replace(staging, samples_log)

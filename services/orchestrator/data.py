@@ -1,4 +1,5 @@
 """Datasets: JSONL items validated line by line, and the deterministic order prompts are drawn in."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,11 @@ def _check_prompt(item: dict[str, Any], where: str) -> None:
         if not isinstance(messages, list) or not messages:
             raise DatasetError(f"{where}: 'messages' must be a non-empty list")
         for i, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 raise DatasetError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
 
 
@@ -74,7 +78,9 @@ def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) ->
         ids = tokenizer(item["prompt"], add_special_tokens=True)["input_ids"]
     ids = list(ids)
     if len(ids) > max_prompt_tokens:
-        raise DatasetError(f"item {item['id']}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}")
+        raise DatasetError(
+            f"item {item['id']}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}"
+        )
     return ids
 
 
@@ -82,6 +88,7 @@ def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) ->
 class PromptOrder:
     """Which training item comes next: each epoch is a fresh permutation seeded by (seed, epoch),
     so the order is a pure function of the cursor — saved in checkpoints, reproduced on resume."""
+
     num_items: int
     seed: int
     cursor: int = 0
@@ -95,7 +102,7 @@ class PromptOrder:
         indices: list[int] = []
         while len(indices) < count:
             epoch, offset = divmod(self.cursor, self.num_items)
-            chunk = self._epoch_order(epoch)[offset:offset + count - len(indices)]
+            chunk = self._epoch_order(epoch)[offset : offset + count - len(indices)]
             indices += chunk
             self.cursor += len(chunk)
         return indices

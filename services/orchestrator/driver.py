@@ -12,6 +12,7 @@
                  held-out evaluation and checkpoints when due
 The components never call the driver; it wires them up in `run_job` and drives them from here.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,9 @@ class TrainingDivergedError(RuntimeError):
     """Too many learner steps in a row were skipped for non-finite numbers."""
 
 
-def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None) -> dict:
+def run_job(
+    cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None
+) -> dict:
     """Run (or with `resume`, continue) the job; returns the summary also written to summary.json."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -76,8 +79,9 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: Jo
         metrics = RunMetrics(cfg.name, cfg.run_dir, cfg.metrics.host, cfg.metrics.port)
         print(f"metrics: http://{metrics.address}/metrics   run dir: {cfg.run_dir}", flush=True)
         try:
-            orchestrator = Orchestrator(cfg, inputs, actors, metrics, stream, registry,
-                                        control or RegistryControl(registry, cfg.name))
+            orchestrator = Orchestrator(
+                cfg, inputs, actors, metrics, stream, registry, control or RegistryControl(registry, cfg.name)
+            )
             return orchestrator.run(resume)
         finally:
             metrics.close()
@@ -85,8 +89,16 @@ def run_job(cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: Jo
 
 
 class Orchestrator:
-    def __init__(self, cfg: JobConfig, inputs: JobInputs, actors: Actors, metrics: RunMetrics,
-                 stream: ScoredRolloutStream, registry: JobRegistry, control: JobControl):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        inputs: JobInputs,
+        actors: Actors,
+        metrics: RunMetrics,
+        stream: ScoredRolloutStream,
+        registry: JobRegistry,
+        control: JobControl,
+    ):
         self.cfg, self.inputs, self.actors, self.metrics = cfg, inputs, actors, metrics
         self.stream, self.registry, self.control = stream, registry, control
         self.state = DriverState()
@@ -101,8 +113,10 @@ class Orchestrator:
     def run(self, resume: bool) -> dict:
         """The main loop: one learner step (and one policy version, unless skipped) per iteration."""
         self.start(resume)
-        with (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log, \
-                StepProgress(self.cfg.steps, self.state.step) as progress:
+        with (
+            (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log,
+            StepProgress(self.cfg.steps, self.state.step) as progress,
+        ):
             for step in range(self.state.step, self.cfg.steps):
                 for ahead in self.unsubmitted_steps(through=step + self.cfg.sync.max_staleness):
                     self.scale_fleet()  # `rft scale` takes effect before a step's prompts go out
@@ -127,10 +141,16 @@ class Orchestrator:
         elif self.cfg.eval.at_start and self.inputs.heldout_items:
             self.state.base_heldout = self.evaluate()
             print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
-            self.metrics.record(0, {"heldout_accuracy": self.state.base_heldout["accuracy"],
-                                    "heldout_reward_mean": self.state.base_heldout["reward_mean"]})
-        self.backlog = {step: scored for step, scored in self.stream.unacknowledged().items()
-                        if step >= self.state.step}
+            self.metrics.record(
+                0,
+                {
+                    "heldout_accuracy": self.state.base_heldout["accuracy"],
+                    "heldout_reward_mean": self.state.base_heldout["reward_mean"],
+                },
+            )
+        self.backlog = {
+            step: scored for step, scored in self.stream.unacknowledged().items() if step >= self.state.step
+        }
         if self.backlog:
             log.info("resuming with the scored rollouts of steps %s from the stream", sorted(self.backlog))
         self.order.cursor = self.state.data_cursor
@@ -151,8 +171,11 @@ class Orchestrator:
     def submit(self, step: int) -> None:
         requests = step_requests(self.cfg, self.inputs, self.order)  # advances the data cursor either way
         if step not in self.backlog:
-            sampling = SamplingSettings(self.cfg.rollout.temperature, self.cfg.rollout.max_new_tokens,
-                                        seed=self.cfg.seed * 1_000_003 + step)
+            sampling = SamplingSettings(
+                self.cfg.rollout.temperature,
+                self.cfg.rollout.max_new_tokens,
+                seed=self.cfg.seed * 1_000_003 + step,
+            )
             self.actors.rollouts.submit(step, requests, sampling)
         self.submitted, self.submitted_at[step] = step, time.perf_counter()
 
@@ -167,9 +190,14 @@ class Orchestrator:
             scored = self.actors.reward_pool.score_shares(groups, self.inputs.items_by_id)
             last_group_at = self.actors.rollouts.ended_at.pop(step)
             self.stream.append(step, scored)
-        return StepRecord(step, self.state.policy_version, scored, replayed,
-                          generation_seconds=last_group_at - self.submitted_at.pop(step),
-                          reward_seconds=time.perf_counter() - last_group_at)
+        return StepRecord(
+            step,
+            self.state.policy_version,
+            scored,
+            replayed,
+            generation_seconds=last_group_at - self.submitted_at.pop(step),
+            reward_seconds=time.perf_counter() - last_group_at,
+        )
 
     def train(self, record: StepRecord) -> StepStats | None:
         """One learner step on the batch (none when it is empty)."""
@@ -184,7 +212,8 @@ class Orchestrator:
                 "learner steps in a row had a non-finite loss or gradient "
                 f"(learner.max_consecutive_skipped_steps={limit}); stopping. The weights of policy version "
                 f"{self.state.policy_version} are unchanged; lower learner.learning_rate or check the "
-                "rewards, then rft run --resume from the last checkpoint.")
+                "rewards, then rft run --resume from the last checkpoint."
+            )
         return stats
 
     def publish(self, stats: StepStats | None) -> SyncResult | None:
@@ -204,17 +233,27 @@ class Orchestrator:
         self.replaced_before, self.reissued_before = rollouts.workers_replaced, rollouts.requests_reissued
         # The first prompt not trained yet: those of steps submitted ahead are taken again on resume.
         ahead = self.submitted - record.step
-        self.state.step, self.state.data_cursor = record.step + 1, self.order.cursor - self.cfg.prompts_per_step * ahead
+        self.state.step, self.state.data_cursor = (
+            record.step + 1,
+            self.order.cursor - self.cfg.prompts_per_step * ahead,
+        )
         self.state.samples_trained += len(record.trained_ids)
         write_samples(samples_log, record)
         if self.inputs.heldout_items and (self.state.step % self.cfg.eval.every_steps == 0 or self.finished):
             record.heldout = self.last_heldout = self.evaluate()
         assembled = step_metrics(self.cfg, record, self.state.policy_version)
-        self.metrics.record(self.state.step, assembled.values, assembled.counts, hack_rates=assembled.hack_rates,
-                            workers=assembled.workers, staleness=assembled.staleness,
-                            per_worker=assembled.per_worker)
-        self.registry.update_progress(self.cfg.name, self.state.step, self.state.policy_version,
-                                      assembled.values, assembled.workers)
+        self.metrics.record(
+            self.state.step,
+            assembled.values,
+            assembled.counts,
+            hack_rates=assembled.hack_rates,
+            workers=assembled.workers,
+            staleness=assembled.staleness,
+            per_worker=assembled.per_worker,
+        )
+        self.registry.update_progress(
+            self.cfg.name, self.state.step, self.state.policy_version, assembled.values, assembled.workers
+        )
         progress.update(assembled.values)
 
     def checkpoint_if_due(self) -> None:
@@ -226,10 +265,16 @@ class Orchestrator:
         """The job's output (a peft adapter, or with full weights a whole model directory) and summary."""
         output = "adapter" if self.cfg.learner.lora else "model"
         output_dir = Path(ray.get(self.actors.learner.save_policy.remote(str(self.cfg.run_dir / output))))
-        summary = {"job": self.cfg.name, "steps": self.state.step, "policy_version": self.state.policy_version,
-                   "data_cursor": self.state.data_cursor, "samples_trained": self.state.samples_trained,
-                   "heldout_base": self.state.base_heldout, "heldout_final": self.last_heldout,
-                   output: str(output_dir)}
+        summary = {
+            "job": self.cfg.name,
+            "steps": self.state.step,
+            "policy_version": self.state.policy_version,
+            "data_cursor": self.state.data_cursor,
+            "samples_trained": self.state.samples_trained,
+            "heldout_base": self.state.base_heldout,
+            "heldout_final": self.last_heldout,
+            output: str(output_dir),
+        }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -242,7 +287,8 @@ class Orchestrator:
     def evaluate(self) -> dict[str, float]:
         """Greedy completions of the held-out items, graded: accuracy, reward, components."""
         sampling = greedy_settings(self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens)
-        self.actors.rollouts.submit("eval", eval_requests(self.inputs.heldout_items, self.inputs.prompt_ids),
-                                    sampling)
+        self.actors.rollouts.submit(
+            "eval", eval_requests(self.inputs.heldout_items, self.inputs.prompt_ids), sampling
+        )
         rollouts = self.actors.rollouts.collect("eval")
         return summarize(self.actors.reward_pool.score(rollouts, self.inputs.items_by_id))

@@ -1,4 +1,5 @@
 """Held-out evaluation: greedy completions, graded, summarised. Shared by `rft run` and `rft eval`."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -15,8 +16,10 @@ def greedy_settings(max_new_tokens: int) -> SamplingSettings:
 
 
 def eval_requests(items: list[dict], prompt_ids: dict[str, list[int]]) -> list[GenerationRequest]:
-    return [GenerationRequest(prompt_id=item["id"], sample_index=0, prompt_ids=prompt_ids[item["id"]])
-            for item in items]
+    return [
+        GenerationRequest(prompt_id=item["id"], sample_index=0, prompt_ids=prompt_ids[item["id"]])
+        for item in items
+    ]
 
 
 def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
@@ -40,6 +43,8 @@ def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
 
 def format_summary(summary: dict[str, float]) -> str:
     parts = [f"accuracy {summary['accuracy']:.3f}", f"mean reward {summary['reward_mean']:.3f}"]
-    parts += [f"{k.removeprefix('component_')} {v:.3f}" for k, v in summary.items() if k.startswith("component_")]
+    parts += [
+        f"{k.removeprefix('component_')} {v:.3f}" for k, v in summary.items() if k.startswith("component_")
+    ]
     parts.append(f"grader errors {summary['grader_error_rate']:.3f}")
     return f"n={summary['count']}: " + ", ".join(parts)

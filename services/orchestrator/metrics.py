@@ -7,6 +7,7 @@ So that a Prometheus server finds the endpoint, `RunMetrics` writes a file_sd ta
 that `deploy/prometheus/prometheus.yml` watches (file_sd globs only match a file name, not a
 directory); `close()` removes the latter, so a finished job stops being scraped.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ GAUGES = {
     "heldout_accuracy": "greedy held-out accuracy (share of items with full reward)",
     "heldout_reward_mean": "greedy held-out mean reward",
     "rollout_tokens_per_second": "the step's completion tokens over its generation_seconds (a lower bound "
-                                 "while later steps overlap; rft_rollout_generated_tokens_total is the engines' rate)",
+    "while later steps overlap; rft_rollout_generated_tokens_total is the engines' rate)",
     "learner_step_seconds": "wall time of the learner's optimizer step",
     "weight_sync_seconds": "time the slowest rollout worker spent loading the new policy version",
     "is_weight_mean": "mean truncated importance weight",
@@ -36,7 +37,7 @@ GAUGES = {
     "is_truncated_fraction": "share of tokens (or sequences) whose importance ratio was truncated",
     "mismatch_kl": "KL between the engine's sampling distribution and the learner's (sampled tokens)",
     "clip_fraction": "share of tokens where the PPO clip was active (always 0 for now: one optimizer step "
-                     "per batch makes the ratio 1)",
+    "per batch makes the ratio 1)",
     "entropy": "mean per-token entropy of the policy on the step's completions",
     "kl_ref": "KL to the reference (adapter disabled)",
     "grad_norm": "gradient norm before clipping",
@@ -50,7 +51,8 @@ GAUGES = {
     "reward_seconds": "wall time the reward workers took to score the step's rollouts",
     # Set by RunMetrics itself (the driver need not pass them):
     "last_progress_timestamp_seconds": "unix time of the job's start or of its last step/evaluation record",
-    "step_wall_seconds": "wall time between the last two step records (generation to sync, evaluation included)",
+    "step_wall_seconds": "wall time between the last two step records "
+    "(generation to sync, evaluation included)",
 }
 # Gauges per worker (labels job, worker). Name -> help text.
 WORKER_GAUGES = {
@@ -75,29 +77,54 @@ TARGETS_FILE = "prometheus_targets.json"  # in the run dir
 
 
 class RunMetrics:
-    def __init__(self, job: str, run_dir: Path, host: str = "127.0.0.1", port: int = 9400,
-                 targets_dir: Path | None = None):
+    def __init__(
+        self,
+        job: str,
+        run_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 9400,
+        targets_dir: Path | None = None,
+    ):
         """Serve the metrics on host:port (0 = any free port) and announce the endpoint in
         run_dir/prometheus_targets.json and targets_dir/<job>.json (default: the run dir's
         sibling `prometheus-targets/`)."""
         self.registry = CollectorRegistry()
         self.job = job
         self._gauges = {n: Gauge(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in GAUGES.items()}
-        self._counters = {n: Counter(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in COUNTERS.items()}
-        self._hack_rate = Gauge("rft_grader_hack_rate", "share of the step's rollouts a grader flagged as reward "
-                                "hacking (the grader, and each sub-grader of a multi grader)", ["job", "grader"],
-                                registry=self.registry)
-        self._worker_gauges = {n: Gauge(f"rft_{n}", h, ["job", "worker"], registry=self.registry)
-                               for n, h in WORKER_GAUGES.items()}
-        self._workers = Gauge("rft_workers", "live workers of the job by kind (rollout, reward, learner)",
-                              ["job", "kind"], registry=self.registry)
-        self._staleness = Histogram("rft_rollout_staleness", "policy versions a trained rollout lagged behind "
-                                    "the learner", ["job"], buckets=STALENESS_BUCKETS, registry=self.registry)
+        self._counters = {
+            n: Counter(f"rft_{n}", h, ["job"], registry=self.registry) for n, h in COUNTERS.items()
+        }
+        self._hack_rate = Gauge(
+            "rft_grader_hack_rate",
+            "share of the step's rollouts a grader flagged as reward "
+            "hacking (the grader, and each sub-grader of a multi grader)",
+            ["job", "grader"],
+            registry=self.registry,
+        )
+        self._worker_gauges = {
+            n: Gauge(f"rft_{n}", h, ["job", "worker"], registry=self.registry)
+            for n, h in WORKER_GAUGES.items()
+        }
+        self._workers = Gauge(
+            "rft_workers",
+            "live workers of the job by kind (rollout, reward, learner)",
+            ["job", "kind"],
+            registry=self.registry,
+        )
+        self._staleness = Histogram(
+            "rft_rollout_staleness",
+            "policy versions a trained rollout lagged behind the learner",
+            ["job"],
+            buckets=STALENESS_BUCKETS,
+            registry=self.registry,
+        )
         self._last_step_time: float | None = None
         self._gauges["last_progress_timestamp_seconds"].labels(job).set(time.time())
         try:
             self._server, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as e:  # e.g. another job on this machine has the port: Prometheus finds either via file_sd
+        except (
+            OSError
+        ) as e:  # e.g. another job on this machine has the port: Prometheus finds either via file_sd
             log.warning("metrics port %s:%d unavailable (%s); serving on a free port instead", host, port, e)
             self._server, _ = start_http_server(0, addr=host, registry=self.registry)
         self.address = f"{host}:{self._server.server_port}"
@@ -109,9 +136,16 @@ class RunMetrics:
         for path in (self.targets_file, self.discovery_file):
             write_targets_file(path, self.scrape_target, job)
 
-    def record(self, step: int, values: dict[str, float], counts: dict[str, float] | None = None,
-               hack_rates: dict[str, float] | None = None, workers: dict[str, int] | None = None,
-               staleness: list[int] | None = None, per_worker: dict[str, dict[str, float]] | None = None) -> None:
+    def record(
+        self,
+        step: int,
+        values: dict[str, float],
+        counts: dict[str, float] | None = None,
+        hack_rates: dict[str, float] | None = None,
+        workers: dict[str, int] | None = None,
+        staleness: list[int] | None = None,
+        per_worker: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         """Set gauges, add to counters, and append one JSON line with everything. `hack_rates`:
         grader name -> share of rollouts flagged (reward_workers.pool.hack_rates); `workers`:
         kind -> live count; `staleness`: the policy lag of each trained rollout."""

@@ -1,17 +1,36 @@
 """The terminal view of a run: one progress bar with the numbers a user watches."""
+
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-_SHOWN = [("reward_mean", "reward", "{:.3f}"), ("heldout_accuracy", "held-out", "{:.3f}"),
-          ("policy_version", "v", "{:.0f}"), ("rollout_tokens_per_second", "tok/s", "{:.0f}"),
-          ("learner_step_seconds", "learn s", "{:.1f}"), ("zero_signal_groups", "flat groups", "{:.0f}")]
+_SHOWN = [
+    ("reward_mean", "reward", "{:.3f}"),
+    ("heldout_accuracy", "held-out", "{:.3f}"),
+    ("policy_version", "v", "{:.0f}"),
+    ("rollout_tokens_per_second", "tok/s", "{:.0f}"),
+    ("learner_step_seconds", "learn s", "{:.1f}"),
+    ("zero_signal_groups", "flat groups", "{:.0f}"),
+]
 
 
 class StepProgress:
     def __init__(self, total_steps: int, completed: int):
-        self._progress = Progress(TextColumn("[bold]steps"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))
+        self._progress = Progress(
+            TextColumn("[bold]steps"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+        )
         self._task = self._progress.add_task("", total=total_steps, completed=completed)
         self._latest: dict[str, float] = {}
 
@@ -24,7 +43,11 @@ class StepProgress:
 
     def update(self, values: dict[str, float]) -> None:
         self._latest.update({k: v for k, v in values.items() if v is not None})
-        shown = [f"{label} {fmt.format(self._latest[key])}" for key, label, fmt in _SHOWN if key in self._latest]
+        shown = [
+            f"{label} {fmt.format(self._latest[key])}" for key, label, fmt in _SHOWN if key in self._latest
+        ]
         self._progress.update(self._task, advance=1, description="  ".join(shown))
         # A line per step too, so logs (CI, `rft logs`) keep the history the bar overwrites.
-        self._progress.console.print(f"step {int(values.get('step', 0))}: " + "  ".join(shown), highlight=False)
+        self._progress.console.print(
+            f"step {int(values.get('step', 0))}: " + "  ".join(shown), highlight=False
+        )

@@ -1,5 +1,6 @@
 """What one step did (`StepRecord`), and the one place its metrics are assembled from it
 (`step_metrics`) and its rollouts written to samples.jsonl (`write_samples`)."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from weight_sync.channel import SyncResult
 @dataclass
 class StepRecord:
     """Filled in by the main loop's steps, in order."""
+
     step: int  # the step's index; once recorded, `step + 1` steps are done
     policy_version: int  # the version the learner had when the step's batch was built
     scored: list[ScoredRollout]
@@ -44,6 +46,7 @@ class StepRecord:
 @dataclass
 class StepMetrics:
     """The arguments of `RunMetrics.record` for one step."""
+
     values: dict[str, float]
     counts: dict[str, float]
     hack_rates: dict[str, float]
@@ -59,7 +62,8 @@ def rollout_stats(scored: list[ScoredRollout], seconds: float) -> dict[str, floa
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std(unbiased=False).item(),
         "completion_length_mean": sum(lengths) / len(lengths),
-        "truncated_completions_fraction": sum(s.rollout.finish_reason == "length" for s in scored) / len(scored),
+        "truncated_completions_fraction": sum(s.rollout.finish_reason == "length" for s in scored)
+        / len(scored),
         "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
     }
 
@@ -68,29 +72,47 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
     """Every number the step reports (`policy_version`: the learner's after the step)."""
     scored, trained = record.scored, record.trained_ids
     values: dict[str, Any] = rollout_stats(scored, record.generation_seconds)
-    values.update(zero_signal_groups=record.built.zero_signal_groups, rollout_workers=record.rollout_workers,
-                  generation_seconds=record.generation_seconds, reward_seconds=record.reward_seconds,
-                  staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored))
+    values.update(
+        zero_signal_groups=record.built.zero_signal_groups,
+        rollout_workers=record.rollout_workers,
+        generation_seconds=record.generation_seconds,
+        reward_seconds=record.reward_seconds,
+        staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
+    )
     if record.stats is not None:
         values.update({k: v for k, v in record.stats.__dict__.items() if isinstance(v, (int, float))})
         values["learner_step_seconds"] = record.stats.step_seconds
     per_worker = {}
     if record.sync is not None:
         values["weight_sync_seconds"] = record.sync.load_seconds
-        per_worker = {"weight_sync_worker_seconds": record.sync.worker_seconds,
-                      "weight_sync_pause_seconds": record.sync.pause_seconds}
+        per_worker = {
+            "weight_sync_worker_seconds": record.sync.worker_seconds,
+            "weight_sync_pause_seconds": record.sync.pause_seconds,
+        }
     values.update(step=record.step + 1, policy_version=policy_version)
     if record.heldout:
-        values.update(heldout_accuracy=record.heldout["accuracy"], heldout_reward_mean=record.heldout["reward_mean"])
-    counts = {"grader_errors": sum(s.grader_error is not None for s in scored),
-              "stale_rollouts_dropped": record.built.stale_dropped, "samples_trained": len(trained),
-              "skipped_steps": int(record.stats is not None and record.stats.skipped),
-              "rollouts_scored": len(scored) - record.replayed, "rollouts_replayed": record.replayed,
-              "rollout_workers_replaced": record.workers_replaced, "requests_reissued": record.requests_reissued}
+        values.update(
+            heldout_accuracy=record.heldout["accuracy"], heldout_reward_mean=record.heldout["reward_mean"]
+        )
+    counts = {
+        "grader_errors": sum(s.grader_error is not None for s in scored),
+        "stale_rollouts_dropped": record.built.stale_dropped,
+        "samples_trained": len(trained),
+        "skipped_steps": int(record.stats is not None and record.stats.skipped),
+        "rollouts_scored": len(scored) - record.replayed,
+        "rollouts_replayed": record.replayed,
+        "rollout_workers_replaced": record.workers_replaced,
+        "requests_reissued": record.requests_reissued,
+    }
     lags = [record.policy_version - sample.policy_version for sample in record.built.batch.samples]
-    return StepMetrics(values, counts, hack_rates(cfg.reward.grader, scored),
-                       workers={"rollout": record.rollout_workers, "reward": cfg.reward.num_workers, "learner": 1},
-                       staleness=lags if trained else None, per_worker=per_worker)
+    return StepMetrics(
+        values,
+        counts,
+        hack_rates(cfg.reward.grader, scored),
+        workers={"rollout": record.rollout_workers, "reward": cfg.reward.num_workers, "learner": 1},
+        staleness=lags if trained else None,
+        per_worker=per_worker,
+    )
 
 
 def write_samples(samples_log: IO[str], record: StepRecord) -> None:
@@ -98,9 +120,22 @@ def write_samples(samples_log: IO[str], record: StepRecord) -> None:
     and the exactly-once tests read this)."""
     trained = record.trained_ids
     for s in record.scored:
-        samples_log.write(json.dumps({
-            "step": record.step + 1, "sample_id": s.rollout.sample_id, "policy_version": s.rollout.policy_version,
-            "worker_id": s.rollout.worker_id, "text": s.rollout.text, "reward": s.reward,
-            "components": s.components, "grader_error": s.grader_error, "hack_flags": s.hack_flags,
-            "diagnostics": s.diagnostics, "trained": s.rollout.sample_id in trained}) + "\n")
+        samples_log.write(
+            json.dumps(
+                {
+                    "step": record.step + 1,
+                    "sample_id": s.rollout.sample_id,
+                    "policy_version": s.rollout.policy_version,
+                    "worker_id": s.rollout.worker_id,
+                    "text": s.rollout.text,
+                    "reward": s.reward,
+                    "components": s.components,
+                    "grader_error": s.grader_error,
+                    "hack_flags": s.hack_flags,
+                    "diagnostics": s.diagnostics,
+                    "trained": s.rollout.sample_id in trained,
+                }
+            )
+            + "\n"
+        )
     samples_log.flush()

@@ -18,6 +18,7 @@ Scaling: `resize(n)` adds workers (each first catches up to the current policy v
 retires the least-busy ones; a retired worker gets no new streams, finishes those it has, and is
 then stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,13 @@ class _Stream:
 
 
 class RolloutScheduler:
-    def __init__(self, start_worker: Callable[[], tuple[str, object]], channel, num_workers: int,
-                 on_worker_gone: Callable[[str], None] = lambda worker_id: None):
+    def __init__(
+        self,
+        start_worker: Callable[[], tuple[str, object]],
+        channel,
+        num_workers: int,
+        on_worker_gone: Callable[[str], None] = lambda worker_id: None,
+    ):
         """`start_worker()` creates one rollout-worker actor and returns (worker_id, handle);
         `channel` is the weight-sync channel (its `catch_up` syncs a new worker);
         `on_worker_gone(worker_id)` is told when a worker died or was retired."""
@@ -107,8 +113,11 @@ class RolloutScheduler:
         return [rollout for group in self.stream(tag) for rollout in group]
 
     def _open(self, stream: _Stream) -> None:
-        generator = self.workers[stream.worker_id].generate_stream.options(num_returns="streaming").remote(
-            stream.requests, stream.sampling, stream.min_version)
+        generator = (
+            self.workers[stream.worker_id]
+            .generate_stream.options(num_returns="streaming")
+            .remote(stream.requests, stream.sampling, stream.min_version)
+        )
         self._streams[generator] = stream
 
     def _take(self, generator: ray.ObjectRefGenerator) -> list[Rollout] | None:
@@ -116,11 +125,13 @@ class RolloutScheduler:
         stream = self._streams[generator]
         try:
             group = ray.get(next(generator))
-        except StopIteration:
+        except StopIteration:  # the stream ended: not an error of its own
             del self._streams[generator]
             if stream.missing:  # a worker must not end a stream early; nothing may go missing
-                raise RuntimeError(f"rollout worker {stream.worker_id} ended a stream without "
-                                   f"the groups of {sorted(stream.missing)}")
+                raise RuntimeError(
+                    f"rollout worker {stream.worker_id} ended a stream without "
+                    f"the groups of {sorted(stream.missing)}"
+                ) from None
             self._stop_retired()
             return None
         except RayActorError as error:
@@ -166,7 +177,9 @@ class RolloutScheduler:
         self._on_worker_gone(worker_id)
         replacement = self._add_worker()
         self.workers_replaced += 1
-        log.warning("rollout worker %s died (%s); replaced by %s", worker_id, type(error).__name__, replacement)
+        log.warning(
+            "rollout worker %s died (%s); replaced by %s", worker_id, type(error).__name__, replacement
+        )
 
     def resize(self, num_workers: int) -> None:
         if num_workers < 1:
@@ -176,7 +189,9 @@ class RolloutScheduler:
             worker_id = self._least_busy()
             self.retiring[worker_id] = self.workers.pop(worker_id)
         if added or self.retiring:
-            log.info("rollout workers: %d (added %s, retiring %s)", len(self.workers), added, list(self.retiring))
+            log.info(
+                "rollout workers: %d (added %s, retiring %s)", len(self.workers), added, list(self.retiring)
+            )
         self._stop_retired()
 
     def _stop_retired(self) -> None:

@@ -7,6 +7,7 @@ resumed job has not trained yet: it trains them first, once, instead of generati
 
 Entries are JSON (never pickle: whoever can write to Redis must not be able to run code here).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ class ScoredRolloutStream:
     def acknowledge(self, before_step: int) -> int:
         """Drop the entries of every step index below `before_step` (trained and checkpointed);
         returns how many entries were dropped."""
-        done = [entry_id for entry_id, fields in self.redis.xrange(self.key) if int(fields[b"step"]) < before_step]
+        done = [
+            entry_id for entry_id, fields in self.redis.xrange(self.key) if int(fields[b"step"]) < before_step
+        ]
         return self.redis.xdel(self.key, *done) if done else 0
 
     def clear(self) -> None:

@@ -1,5 +1,6 @@
 """Everything a job needs before its loop starts: validated inputs (checked before any actor
 exists, so bad input fails fast and names the culprit), then Ray and the actors."""
+
 from __future__ import annotations
 
 import logging
@@ -40,13 +41,15 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     train_items = load_items(cfg.data.train)
     heldout_items = load_items(cfg.data.heldout) if cfg.data.heldout else []
     if cfg.data.heldout_limit:
-        heldout_items = heldout_items[:cfg.data.heldout_limit]
+        heldout_items = heldout_items[: cfg.data.heldout_limit]
     overlap = {i["id"] for i in train_items} & {i["id"] for i in heldout_items}
     if overlap:
         raise DatasetError(f"ids in both data.train and data.heldout: {sorted(overlap)[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     items_by_id = {item["id"]: item for item in train_items + heldout_items}
-    prompt_ids = {i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()}
+    prompt_ids = {
+        i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()
+    }
     return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids)
 
 
@@ -58,8 +61,12 @@ def actor_env(heavy_actors: int = 2) -> dict[str, str]:
     import torch
 
     threads = max(1, (os.cpu_count() or 1) // max(1, heavy_actors))
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+    }
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
@@ -77,8 +84,12 @@ def init_ray(cfg: JobConfig) -> None:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(
+            num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
 
 
 @dataclass
@@ -100,8 +111,9 @@ class Actors:
 
 def metrics_context(cfg: JobConfig) -> MetricsContext:
     """Where the job's actors announce their metrics endpoints (next to the driver's)."""
-    return MetricsContext(job=cfg.name, targets_dir=str(Path(cfg.run_root).resolve() / TARGETS_DIRNAME),
-                          host=cfg.metrics.host)
+    return MetricsContext(
+        job=cfg.name, targets_dir=str(Path(cfg.run_root).resolve() / TARGETS_DIRNAME), host=cfg.metrics.host
+    )
 
 
 def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsContext | None = None):
@@ -116,13 +128,19 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsCon
 
     def start_worker() -> tuple[str, object]:
         worker_id = f"rollout-{next(worker_numbers)}"
-        handle = ray.remote(RolloutWorker).options(
-            name=f"{cfg.name}-{worker_id}", num_cpus=cfg.rollout.num_cpus_per_worker,
-            num_gpus=cfg.rollout.num_gpus_per_worker,
-            # Threads: streams, weight loads and pings reach the worker while its engine loop runs.
-            max_concurrency=WORKER_THREADS,
-        ).remote(worker_id, cfg.rollout, cfg.engine_spec(model_path), metrics)
+        handle = (
+            ray.remote(RolloutWorker)
+            .options(
+                name=f"{cfg.name}-{worker_id}",
+                num_cpus=cfg.rollout.num_cpus_per_worker,
+                num_gpus=cfg.rollout.num_gpus_per_worker,
+                # Threads: streams, weight loads and pings reach the worker while its engine loop runs.
+                max_concurrency=WORKER_THREADS,
+            )
+            .remote(worker_id, cfg.rollout, cfg.engine_spec(model_path), metrics)
+        )
         return worker_id, handle
+
     return start_worker
 
 
@@ -133,14 +151,24 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
 
     init_ray(cfg)
     metrics = metrics_context(cfg)
-    learner = ray.remote(Learner).options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus,
-                                          num_gpus=cfg.learner.num_gpus).remote(
-        str(inputs.model_path), metrics=metrics, **cfg.learner_kwargs())
+    learner = (
+        ray.remote(Learner)
+        .options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)
+        .remote(str(inputs.model_path), metrics=metrics, **cfg.learner_kwargs())
+    )
     channel = WeightSyncChannel.from_config(cfg.sync, learner, default_file_dir=str(cfg.run_dir / "weights"))
-    rollouts = RolloutScheduler(rollout_worker_factory(cfg, inputs.model_path, metrics), channel,
-                                cfg.rollout.num_workers, on_worker_gone=metrics.forget)
+    rollouts = RolloutScheduler(
+        rollout_worker_factory(cfg, inputs.model_path, metrics),
+        channel,
+        cfg.rollout.num_workers,
+        on_worker_gone=metrics.forget,
+    )
     actors = Actors(learner, rollouts, RewardPool(cfg.reward, metrics=metrics), channel, metrics)
     engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
-    log.info("actors up: learner, %d rollout workers (%s), %d reward workers",
-             len(engines), ", ".join(engines), cfg.reward.num_workers)
+    log.info(
+        "actors up: learner, %d rollout workers (%s), %d reward workers",
+        len(engines),
+        ", ".join(engines),
+        cfg.reward.num_workers,
+    )
     return actors

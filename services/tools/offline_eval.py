@@ -1,41 +1,74 @@
 """Offline scoring in the sandbox, no Ray: `rft eval` (a model (+ adapter) on a dataset, greedy)
 and `rft grade` (samples already written, e.g. a run's samples.jsonl)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from reward_workers.pool import hack_rates, score_locally
-from reward_workers.interface import ScoredRollout
-from rollout_workers.interface import Rollout
+from core.model_store import resolve_model_path
 from learner.config import LearnerConfig
 from reward_workers.config import RewardConfig
+from reward_workers.interface import ScoredRollout
+from reward_workers.pool import hack_rates, score_locally
 from rollout_workers.config import RolloutConfig
+from rollout_workers.interface import Rollout
 from services.config import DataConfig, JobConfig, ModelConfig
 from services.orchestrator.data import DatasetError, json_lines, load_items, prompt_token_ids
 from services.orchestrator.evaluation import greedy_settings, summarize
-from core.model_store import resolve_model_path
 
 
-def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, reward: RewardConfig,
-                   engine: str, max_new_tokens: int, limit: int | None, output: Path | None) -> dict:
+def read_adapter(adapter_dir: Path):
+    """The peft adapter in `adapter_dir` (a full-weight job's model directory is refused, naming
+    the option to use)."""
+    from weight_sync.adapter import AdapterWeights
+
+    if (Path(adapter_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir} is a whole model (a full-weight job's output): "
+            f"pass it as --model {adapter_dir}"
+        )
+    return AdapterWeights.load_pretrained(adapter_dir)
+
+
+def eval_config(
+    model_path: Path, adapter, data: Path, reward: RewardConfig, engine: str, max_new_tokens: int
+) -> JobConfig:
+    """A job config that makes the engine serve `adapter`'s LoRA shape (or the default one)."""
+    lora = LearnerConfig()
+    if adapter is not None:  # the engine's LoRA slots must have the adapter's shape
+        lora = LearnerConfig(
+            lora_rank=adapter.peft_config["r"],
+            lora_alpha=adapter.peft_config["lora_alpha"],
+            lora_target_modules=sorted(adapter.peft_config["target_modules"]),
+        )
+    return JobConfig(
+        model=ModelConfig(path=str(model_path)),
+        data=DataConfig(train=str(data)),
+        reward=reward,
+        rollout=RolloutConfig(engine=engine, max_new_tokens=max_new_tokens),
+        learner=lora,
+    )
+
+
+def evaluate_model(
+    model: str | None,
+    adapter_dir: Path | None,
+    data: Path,
+    reward: RewardConfig,
+    engine: str,
+    max_new_tokens: int,
+    limit: int | None,
+    output: Path | None,
+) -> dict:
     from transformers import AutoTokenizer
 
     from rollout_workers.engines import make_engine  # torch: only `rft eval` needs it
-    from weight_sync.adapter import AdapterWeights
 
     model_path = resolve_model_path(model)
     items = load_items(data)[:limit]
-    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"--adapter {adapter_dir} is a whole model (a full-weight job's output): "
-                                f"pass it as --model {adapter_dir}")
-    adapter = AdapterWeights.load_pretrained(adapter_dir) if adapter_dir else None
-    lora = LearnerConfig()
-    if adapter is not None:  # the engine's LoRA slots must have the adapter's shape
-        lora = LearnerConfig(lora_rank=adapter.peft_config["r"], lora_alpha=adapter.peft_config["lora_alpha"],
-                             lora_target_modules=sorted(adapter.peft_config["target_modules"]))
-    cfg = JobConfig(model=ModelConfig(path=str(model_path)), data=DataConfig(train=str(data)), reward=reward,
-                    rollout=RolloutConfig(engine=engine, max_new_tokens=max_new_tokens), learner=lora)
+    adapter = read_adapter(adapter_dir) if adapter_dir else None
+    cfg = eval_config(model_path, adapter, data, reward, engine, max_new_tokens)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = [prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for item in items]
 
@@ -43,21 +76,43 @@ def evaluate_model(model: str | None, adapter_dir: Path | None, data: Path, rewa
     if adapter is not None:
         inference.load_adapter(adapter)
     completions = inference.generate(prompts, greedy_settings(max_new_tokens))
-    rollouts = [Rollout(item["id"], 0, p, c.completion_ids, c.behaviour_logprobs, int(adapter is not None),
-                        c.finish_reason, c.text) for item, p, c in zip(items, prompts, completions)]
+    rollouts = [
+        Rollout(
+            item["id"],
+            0,
+            p,
+            c.completion_ids,
+            c.behaviour_logprobs,
+            int(adapter is not None),
+            c.finish_reason,
+            c.text,
+        )
+        for item, p, c in zip(items, prompts, completions)
+    ]
     scored = score_locally(reward, rollouts, {item["id"]: item for item in items})
     if output:
         with output.open("w") as out:
             for s in scored:
                 out.write(json.dumps(result_record(s)) + "\n")
-    return {"model": str(model_path), "adapter": str(adapter_dir) if adapter_dir else None,
-            "engine": inference.name, **summarize(scored)}
+    return {
+        "model": str(model_path),
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "engine": inference.name,
+        **summarize(scored),
+    }
 
 
 def result_record(s: ScoredRollout) -> dict:
-    return {"id": s.rollout.prompt_id, "sample_id": s.rollout.sample_id, "text": s.rollout.text,
-            "reward": s.reward, "components": s.components, "grader_error": s.grader_error,
-            "hack_flags": s.hack_flags, "diagnostics": s.diagnostics}
+    return {
+        "id": s.rollout.prompt_id,
+        "sample_id": s.rollout.sample_id,
+        "text": s.rollout.text,
+        "reward": s.reward,
+        "components": s.components,
+        "grader_error": s.grader_error,
+        "hack_flags": s.hack_flags,
+        "diagnostics": s.diagnostics,
+    }
 
 
 def load_samples(path: Path) -> list[Rollout]:
@@ -72,11 +127,15 @@ def load_samples(path: Path) -> list[Rollout]:
             prompt_id, index = sample.get("id", sample.get("prompt_id")), ""
             text = sample.get("output_text")
         if not isinstance(prompt_id, str) or not prompt_id or not isinstance(text, str):
-            raise DatasetError(f"{where}: needs 'id' (or 'prompt_id') and 'output_text' strings, "
-                               "or a run's 'sample_id' and 'text'")
+            raise DatasetError(
+                f"{where}: needs 'id' (or 'prompt_id') and 'output_text' strings, "
+                "or a run's 'sample_id' and 'text'"
+            )
         per_prompt[prompt_id] = per_prompt.get(prompt_id, -1) + 1
         sample_index = int(index) if index.isdigit() else per_prompt[prompt_id]
-        rollouts.append(Rollout(prompt_id, sample_index, [], [], [], 0, sample.get("finish_reason", "stop"), text))
+        rollouts.append(
+            Rollout(prompt_id, sample_index, [], [], [], 0, sample.get("finish_reason", "stop"), text)
+        )
     if not rollouts:
         raise DatasetError(f"{path}: no samples")
     return rollouts
@@ -97,6 +156,9 @@ def grade_samples(reward: RewardConfig, data: Path, samples: Path) -> tuple[list
     reward_means = {grader.name: sum(s.reward for s in scored) / n}
     for name in getattr(grader, "graders", {}):  # a multi grader's sub-graders
         reward_means[name] = sum(s.components.get(name, 0.0) for s in scored) / n
-    summary = {**summarize(scored), "reward_mean_by_grader": reward_means,
-               "hack_rate_by_grader": hack_rates(grader, scored)}
+    summary = {
+        **summarize(scored),
+        "reward_mean_by_grader": reward_means,
+        "hack_rate_by_grader": hack_rates(grader, scored),
+    }
     return scored, summary

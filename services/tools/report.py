@@ -1,6 +1,7 @@
 """`rft report RUN_DIR`: PNG plots of a run's curves (from `metrics.jsonl`) and one HTML page with
 them, the per-step numbers, and sample completions with their grader breakdown (from
 `samples.jsonl`), written to RUN_DIR/report/ by default."""
+
 from __future__ import annotations
 
 import html
@@ -14,21 +15,56 @@ from matplotlib.ticker import MaxNLocator
 
 # One PNG per group: (file stem, title, [(metrics.jsonl key, label)]); a key no record has is left out.
 PLOTS = [
-    ("reward", "Reward", [
-        ("reward_mean", "training reward, mean"), ("reward_std", "training reward, std"),
-        ("heldout_accuracy", "held-out accuracy (greedy)"), ("heldout_reward_mean", "held-out mean reward")]),
-    ("importance_sampling", "Importance sampling and mismatch", [
-        ("is_weight_mean", "IS weight, mean"), ("is_weight_max", "IS weight, max"),
-        ("is_truncated_fraction", "fraction truncated"), ("mismatch_kl", "mismatch KL (engine vs learner)")]),
-    ("policy", "Policy", [
-        ("entropy", "entropy"), ("kl_ref", "KL to reference"), ("clip_fraction", "clip fraction"),
-        ("grad_norm", "grad norm"), ("loss", "loss")]),
-    ("throughput", "Throughput and timing", [
-        ("rollout_tokens_per_second", "rollout tokens/s"), ("learner_step_seconds", "learner step (s)"),
-        ("weight_sync_seconds", "weight sync (s)"), ("completion_length_mean", "mean completion tokens")]),
-    ("signal", "Learning signal and staleness", [
-        ("zero_signal_groups", "zero-signal groups"), ("truncated_completions_fraction", "completions at max length"),
-        ("staleness_max", "max policy lag trained")]),
+    (
+        "reward",
+        "Reward",
+        [
+            ("reward_mean", "training reward, mean"),
+            ("reward_std", "training reward, std"),
+            ("heldout_accuracy", "held-out accuracy (greedy)"),
+            ("heldout_reward_mean", "held-out mean reward"),
+        ],
+    ),
+    (
+        "importance_sampling",
+        "Importance sampling and mismatch",
+        [
+            ("is_weight_mean", "IS weight, mean"),
+            ("is_weight_max", "IS weight, max"),
+            ("is_truncated_fraction", "fraction truncated"),
+            ("mismatch_kl", "mismatch KL (engine vs learner)"),
+        ],
+    ),
+    (
+        "policy",
+        "Policy",
+        [
+            ("entropy", "entropy"),
+            ("kl_ref", "KL to reference"),
+            ("clip_fraction", "clip fraction"),
+            ("grad_norm", "grad norm"),
+            ("loss", "loss"),
+        ],
+    ),
+    (
+        "throughput",
+        "Throughput and timing",
+        [
+            ("rollout_tokens_per_second", "rollout tokens/s"),
+            ("learner_step_seconds", "learner step (s)"),
+            ("weight_sync_seconds", "weight sync (s)"),
+            ("completion_length_mean", "mean completion tokens"),
+        ],
+    ),
+    (
+        "signal",
+        "Learning signal and staleness",
+        [
+            ("zero_signal_groups", "zero-signal groups"),
+            ("truncated_completions_fraction", "completions at max length"),
+            ("staleness_max", "max policy lag trained"),
+        ],
+    ),
 ]
 
 
@@ -61,9 +97,13 @@ def steps_table(records: list[dict]) -> dict[int, dict]:
 
 
 def curve(table: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(step, float(row[key])) for step, row in table.items()
-              if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
-              and math.isfinite(row[key])]
+    points = [
+        (step, float(row[key]))
+        for step, row in table.items()
+        if isinstance(row.get(key), (int, float))
+        and not isinstance(row.get(key), bool)
+        and math.isfinite(row[key])
+    ]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -107,6 +147,7 @@ def component_means(samples: list[dict]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- HTML
 
+
 def cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -123,7 +164,7 @@ def curves_section(table: dict[int, dict], images: list[str]) -> str:
     keys = [key for _, _, series in PLOTS for key, _ in series if curve(table, key)[0]]
     rows = [[step] + [row.get(key) for key in keys] for step, row in table.items()]
     figures = "".join(f'<img src="{html.escape(name)}" alt="{html.escape(name)}">' for name in images)
-    return f'<h2>Curves</h2>{figures}<h3>Per step</h3>{html_table(["step", *keys], rows)}'
+    return f"<h2>Curves</h2>{figures}<h3>Per step</h3>{html_table(['step', *keys], rows)}"
 
 
 def samples_section(samples: list[dict], per_step: int) -> str:
@@ -139,8 +180,10 @@ def samples_section(samples: list[dict], per_step: int) -> str:
         mean_reward = sum(s.get("reward", 0.0) for s in step_samples) / len(step_samples)
         flagged = sum(bool(s.get("hack_flags")) for s in step_samples)
         errors = sum(bool(s.get("grader_error")) for s in step_samples)
-        parts.append(f"<h3>Step {step}: {len(step_samples)} rollouts, mean reward {mean_reward:.3f}, "
-                     f"{errors} grader errors, {flagged} flagged as hacks</h3>")
+        parts.append(
+            f"<h3>Step {step}: {len(step_samples)} rollouts, mean reward {mean_reward:.3f}, "
+            f"{errors} grader errors, {flagged} flagged as hacks</h3>"
+        )
         parts.append(html_table(["component", "mean"], [[name, value] for name, value in means.items()]))
         for sample in pick_samples(step_samples, per_step):
             components = sample.get("components") or {}
@@ -148,12 +191,20 @@ def samples_section(samples: list[dict], per_step: int) -> str:
             problems = [f"grader error: {sample['grader_error']}"] if sample.get("grader_error") else []
             problems += [f"hack flag: {flag}" for flag in sample.get("hack_flags") or []]
             notes = "".join(f'<p class="error">{cell(problem)}</p>' for problem in problems)
-            origin = ", ".join(f"{label} {cell(sample[key])}" for key, label in
-                               (("policy_version", "policy version"), ("worker_id", "worker"), ("trained", "trained"))
-                               if key in sample)
+            origin = ", ".join(
+                f"{label} {cell(sample[key])}"
+                for key, label in (
+                    ("policy_version", "policy version"),
+                    ("worker_id", "worker"),
+                    ("trained", "trained"),
+                )
+                if key in sample
+            )
             parts.append(
                 f'<div class="sample"><p><b>{cell(sample.get("sample_id"))}</b> ({origin}) reward '
-                f'<b>{cell(sample.get("reward"))}</b>: {breakdown}</p>{notes}<pre>{cell(sample.get("text"))}</pre></div>')
+                f"<b>{cell(sample.get('reward'))}</b>: {breakdown}</p>{notes}"
+                f"<pre>{cell(sample.get('text'))}</pre></div>"
+            )
     return "".join(parts)
 
 
@@ -162,16 +213,21 @@ def summary_section(run_dir: Path) -> str:
     if not path.is_file():
         return "<p>No summary.json (the run has not finished).</p>"
     summary = json.loads(path.read_text())
-    rows = [[name, *[(summary.get(key) or {}).get(name) for key in ("heldout_base", "heldout_final")]]
-            for name in ("accuracy", "reward_mean", "count")]
+    rows = [
+        [name, *[(summary.get(key) or {}).get(name) for key in ("heldout_base", "heldout_final")]]
+        for name in ("accuracy", "reward_mean", "count")
+    ]
     output = "adapter" if "adapter" in summary else "model"  # a full-weight job's output is a model dir
-    return (f"<p>{cell(summary.get('steps'))} steps, policy version {cell(summary.get('policy_version'))}, "
-            f"{output} {cell(summary.get(output))}</p>" + html_table(["held-out", "base", "final"], rows))
+    return (
+        f"<p>{cell(summary.get('steps'))} steps, policy version {cell(summary.get('policy_version'))}, "
+        f"{output} {cell(summary.get(output))}</p>" + html_table(["held-out", "base", "final"], rows)
+    )
 
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 img{max-width:100%;display:block;margin:1em 0}table{border-collapse:collapse;font-size:12px;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}
 .sample{border-top:1px solid #ddd;margin-top:.8em}.error{color:#b00}"""
 
 
@@ -185,12 +241,17 @@ def write_report(run_dir: Path, output_dir: Path | None = None, samples_per_step
     samples = read_jsonl(samples_path) if samples_path.is_file() else []
     output_dir = output_dir or run_dir / "report"
     output_dir.mkdir(parents=True, exist_ok=True)
-    images = [f"{stem}.png" for stem, title, series in PLOTS
-              if plot_group(table, title, series, output_dir / f"{stem}.png")]
+    images = [
+        f"{stem}.png"
+        for stem, title, series in PLOTS
+        if plot_group(table, title, series, output_dir / f"{stem}.png")
+    ]
     title = f"rft run {run_dir.name}"
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{summary_section(run_dir)}"
-            f"{curves_section(table, images)}{samples_section(samples, samples_per_step)}</body></html>\n")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{summary_section(run_dir)}"
+        f"{curves_section(table, images)}{samples_section(samples, samples_per_step)}</body></html>\n"
+    )
     index = output_dir / "index.html"
     index.write_text(page)
     return index

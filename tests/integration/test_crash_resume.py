@@ -1,6 +1,7 @@
 """The learner dies mid-run, then the job is resumed; Redis restarts mid-run. Either way every
 sample of every step is trained exactly once and the data cursor ends where an uninterrupted
 run's does."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,16 @@ import signal
 import pytest
 import ray
 
-from services.orchestrator.driver import TrainingDivergedError
 from services.jobs.registry import SUCCEEDED, open_registry
+from services.orchestrator.driver import TrainingDivergedError
+from tests.integration.test_self_healing import (
+    PROMPTS_PER_STEP,
+    STEPS,
+    ScriptedControl,
+    assert_trained_exactly_once,
+    run,
+)
 from tests.redis_server import RedisServer
-from tests.integration.test_self_healing import PROMPTS_PER_STEP, STEPS, ScriptedControl, assert_trained_exactly_once, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +43,9 @@ def test_learner_killed_mid_run_then_resumed_trains_each_sample_once(tmp_path, t
     run_dir = tmp_path / "runs" / "e2e"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
-    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}), every_step, resume=True)
+    cfg, inputs, records, metrics = run(
+        tmp_path, tiny_model_dir, ScriptedControl(sizes={}), every_step, resume=True
+    )
     assert_trained_exactly_once(cfg, inputs, records)
     # Step 3's scored rollouts came back from the stream rather than being generated again.
     assert [m["step"] for m in metrics if m.get("rollouts_replayed_count")] == [3]
@@ -49,8 +58,12 @@ def test_learner_killed_mid_run_then_resumed_trains_each_sample_once(tmp_path, t
 def test_redis_restart_mid_run_job_completes(tmp_path, tiny_model_dir):
     server = RedisServer(tmp_path, append_only=True).start()
     try:
-        cfg, inputs, records, _ = run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}, actions={2: server.restart}),
-                                      [f"cluster.redis_url={server.url}", "checkpoint.every_steps=2"])
+        cfg, inputs, records, _ = run(
+            tmp_path,
+            tiny_model_dir,
+            ScriptedControl(sizes={}, actions={2: server.restart}),
+            [f"cluster.redis_url={server.url}", "checkpoint.every_steps=2"],
+        )
         assert_trained_exactly_once(cfg, inputs, records)
         job = open_registry(cfg.run_root, server.url).get("e2e")
         assert (job.state, job.step) == (SUCCEEDED, STEPS)
@@ -63,7 +76,13 @@ def test_repeated_non_finite_steps_stop_the_job_with_a_clear_message(tmp_path, t
     # A real divergence: a learning rate of 1e30 turns the adapter's weights huge after
     # one step, and every later forward pass overflows to a non-finite loss.
     with pytest.raises(TrainingDivergedError, match="3 learner steps in a row had a non-finite loss"):
-        run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}),
-            ["learner.learning_rate=1.0e+30", "learner.max_consecutive_skipped_steps=3", "steps=6"])
-    records = [json.loads(line) for line in (tmp_path / "runs" / "e2e" / "samples.jsonl").read_text().splitlines()]
+        run(
+            tmp_path,
+            tiny_model_dir,
+            ScriptedControl(sizes={}),
+            ["learner.learning_rate=1.0e+30", "learner.max_consecutive_skipped_steps=3", "steps=6"],
+        )
+    records = [
+        json.loads(line) for line in (tmp_path / "runs" / "e2e" / "samples.jsonl").read_text().splitlines()
+    ]
     assert any(r["trained"] for r in records) and not all(r["trained"] for r in records)

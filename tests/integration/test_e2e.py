@@ -1,5 +1,6 @@
 """The whole loop through the CLI: a tiny random model, real Ray actors, real DeepSpeed,
 sandboxed grader, weight sync, checkpoints, metrics, resume."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,14 @@ GRADER = "def grade(sample, item):\n    return (sum(map(ord, sample['output_text
 
 
 def write_job(tmp_path: Path, model_dir: Path, engine: str, max_staleness: int) -> Path:
-    items = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
-              "reward_model": {"ground_truth": str(2 * i)}} for i in range(8)]
+    items = [
+        {
+            "id": f"p{i}",
+            "messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
+            "reward_model": {"ground_truth": str(2 * i)},
+        }
+        for i in range(8)
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items[:6]))
     (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items[6:]))
     (tmp_path / "grader.py").write_text(GRADER)
@@ -29,7 +36,7 @@ def write_job(tmp_path: Path, model_dir: Path, engine: str, max_staleness: int) 
 name: e2e
 steps: 2
 prompts_per_step: 2
-run_root: {tmp_path / 'runs'}
+run_root: {tmp_path / "runs"}
 model: {{path: {model_dir}}}
 data: {{train: train.jsonl, heldout: heldout.jsonl}}
 rollout: {{engine: {engine}, samples_per_prompt: 4, max_new_tokens: 8, temperature: 1.0}}
@@ -45,8 +52,9 @@ cluster: {{num_cpus: 2}}
 
 
 def rft(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -98,5 +106,7 @@ def test_synchronous_on_policy_with_hf_engine(tmp_path, tiny_model_dir):
 def test_existing_run_needs_resume(tmp_path, tiny_model_dir):
     config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=0)
     (tmp_path / "runs" / "e2e" / "checkpoints").mkdir(parents=True)
-    result = subprocess.run([sys.executable, "-m", "services.cli", "run", str(config)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", str(config)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "--resume" in result.stderr

@@ -4,6 +4,7 @@ What the learner needs from an engine: each sampled token's log-prob under softm
 with the LoRA it was sampled with, EOS kept and reported as "stop", adapters that really change
 the policy, and reproducible sampling.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,14 +15,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import worker_settings
+from learner.config import LearnerConfig
 from rollout_workers.engines import make_engine
 from rollout_workers.hf_engine import HFEngine
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker, StaleWeightsError
-from learner.config import LearnerConfig
 from services.config import JobConfig
-from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
+from tests.conftest import worker_settings
+from weight_sync.adapter import AdapterWeights, WeightsIntegrityError
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 LEARNER = LearnerConfig(lora_rank=8, lora_alpha=16)
@@ -32,15 +33,19 @@ TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
 PROMPTS = [[1, 504, 3120, 28], [1, 9519, 30], [1, 16, 2000, 331, 7425, 42], [1, 88]]
 STOP_PROMPT = [1, 5, 6]  # greedy's first token on it is made an extra EOS (see model_dir)
 
-ENGINE_SETUPS = [("hf", "float32"), ("hf", "bfloat16"),
-                 pytest.param(("vllm", "float32"), marks=pytest.mark.vllm),
-                 pytest.param(("vllm", "bfloat16"), marks=pytest.mark.vllm),
-                 # vLLM serving the adapter as a LoRA request instead of merged weights
-                 pytest.param(("vllm-lora", "bfloat16"), marks=pytest.mark.vllm)]
+ENGINE_SETUPS = [
+    ("hf", "float32"),
+    ("hf", "bfloat16"),
+    pytest.param(("vllm", "float32"), marks=pytest.mark.vllm),
+    pytest.param(("vllm", "bfloat16"), marks=pytest.mark.vllm),
+    # vLLM serving the adapter as a LoRA request instead of merged weights
+    pytest.param(("vllm-lora", "bfloat16"), marks=pytest.mark.vllm),
+]
 
 
 def load_hf(model_dir, dtype: str):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
 
@@ -54,7 +59,9 @@ def model_dir(tiny_model_dir, tmp_path_factory):
     first_tokens = set()
     for dtype in ("float32", "bfloat16"):
         with torch.no_grad():
-            first_tokens.add(int(load_hf(directory, dtype)(torch.tensor([STOP_PROMPT])).logits[0, -1].argmax()))
+            first_tokens.add(
+                int(load_hf(directory, dtype)(torch.tensor([STOP_PROMPT])).logits[0, -1].argmax())
+            )
     assert len(first_tokens) == 1, "pick a STOP_PROMPT whose greedy token does not depend on dtype"
     config_path = directory / "generation_config.json"
     config = json.loads(config_path.read_text())
@@ -72,8 +79,10 @@ def engine_setup(request, model_dir):
         engine = HFEngine(model_dir, dtype, LORA)
     else:
         from rollout_workers.vllm_engine import VLLMEngine
-        engine = VLLMEngine(model_dir, dtype, LORA, kv_cache_gib=1, max_model_len=256,
-                            merge_adapter=name == "vllm")
+
+        engine = VLLMEngine(
+            model_dir, dtype, LORA, kv_cache_gib=1, max_model_len=256, merge_adapter=name == "vllm"
+        )
     yield engine, dtype
     del engine  # one vLLM engine alive at a time
 
@@ -85,6 +94,7 @@ def reference_models(model_dir):
 
 def peft_model(model_dir, dtype: str):
     from peft import LoraConfig, get_peft_model
+
     return get_peft_model(load_hf(model_dir, dtype), LoraConfig(**LORA.peft_kwargs())).eval()
 
 
@@ -92,6 +102,7 @@ def make_adapter(model_dir, version: int, seed: int | None) -> AdapterWeights:
     """A LoRA adapter as the learner exports it, with random non-zero B (seed None: B = 0,
     which is the base model)."""
     from peft import get_peft_model_state_dict
+
     model = peft_model(model_dir, "float32")
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -99,20 +110,26 @@ def make_adapter(model_dir, version: int, seed: int | None) -> AdapterWeights:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return AdapterWeights.create(version, get_peft_model_state_dict(model), model.peft_config["default"].to_dict())
+    return AdapterWeights.create(
+        version, get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
+    )
 
 
 def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
     """What the learner computes: log_softmax(logits.float() / T) at the sampled tokens."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()
     return (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
 def max_logprob_error(model, prompts, completions, temperature: float) -> float:
-    return max((reference_logprobs(model, p, c.completion_ids, temperature)
-                - torch.tensor(c.behaviour_logprobs)).abs().max().item()
-               for p, c in zip(prompts, completions))
+    return max(
+        (reference_logprobs(model, p, c.completion_ids, temperature) - torch.tensor(c.behaviour_logprobs))
+        .abs()
+        .max()
+        .item()
+        for p, c in zip(prompts, completions)
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -148,9 +165,10 @@ def test_greedy_is_deterministic_and_stops_at_eos(engine_setup, reference_models
     first, again = engine.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)
     assert [c.completion_ids for c in first] == [c.completion_ids for c in again]
     if engine.name == "hf":
-        reference = reference_models[dtype].generate(torch.tensor([PROMPTS[0]]), do_sample=False,
-                                                    max_new_tokens=12)
-        assert first[0].completion_ids == reference[0, len(PROMPTS[0]):].tolist()
+        reference = reference_models[dtype].generate(
+            torch.tensor([PROMPTS[0]]), do_sample=False, max_new_tokens=12
+        )
+        assert first[0].completion_ids == reference[0, len(PROMPTS[0]) :].tolist()
     [stopped] = engine.generate([STOP_PROMPT], greedy)
     assert stopped.finish_reason == "stop" and len(stopped.completion_ids) == 1  # the EOS is kept
     assert all(c.finish_reason == "length" and len(c.completion_ids) == 12 for c in first)
@@ -163,8 +181,10 @@ def test_adapter_of_another_lora_shape_is_refused(engine_setup, model_dir):
     before = [c.completion_ids for c in engine.generate(PROMPTS, sampling)]
     good = make_adapter(model_dir, 7, seed=7)
     rank_4 = {name: t[:4] if "lora_A" in name else t[:, :4] for name, t in good.tensors.items()}
-    for bad in (AdapterWeights.create(7, rank_4, good.peft_config),  # vLLM alone would serve it
-                AdapterWeights.create(7, good.tensors, {**good.peft_config, "lora_alpha": 64})):
+    for bad in (
+        AdapterWeights.create(7, rank_4, good.peft_config),  # vLLM alone would serve it
+        AdapterWeights.create(7, good.tensors, {**good.peft_config, "lora_alpha": 64}),
+    ):
         with pytest.raises(ValueError, match="another shape|LoRA settings"):
             engine.load_adapter(bad)
     assert [c.completion_ids for c in engine.generate(PROMPTS, sampling)] == before
@@ -172,6 +192,7 @@ def test_adapter_of_another_lora_shape_is_refused(engine_setup, model_dir):
 
 def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir, reference_models):
     from peft import set_peft_model_state_dict
+
     engine, dtype = engine_setup
     sampling = SamplingSettings(0.7, max_new_tokens=12, seed=3)
     try:
@@ -190,9 +211,15 @@ def test_adapter_changes_policy_and_matches_peft(engine_setup, model_dir, refere
 
 
 def job_config(engine: str) -> JobConfig:
-    return JobConfig.model_validate({
-        "data": {"train": "unused.jsonl"}, "reward": {"grader": {"source": "unused.py"}},
-        "model": {"dtype": "float32"}, "rollout": {"engine": engine}, "learner": LEARNER.model_dump()})
+    return JobConfig.model_validate(
+        {
+            "data": {"train": "unused.jsonl"},
+            "reward": {"grader": {"source": "unused.py"}},
+            "model": {"dtype": "float32"},
+            "rollout": {"engine": engine},
+            "learner": LEARNER.model_dump(),
+        }
+    )
 
 
 def test_auto_engine_falls_back_to_hf_without_vllm(model_dir, monkeypatch):
@@ -211,7 +238,10 @@ def test_worker_tags_rollouts_and_refuses_bad_adapters(model_dir):
     sampling = SamplingSettings(1.0, max_new_tokens=6, seed=0)
     rollouts = worker.generate(requests, sampling)
     assert [(r.sample_id, r.policy_version, r.worker_id) for r in rollouts] == [
-        ("p7#0", 0, "w0"), ("p7#1", 0, "w0"), ("p7#2", 0, "w0")]
+        ("p7#0", 0, "w0"),
+        ("p7#1", 0, "w0"),
+        ("p7#2", 0, "w0"),
+    ]
 
     adapter = make_adapter(model_dir, 2, seed=1)
     corrupted = make_adapter(model_dir, 3, seed=1)

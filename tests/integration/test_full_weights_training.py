@@ -1,6 +1,7 @@
 """Full-weight training (`learner.lora: false`): the learner trains every weight with DeepSpeed,
 exports them as FullWeights that both engines serve with the learner's log-probs, checkpoints and
 restores them with the optimizer, and writes a whole model directory as the job's output."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,24 +12,39 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from core.config import ConfigError
 from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
 from rollout_workers.engines import make_engine
 from rollout_workers.interface import SamplingSettings
-from core.config import ConfigError
 from services.config import dump_config, load_config
-from tests.unit.test_config_data import write_config
 from tests.integration.test_e2e import rft, write_job
-from tests.integration.test_learner import (TEMPERATURE, hf_logprobs, job_config, make_samples, max_abs_diff, on_policy,
-                                trained_one_step)
+from tests.integration.test_learner import (
+    TEMPERATURE,
+    hf_logprobs,
+    job_config,
+    make_samples,
+    max_abs_diff,
+    on_policy,
+    trained_one_step,
+)
 from tests.integration.test_transports import BF16_GAP
 from tests.integration.test_weight_sync import mean_abs_gap
+from tests.unit.test_config_data import write_config
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
 PROMPTS = [[1, 2 + i, 30 + i] for i in range(4)]
 SAMPLING = SamplingSettings(TEMPERATURE, max_new_tokens=12, seed=3)
-ENGINES = ["hf", pytest.param("vllm", marks=[
-    pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")])]
+ENGINES = [
+    "hf",
+    pytest.param(
+        "vllm",
+        marks=[
+            pytest.mark.vllm,
+            pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+        ],
+    ),
+]
 
 
 def full_config(**settings):
@@ -49,8 +65,10 @@ def trained(tiny_model_dir):
 
 def score_gap(learner: Learner, completions) -> float:
     """Mean |engine - learner| log-prob per token of the engine's completions of PROMPTS."""
-    samples = [TrainSample(f"s{i}", prompt, c.completion_ids, c.behaviour_logprobs, 0.0, 0)
-               for i, (prompt, c) in enumerate(zip(PROMPTS, completions))]
+    samples = [
+        TrainSample(f"s{i}", prompt, c.completion_ids, c.behaviour_logprobs, 0.0, 0)
+        for i, (prompt, c) in enumerate(zip(PROMPTS, completions))
+    ]
     return mean_abs_gap(completions, learner.score(samples, TEMPERATURE))
 
 
@@ -72,7 +90,9 @@ def test_reference_is_a_frozen_base_copy_only_with_a_kl_term(trained, tiny_model
     assert all(not p.requires_grad for p in learner.reference.parameters())
     reference = {name: p for name, p in learner.reference.named_parameters()}
     assert all(torch.equal(reference[name], tensor) for name, tensor in base.tensors.items())
-    assert Learner(str(tiny_model_dir), **full_config().learner_kwargs()).reference is None  # kl_coef = 0: no copy
+    assert (
+        Learner(str(tiny_model_dir), **full_config().learner_kwargs()).reference is None
+    )  # kl_coef = 0: no copy
     # The policy moved away from π_ref: the KL term is live (first step: π = π_ref, so 0 there).
     stats = learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
     assert not stats.skipped and stats.kl_ref > 0
@@ -93,8 +113,11 @@ def generate_before_and_after_load(engine_name: str, model_dir, cfg, weights: Fu
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_engines_serve_the_trained_weights(local_ray, trained, tiny_model_dir, engine_name):
     learner, _, _ = trained
-    before, after = ray.get(generate_before_and_after_load.remote(
-        engine_name, tiny_model_dir, full_config(), learner.export_full_weights()))
+    before, after = ray.get(
+        generate_before_and_after_load.remote(
+            engine_name, tiny_model_dir, full_config(), learner.export_full_weights()
+        )
+    )
     base_gap, synced_gap = score_gap(learner, before), score_gap(learner, after)
     # The base policy is far from the trained one; after the load the engine samples the learner's.
     assert base_gap > 5 * synced_gap and synced_gap < BF16_GAP, (base_gap, synced_gap)
@@ -122,8 +145,9 @@ def test_output_is_a_model_directory_that_loads_in_transformers(trained, tmp_pat
     directory = learner.save_policy(tmp_path / "model")
     assert directory == tmp_path / "model" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-    assert AutoTokenizer.from_pretrained(directory).encode("2 + 2 =") == \
-        AutoTokenizer.from_pretrained(learner.model_path).encode("2 + 2 =")
+    assert AutoTokenizer.from_pretrained(directory).encode("2 + 2 =") == AutoTokenizer.from_pretrained(
+        learner.model_path
+    ).encode("2 + 2 =")
     # The same weights and computation as the learner's (measured: identical).
     assert max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(model, samples)) < 1e-4
 
@@ -158,7 +182,20 @@ def test_job_with_lora_off_writes_a_model_and_resumes(tmp_path, tiny_model_dir):
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     # Every matrix moved; a norm weight (1.0 in bf16, whose spacing there is 2^-7) moves only in the
     # fp32 master copy at the default learning rate 1e-4.
-    assert saved.keys() == base.keys() and all(not torch.equal(saved[n], base[n]) for n in base if "norm" not in n)
-    result = rft("eval", "--model", str(run_dir / "model"), "--data", str(tmp_path / "heldout.jsonl"),
-                 "--grader", str(tmp_path / "grader.py"), "--engine", "hf", "--max-new-tokens", "4")
+    assert saved.keys() == base.keys() and all(
+        not torch.equal(saved[n], base[n]) for n in base if "norm" not in n
+    )
+    result = rft(
+        "eval",
+        "--model",
+        str(run_dir / "model"),
+        "--data",
+        str(tmp_path / "heldout.jsonl"),
+        "--grader",
+        str(tmp_path / "grader.py"),
+        "--engine",
+        "hf",
+        "--max-new-tokens",
+        "4",
+    )
     assert '"count": 2' in result.stdout

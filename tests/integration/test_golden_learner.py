@@ -6,6 +6,7 @@ Recorded with the pre-refactor code by the same procedure as `run_two_steps` bel
 CPU thread); rerun it and replace GOLDEN only for a change meant to alter the numbers, and say so
 in the commit.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,20 @@ ADVANTAGES = [1.0, -1.0, 0.5, -0.5]
 # -sum(A_i * len_i) / sum(len_i) = -(5 - 7 + 4.5 - 5.5) / 32 = 0.09375 for lengths 5, 7, 9, 11, on
 # both steps, and mismatch_kl is 0. grad_norm, entropy and the adapter's abs sum carry the check.
 GOLDEN = [
-    {"loss": 0.09375, "grad_norm": 1.3598295450210571, "entropy": 10.75065803527832, "mismatch_kl": 0.0,
-     "adapter_abs_sum": 842.8359317779541},
-    {"loss": 0.09375, "grad_norm": 1.4766409397125244, "entropy": 10.749996185302734, "mismatch_kl": 0.0,
-     "adapter_abs_sum": 900.078761100769},
+    {
+        "loss": 0.09375,
+        "grad_norm": 1.3598295450210571,
+        "entropy": 10.75065803527832,
+        "mismatch_kl": 0.0,
+        "adapter_abs_sum": 842.8359317779541,
+    },
+    {
+        "loss": 0.09375,
+        "grad_norm": 1.4766409397125244,
+        "entropy": 10.749996185302734,
+        "mismatch_kl": 0.0,
+        "adapter_abs_sum": 900.078761100769,
+    },
 ]
 # fp32 on CPU: bit-for-bit on this machine (also with 2 threads), but another CPU, BLAS build or
 # thread count may reduce sums in another order and move the last few bits. 1e-5 relative is
@@ -47,9 +58,13 @@ def one_thread():
 
 
 def run_two_steps(model_dir) -> list[dict[str, float]]:
-    cfg = JobConfig(data={"train": "unused.jsonl"}, reward={"grader": {"source": "unused.py"}},
-                    model={"dtype": "float32"}, learner={"learning_rate": 1e-2, "micro_batch_size": 2},
-                    seed=0)
+    cfg = JobConfig(
+        data={"train": "unused.jsonl"},
+        reward={"grader": {"source": "unused.py"}},
+        model={"dtype": "float32"},
+        learner={"learning_rate": 1e-2, "micro_batch_size": 2},
+        seed=0,
+    )
     learner = Learner(str(model_dir), **cfg.learner_kwargs())
     recorded = []
     for step in (0, 1):
@@ -59,9 +74,15 @@ def run_two_steps(model_dir) -> list[dict[str, float]]:
         stats = learner.train_step(TrainBatch(step=step, samples=samples, temperature=TEMPERATURE))
         assert not stats.skipped
         adapter = learner.export_adapter().tensors.values()
-        recorded.append({"loss": stats.loss, "grad_norm": stats.grad_norm, "entropy": stats.entropy,
-                         "mismatch_kl": stats.mismatch_kl,
-                         "adapter_abs_sum": sum(t.abs().sum().item() for t in adapter)})
+        recorded.append(
+            {
+                "loss": stats.loss,
+                "grad_norm": stats.grad_norm,
+                "entropy": stats.entropy,
+                "mismatch_kl": stats.mismatch_kl,
+                "adapter_abs_sum": sum(t.abs().sum().item() for t in adapter),
+            }
+        )
     return recorded
 
 
@@ -72,4 +93,5 @@ def test_two_steps_match_the_recorded_numbers(tmp_path, one_thread):
     for step, (got, want) in enumerate(zip(recorded, GOLDEN)):
         for name, value in want.items():
             assert got[name] == pytest.approx(value, rel=REL, abs=ABS_ZERO if value == 0 else 0), (
-                f"step {step} {name}: {got[name]!r}, recorded {value!r} (all of step {step}: {got})")
+                f"step {step} {name}: {got[name]!r}, recorded {value!r} (all of step {step}: {got})"
+            )

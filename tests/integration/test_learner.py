@@ -1,4 +1,5 @@
 """The learner with a real DeepSpeed engine (gloo, CPU) on the tiny random Llama."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,13 @@ TEMPERATURE = 0.7
 
 def job_config(dtype: str = "bfloat16", kl_coef: float = 0.0, **learner) -> JobConfig:
     learner = {"learning_rate": 1e-2, "micro_batch_size": 2, **learner}
-    return JobConfig(data={"train": "unused.jsonl"}, reward={"grader": {"source": "unused.py"}},
-                     model={"dtype": dtype}, algorithm={"kl_coef": kl_coef}, learner=learner)
+    return JobConfig(
+        data={"train": "unused.jsonl"},
+        reward={"grader": {"source": "unused.py"}},
+        model={"dtype": dtype},
+        algorithm={"kl_coef": kl_coef},
+        learner=learner,
+    )
 
 
 def make_samples(advantages: list[float], seed: int = 0, shared_prompt: bool = False) -> list[TrainSample]:
@@ -58,7 +64,7 @@ def hf_logprobs(model, samples: list[TrainSample]) -> list[list[float]]:
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.prompt_ids + s.completion_ids])
-            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1:-1]
+            logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
             logprobs = torch.log_softmax(logits.float() / TEMPERATURE, dim=-1)
             scores.append(logprobs.gather(-1, torch.tensor(s.completion_ids)[:, None]).squeeze(-1).tolist())
     return scores
@@ -98,7 +104,9 @@ def test_train_step_follows_advantages(tiny_model_dir):
     assert math.isfinite(stats.grad_norm) and stats.grad_norm > 0
     # Behaviour = the learner's own log-probs: no mismatch, unit weights, nothing clipped, and
     # the adapter starts as a no-op, so π_θ = π_ref exactly.
-    assert stats.mismatch_kl == pytest.approx(0, abs=1e-6) and stats.is_weight_mean == pytest.approx(1, abs=1e-5)
+    assert stats.mismatch_kl == pytest.approx(0, abs=1e-6) and stats.is_weight_mean == pytest.approx(
+        1, abs=1e-5
+    )
     assert stats.clip_fraction == 0 and stats.kl_ref == 0 and stats.entropy > 0
 
     stats = learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
@@ -111,10 +119,20 @@ def reference_grad_norm(model_dir, adapter, samples, cfg: JobConfig) -> float:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(**{k: v for k, v in adapter.peft_config.items()
-                                               if k in ("r", "lora_alpha", "target_modules", "task_type")}))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            **{
+                k: v
+                for k, v in adapter.peft_config.items()
+                if k in ("r", "lora_alpha", "target_modules", "task_type")
+            }
+        ),
+    )
     set_peft_model_state_dict(model, adapter.tensors)
-    new, mask, _ = completion_logprobs(model, [(s.prompt_ids, s.completion_ids) for s in samples], TEMPERATURE)
+    new, mask, _ = completion_logprobs(
+        model, [(s.prompt_ids, s.completion_ids) for s in samples], TEMPERATURE
+    )
     behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
     advantages = torch.tensor([s.advantage for s in samples])
     loss, _ = policy_loss(new, new.detach(), behaviour, None, advantages, mask, cfg.algorithm)
@@ -131,12 +149,16 @@ def test_micro_batches_accumulate_to_one_batch_step(tiny_model_dir):
         cfg = job_config("float32", micro_batch_size=micro_batch_size)
         learner = Learner(str(tiny_model_dir), **cfg.learner_kwargs())
         initial = learner.export_adapter()
-        stats = learner.train_step(TrainBatch(step=0, samples=on_policy(learner, samples), temperature=TEMPERATURE))
+        stats = learner.train_step(
+            TrainBatch(step=0, samples=on_policy(learner, samples), temperature=TEMPERATURE)
+        )
         results.append((stats, learner.export_adapter().tensors))
     (stats_1, tensors_1), (stats_4, tensors_4) = results
     assert stats_1.loss == pytest.approx(stats_4.loss, rel=1e-5)
     assert stats_1.grad_norm == pytest.approx(stats_4.grad_norm, rel=1e-4)
-    assert stats_1.grad_norm == pytest.approx(reference_grad_norm(tiny_model_dir, initial, samples, cfg), rel=1e-4)
+    assert stats_1.grad_norm == pytest.approx(
+        reference_grad_norm(tiny_model_dir, initial, samples, cfg), rel=1e-4
+    )
     # Adam's first step is ~lr·g/(|g| + eps): where g ~ eps, rounding-level gradient differences
     # move an element by a visible fraction of lr (1e-2), hence atol = lr / 100.
     for name in tensors_1:
@@ -159,7 +181,9 @@ def test_exported_adapter_loads_in_peft(tiny_model_dir, tmp_path, dtype):
     learner.save_adapter(tmp_path / "adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(peft_model, samples)) < TOLERANCE[dtype]
+    assert (
+        max_abs_diff(learner.score(samples, TEMPERATURE), hf_logprobs(peft_model, samples)) < TOLERANCE[dtype]
+    )
 
     # The export is a copy: further training leaves it (and its checksum) intact.
     learner.train_step(TrainBatch(step=1, samples=samples, temperature=TEMPERATURE))
@@ -193,8 +217,10 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
         stats = learner.train_step(TrainBatch(step=0, samples=batch_samples, temperature=TEMPERATURE))
         return stats, learner.export_adapter().sha256
 
-    nan_behaviour = [TrainSample(**{**vars(s), "behaviour_logprobs": [math.nan] + s.behaviour_logprobs[1:]})
-                     for s in samples]
+    nan_behaviour = [
+        TrainSample(**{**vars(s), "behaviour_logprobs": [math.nan] + s.behaviour_logprobs[1:]})
+        for s in samples
+    ]
     nan_advantage = [TrainSample(**{**vars(s), "advantage": math.nan}) for s in samples]
     for bad in (nan_behaviour, nan_advantage):
         stats, after = step(bad)
@@ -202,8 +228,11 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
 
     # A non-finite loss from the computation itself: DeepSpeed's optimizer refuses the step.
     real_loss = learner_module.policy_loss
-    monkeypatch.setattr(learner_module, "policy_loss",
-                        lambda *a, **k: (lambda loss, m: (loss * math.nan, m))(*real_loss(*a, **k)))
+    monkeypatch.setattr(
+        learner_module,
+        "policy_loss",
+        lambda *a, **k: (lambda loss, m: (loss * math.nan, m))(*real_loss(*a, **k)),
+    )
     stats, after = step(samples)
     assert stats.skipped and not math.isfinite(stats.grad_norm) and after == checksum
     monkeypatch.undo()
@@ -221,8 +250,10 @@ def test_other_zero_stages_train_and_export(tiny_model_dir, stage):
     trained = learner.export_adapter()
     assert not stats.skipped and trained.version == 1
     assert trained.tensors.keys() == initial.tensors.keys()
-    assert all(trained.tensors[k].shape == initial.tensors[k].shape and trained.tensors[k].numel() > 0
-               for k in initial.tensors)
+    assert all(
+        trained.tensors[k].shape == initial.tensors[k].shape and trained.tensors[k].numel() > 0
+        for k in initial.tensors
+    )
     assert trained.sha256 != initial.sha256
 
 

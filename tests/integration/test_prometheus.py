@@ -1,6 +1,7 @@
 """A real Prometheus server (deploy/prometheus/prometheus.yml with test paths) finds a live RunMetrics
 endpoint through the file_sd targets file it writes, scrapes it, loads the deploy alert rules and
 answers PromQL over its HTTP API."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ POLL_INTERVAL_SECONDS = 0.25
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
-    reason="prometheus not installed (Debian/Ubuntu: apt-get install prometheus; `make setup` does it as root)")
+    reason="prometheus not installed (Debian/Ubuntu: apt-get install prometheus; "
+    "`make setup` does it as root)",
+)
 
 
 def scrape_config_for(targets_dir: Path) -> dict:
@@ -47,14 +50,22 @@ class PrometheusServer:
         self.log = workdir / "prometheus.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    "prometheus",
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={workdir / 'tsdb'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def api(self, path: str, **params) -> dict | None:
         """GET /api/v1/<path>; None while the server is not answering yet."""
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=5) as r:
+            with urllib.request.urlopen(
+                f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=5
+            ) as r:
                 body = json.loads(r.read())
         except urllib.error.HTTPError as e:
             pytest.fail(f"prometheus rejected {path} {params}: {e.code} {e.read()[:500]!r}")
@@ -80,6 +91,7 @@ class PrometheusServer:
             data = self.api("query", query=promql)
             series = data["result"] if data else []
             return series[0] if len(series) == 1 and float(series[0]["value"][1]) == expected_value else None
+
         return self.wait_for(f"{promql} == {expected_value}", probe)
 
     def stop(self) -> None:

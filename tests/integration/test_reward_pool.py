@@ -1,4 +1,5 @@
 """Reward workers on a real local Ray cluster, and the Ray-free score_locally."""
+
 from __future__ import annotations
 
 import threading
@@ -7,20 +8,20 @@ import pytest
 import ray
 from ray.exceptions import RayActorError
 
+from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import PythonGrader
 from reward_workers.pool import RewardPool, score_locally
 from rollout_workers.interface import Rollout
-from reward_workers.grader_spec import PythonGrader
-from reward_workers.config import RewardConfig
 
 # Reward 1 for the right answer; item["delay_s"] makes grading take a while (work, not syncing).
-GRADER = '''
+GRADER = """
 import time
 
 def grade(sample, item):
     time.sleep(item.get("delay_s", 0))
     right = sample["output_text"].strip() == item["reward_model"]["ground_truth"]
     return {"reward": float(right), "components": {"length": float(len(sample["output_text"]))}}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,24 @@ def pool(ray_cluster, reward_cfg):
 
 def make_batch(num_prompts: int, samples_per_prompt: int, delay_s: float = 0.0):
     """Rollouts whose text is right for even sample indices; items keyed by prompt id."""
-    items = {f"p{p}": {"id": f"p{p}", "reward_model": {"ground_truth": str(p)}, "delay_s": delay_s}
-             for p in range(num_prompts)}
-    rollouts = [Rollout(prompt_id=f"p{p}", sample_index=s, prompt_ids=[1, 2], completion_ids=[3],
-                        behaviour_logprobs=[-0.5], policy_version=0, finish_reason="stop",
-                        text=str(p) if s % 2 == 0 else f"{p}{s}")
-                for p in range(num_prompts) for s in range(samples_per_prompt)]
+    items = {
+        f"p{p}": {"id": f"p{p}", "reward_model": {"ground_truth": str(p)}, "delay_s": delay_s}
+        for p in range(num_prompts)
+    }
+    rollouts = [
+        Rollout(
+            prompt_id=f"p{p}",
+            sample_index=s,
+            prompt_ids=[1, 2],
+            completion_ids=[3],
+            behaviour_logprobs=[-0.5],
+            policy_version=0,
+            finish_reason="stop",
+            text=str(p) if s % 2 == 0 else f"{p}{s}",
+        )
+        for p in range(num_prompts)
+        for s in range(samples_per_prompt)
+    ]
     return rollouts, items
 
 

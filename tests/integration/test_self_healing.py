@@ -1,5 +1,6 @@
 """Rollout workers die and are resized while a job runs; every prompt of every step is still
 trained exactly once (proved with sample ids from the run's own samples.jsonl)."""
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,21 @@ def actor_pid(name: str) -> int:
 def run(tmp_path, tiny_model_dir, control, overrides=(), resume=False):
     config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=1)
     # 6 train items, 2 per step: steps 1-3 are epoch 1, steps 4-5 epoch 2 (the same prompts again).
-    cfg = load_config(config, [f"steps={STEPS}", f"prompts_per_step={PROMPTS_PER_STEP}",
-                               f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}", "rollout.max_new_tokens=24",
-                               "algorithm.skip_zero_signal_groups=false", "eval.at_start=false",
-                               "eval.every_steps=100", "checkpoint.every_steps=100", "reward.num_workers=1",
-                               *overrides])
+    cfg = load_config(
+        config,
+        [
+            f"steps={STEPS}",
+            f"prompts_per_step={PROMPTS_PER_STEP}",
+            f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}",
+            "rollout.max_new_tokens=24",
+            "algorithm.skip_zero_signal_groups=false",
+            "eval.at_start=false",
+            "eval.every_steps=100",
+            "checkpoint.every_steps=100",
+            "reward.num_workers=1",
+            *overrides,
+        ],
+    )
     inputs = prepare_inputs(cfg)
     try:
         run_job(cfg, inputs, resume=resume, control=control)
@@ -60,8 +71,14 @@ def run(tmp_path, tiny_model_dir, control, overrides=(), resume=False):
 
 def assert_trained_exactly_once(cfg, inputs, records):
     order = PromptOrder(len(inputs.train_items), cfg.seed, 0)
-    expected = {step: sorted(f"{inputs.train_items[i]['id']}#{k}" for i in order.take(PROMPTS_PER_STEP)
-                             for k in range(SAMPLES_PER_PROMPT)) for step in range(1, STEPS + 1)}
+    expected = {
+        step: sorted(
+            f"{inputs.train_items[i]['id']}#{k}"
+            for i in order.take(PROMPTS_PER_STEP)
+            for k in range(SAMPLES_PER_PROMPT)
+        )
+        for step in range(1, STEPS + 1)
+    }
     trained = defaultdict(list)
     for record in records:
         assert record["trained"], record  # nothing dropped: no stale rollout, no skipped group
@@ -79,8 +96,9 @@ def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp
         killed.append(actor_pid("e2e-rollout-0"))
         os.kill(killed[0], signal.SIGKILL)
 
-    cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir,
-                                        ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker}))
+    cfg, inputs, records, metrics = run(
+        tmp_path, tiny_model_dir, ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker})
+    )
     assert killed
     assert_trained_exactly_once(cfg, inputs, records)
     replaced = sum(m.get("rollout_workers_replaced_count", 0) for m in metrics)
@@ -97,22 +115,29 @@ def scrape_job_targets(targets_dir: Path, job: str) -> dict[str, str]:
     pages = {}
     for path in sorted(targets_dir.glob(f"{job}-*.json")):
         [group] = json.loads(path.read_text())
-        pages[path.stem.removeprefix(f"{job}-")] = urllib.request.urlopen(
-            f"http://{group['targets'][0]}/metrics", timeout=10).read().decode()
+        pages[path.stem.removeprefix(f"{job}-")] = (
+            urllib.request.urlopen(f"http://{group['targets'][0]}/metrics", timeout=10).read().decode()
+        )
     return pages
 
 
 def test_scale_one_to_three_to_one_mid_run(tmp_path, tiny_model_dir):
     targets_dir = tmp_path / "runs" / "prometheus-targets"
     scraped = []
-    control = ScriptedControl(sizes={1: 3, 3: 1}, actions={3: lambda: scraped.append(scrape_job_targets(targets_dir, "e2e"))})
+    control = ScriptedControl(
+        sizes={1: 3, 3: 1}, actions={3: lambda: scraped.append(scrape_job_targets(targets_dir, "e2e"))}
+    )
     cfg, inputs, records, metrics = run(tmp_path, tiny_model_dir, control)
     # Every component served its own metrics, labelled job and worker, while the job ran ...
     [pages] = scraped
     assert {"learner", "rollout-0", "rollout-1", "rollout-2", "reward-0"} <= pages.keys(), pages.keys()
-    assert re.search(r'rft_rollout_generated_tokens_total\{job="e2e",worker="rollout-0"\} [1-9]', pages["rollout-0"])
+    assert re.search(
+        r'rft_rollout_generated_tokens_total\{job="e2e",worker="rollout-0"\} [1-9]', pages["rollout-0"]
+    )
     assert re.search(r'rft_learner_steps_total\{job="e2e",worker="learner"\} [1-9]', pages["learner"])
-    assert re.search(r'rft_reward_samples_graded_total\{job="e2e",worker="reward-0"\} [1-9]', pages["reward-0"])
+    assert re.search(
+        r'rft_reward_samples_graded_total\{job="e2e",worker="reward-0"\} [1-9]', pages["reward-0"]
+    )
     assert not list(targets_dir.glob("e2e*.json"))  # ... and none is announced after it ended
     assert_trained_exactly_once(cfg, inputs, records)
     workers_per_step = [m["rollout_workers"] for m in metrics if "rollout_workers" in m]

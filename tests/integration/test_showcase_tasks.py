@@ -2,6 +2,7 @@
 datasets parse, are reproducible from their generators and keep held-out prompts out of training,
 and their graders, run in the real sandbox, give the reference answer full reward and wrong
 answers less."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from reward_workers.config import RewardConfig
 from reward_workers.pool import score_locally
 from rollout_workers.interface import Rollout
 from services.cli import load_grader_spec
-from reward_workers.config import RewardConfig
 from services.config import load_config
 from services.orchestrator.data import load_items
 
@@ -37,7 +38,10 @@ def test_config_loads_with_the_task_grader_and_data(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_datasets_parse_and_heldout_prompts_never_in_train(task):
-    train, heldout = load_items(EXAMPLES / task / "train.jsonl"), load_items(EXAMPLES / task / "heldout.jsonl")
+    train, heldout = (
+        load_items(EXAMPLES / task / "train.jsonl"),
+        load_items(EXAMPLES / task / "heldout.jsonl"),
+    )
     assert (len(train), len(heldout)) == (1000, 300)
     train_prompts, heldout_prompts = {prompt(i) for i in train}, {prompt(i) for i in heldout}
     assert len(train_prompts) == len(train) and len(heldout_prompts) == len(heldout)
@@ -46,8 +50,11 @@ def test_datasets_parse_and_heldout_prompts_never_in_train(task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_generator_reproduces_the_committed_data(task, tmp_path):
-    subprocess.run([sys.executable, str(EXAMPLES / task / "generate.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(EXAMPLES / task / "generate.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in ("train.jsonl", "heldout.jsonl"):
         assert (tmp_path / name).read_bytes() == (EXAMPLES / task / name).read_bytes(), name
 
@@ -55,8 +62,8 @@ def test_generator_reproduces_the_committed_data(task, tmp_path):
 def test_prompts_fit_the_prompt_budget():
     from transformers import AutoTokenizer
 
-    from services.orchestrator.data import prompt_token_ids
     from core.model_store import ensure_default_model
+    from services.orchestrator.data import prompt_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     for task in TASKS:
@@ -90,16 +97,19 @@ def test_tool_calling_grader_rewards_the_reference_answer_and_not_wrong_ones():
     name, arguments = truth(call)["name"], truth(call)["arguments"]
     wrong_argument = {**arguments, next(iter(arguments)): "something else"}
     other_tool = first([t["name"] for t in call["tools"]], lambda t: t != name)
-    rewards = score("tool_calling", [
-        (call, json.dumps(truth(call))),
-        (clarify, "Which one do you mean?"),
-        (refuse, "Sorry, I cannot do that with these tools."),
-        (call, json.dumps({"name": name, "arguments": wrong_argument})),
-        (call, json.dumps({"name": other_tool, "arguments": arguments})),
-        (call, f"Sure! {json.dumps(truth(call))}"),  # right call, wrapped in prose
-        (clarify, json.dumps({"name": clarify["tools"][0]["name"], "arguments": {}})),
-        (refuse, json.dumps({"name": refuse["tools"][0]["name"], "arguments": {}})),
-    ])
+    rewards = score(
+        "tool_calling",
+        [
+            (call, json.dumps(truth(call))),
+            (clarify, "Which one do you mean?"),
+            (refuse, "Sorry, I cannot do that with these tools."),
+            (call, json.dumps({"name": name, "arguments": wrong_argument})),
+            (call, json.dumps({"name": other_tool, "arguments": arguments})),
+            (call, f"Sure! {json.dumps(truth(call))}"),  # right call, wrapped in prose
+            (clarify, json.dumps({"name": clarify["tools"][0]["name"], "arguments": {}})),
+            (refuse, json.dumps({"name": refuse["tools"][0]["name"], "arguments": {}})),
+        ],
+    )
     assert rewards[:3] == [1.0, 1.0, 1.0]
     wrong_arg, wrong_tool, in_prose, clarify_call, refuse_call = rewards[3:]
     assert 0.0 < wrong_arg < 1.0  # partial credit: right function, one argument wrong
@@ -111,18 +121,26 @@ def test_tool_calling_grader_rewards_the_reference_answer_and_not_wrong_ones():
 def test_text_to_sql_grader_rewards_the_reference_query_and_not_wrong_ones():
     heldout = load_items(EXAMPLES / "text_to_sql" / "heldout.jsonl")
     ordered = first(heldout, lambda i: i["order_matters"])
-    counting = first(heldout, lambda i: "COUNT(*) FROM" in i["reward_model"]["ground_truth"] and "GROUP" not in
-                     i["reward_model"]["ground_truth"])
+    counting = first(
+        heldout,
+        lambda i: (
+            "COUNT(*) FROM" in i["reward_model"]["ground_truth"]
+            and "GROUP" not in i["reward_model"]["ground_truth"]
+        ),
+    )
     fenced = lambda query: f"```sql\n{query}\n```"
     reference = lambda item: item["reward_model"]["ground_truth"]
-    rewards = score("text_to_sql", [
-        (ordered, fenced(reference(ordered))),
-        (counting, f"Here it is:\n{fenced(reference(counting))}"),
-        (ordered, fenced(reference(ordered).replace("DESC", "ASC"))),  # the wrong end of the table
-        (counting, fenced(f"SELECT COUNT(*) + 1 FROM {next(iter(counting['database']['rows']))};")),
-        (counting, reference(counting)),  # right query, not in a ```sql block
-        (counting, fenced("SELECT * FROM no_such_table;")),
-    ])
+    rewards = score(
+        "text_to_sql",
+        [
+            (ordered, fenced(reference(ordered))),
+            (counting, f"Here it is:\n{fenced(reference(counting))}"),
+            (ordered, fenced(reference(ordered).replace("DESC", "ASC"))),  # the wrong end of the table
+            (counting, fenced(f"SELECT COUNT(*) + 1 FROM {next(iter(counting['database']['rows']))};")),
+            (counting, reference(counting)),  # right query, not in a ```sql block
+            (counting, fenced("SELECT * FROM no_such_table;")),
+        ],
+    )
     assert rewards[:2] == [1.0, 1.0]
     assert rewards[2:4] == [pytest.approx(0.2)] * 2  # the format credit only
     assert rewards[4] == pytest.approx(0.8)

@@ -3,6 +3,7 @@ real Ray actors: after a sync both engines sample with the learner's policy; cor
 out-of-order deliveries are refused and re-fetched; a worker added later catches up; full
 weights travel in buckets. A bit error on the wire, which cannot be caused for real here, is
 injected by a test-only rollout worker whose fetch step damages what arrived."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,13 +15,13 @@ import torch
 
 from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
-from tests.conftest import worker_settings
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from services.config import load_config
-from tests.unit.test_config_data import EXAMPLE
+from tests.conftest import worker_settings
 from tests.integration.test_weight_sync import as_samples, mean_abs_gap
-from weight_sync.adapter import WeightsIntegrityError, AdapterWeights
+from tests.unit.test_config_data import EXAMPLE
+from weight_sync.adapter import AdapterWeights, WeightsIntegrityError
 from weight_sync.broadcast import BroadcastMember, GroupSpec
 from weight_sync.channel import WeightSyncChannel, WeightSyncError
 from weight_sync.endpoints import ReceiverActor, WeightsReceiver, WeightsSender
@@ -37,9 +38,15 @@ BF16_GAP = 0.03  # mean |worker - learner| log-prob per token, bf16 on both side
 
 # ---------------------------------------------------------------- without Ray
 
+
 def test_buckets_have_one_dtype_and_a_size_limit():
-    specs = [("b", torch.bfloat16, 60), ("a", torch.bfloat16, 50), ("c", torch.float32, 10),
-             ("big", torch.bfloat16, 500), ("d", torch.bfloat16, 30)]
+    specs = [
+        ("b", torch.bfloat16, 60),
+        ("a", torch.bfloat16, 50),
+        ("c", torch.float32, 10),
+        ("big", torch.bfloat16, 500),
+        ("d", torch.bfloat16, 30),
+    ]
     # By dtype, then name; "big" exceeds the limit and travels alone.
     assert plan_buckets(specs, 100) == [["a"], ["b"], ["big"], ["d"], ["c"]]
     assert plan_buckets(specs, 120) == [["a", "b"], ["big"], ["d"], ["c"]]
@@ -48,29 +55,43 @@ def test_buckets_have_one_dtype_and_a_size_limit():
 def test_broadcast_rebuilds_weights_across_buckets_and_reuses_buffers():
     """Three members over gloo in one process (threads): mixed dtypes, several buckets, twice."""
     from torch.distributed import TCPStore
+
     master = TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     spec = GroupSpec("127.0.0.1", master.port, 3, "gloo", 30, "t")
     members, received = {}, {1: [], 2: []}
 
     def join(rank):
         members[rank] = BroadcastMember(spec, rank, master if rank == 0 else None)
+
     threads = [threading.Thread(target=join, args=(r,)) for r in range(3)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    sent = [FullWeights.create(v, {"w.bf16": torch.randn(64, 33).to(torch.bfloat16) * v,
-                                   "w.fp32": torch.randn(7, 5) * v, "z.bf16": torch.randn(300).to(torch.bfloat16)})
-            for v in (1, 2)]
+    sent = [
+        FullWeights.create(
+            v,
+            {
+                "w.bf16": torch.randn(64, 33).to(torch.bfloat16) * v,
+                "w.fp32": torch.randn(7, 5) * v,
+                "z.bf16": torch.randn(300).to(torch.bfloat16),
+            },
+        )
+        for v in (1, 2)
+    ]
     for weights in sent:
         threads = [threading.Thread(target=members[0].send, args=(weights, 1024))]
-        threads += [threading.Thread(target=lambda r=r: received[r].append(members[r].receive())) for r in (1, 2)]
+        threads += [
+            threading.Thread(target=lambda r=r: received[r].append(members[r].receive())) for r in (1, 2)
+        ]
         [t.start() for t in threads]
         [t.join() for t in threads]
         for rank in (1, 2):
             got = received[rank][-1]
             got.verify()  # rebuilt with the sha256 the sender published
             assert got.version == weights.version and isinstance(got, FullWeights)
-            assert all(torch.equal(got.tensors[n], t) and got.tensors[n].dtype == t.dtype
-                       for n, t in weights.tensors.items())
+            assert all(
+                torch.equal(got.tensors[n], t) and got.tensors[n].dtype == t.dtype
+                for n, t in weights.tensors.items()
+            )
     first, second = received[1]
     assert first.tensors["w.bf16"].data_ptr() == second.tensors["w.bf16"].data_ptr()  # same buffers
 
@@ -89,8 +110,13 @@ def test_endpoint_names_do_not_clash_with_the_actors_own():
     would be silently overridden (or override it)."""
     for mixin, actor in ((WeightsReceiver, RolloutWorker), (WeightsSender, Learner)):
         names = {n for n in vars(mixin) if not n.startswith("__")}
-        own = {n for cls in actor.__mro__ if cls not in (mixin, object)
-               for n in vars(cls) if not n.startswith("__")}
+        own = {
+            n
+            for cls in actor.__mro__
+            if cls not in (mixin, object)
+            for n in vars(cls)
+            if not n.startswith("__")
+        }
         assert names and not names & own, (mixin.__name__, sorted(names & own))
         assert all(getattr(actor, n) is getattr(mixin, n) for n in names)
     # What the receiver needs of the worker (ReceiverActor): its methods are the worker's own.
@@ -100,17 +126,25 @@ def test_endpoint_names_do_not_clash_with_the_actors_own():
 
 def test_channel_from_config(tmp_path):
     from weight_sync.config import SyncConfig
+
     learner = object()  # stands for the learner's actor handle; nothing is called on it here
-    channel = WeightSyncChannel.from_config(SyncConfig(transport="file", payload="full"), learner, str(tmp_path))
-    assert (channel.transport.name, channel.transport.root, channel.payload) == ("file", str(tmp_path), "full")
+    channel = WeightSyncChannel.from_config(
+        SyncConfig(transport="file", payload="full"), learner, str(tmp_path)
+    )
+    assert (channel.transport.name, channel.transport.root, channel.payload) == (
+        "file",
+        str(tmp_path),
+        "full",
+    )
     channel = WeightSyncChannel.from_config(SyncConfig(transport="broadcast", bucket_mb=8), learner)
     assert channel.transport.bucket_bytes == 8 * 2**20 and channel.max_refetches == 2
     assert WeightSyncChannel().transport.name == "object_store"  # what the driver makes today
 
 
 def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
-    adapter = AdapterWeights.create(3, {"base_model.model.x.lora_A.weight": torch.randn(4, 8)},
-                                    {"r": 4, "lora_alpha": 8})
+    adapter = AdapterWeights.create(
+        3, {"base_model.model.x.lora_A.weight": torch.randn(4, 8)}, {"r": 4, "lora_alpha": 8}
+    )
     for version in (1, 2, 3):
         adapter.version = version
         write_version(adapter, tmp_path, keep_last=2)
@@ -129,10 +163,12 @@ def test_version_directory_is_atomic_checked_and_pruned(tmp_path):
 
 # ---------------------------------------------------------------- with Ray actors
 
+
 class CorruptingWorker(RolloutWorker):
     """Test-only fault injection: a rollout worker whose next `count` fetches (any transport) get
     a byte of one tensor flipped after the transfer, as a bit error on the wire would. Until told,
     it is a plain RolloutWorker."""
+
     corrupt_fetches = 0
 
     def corrupt_next_fetches(self, count: int) -> None:
@@ -165,8 +201,17 @@ class DeliversOtherVersion:
 
 
 def job_config(tiny_model_dir, engine: str = "hf"):
-    return load_config(EXAMPLE, [f"model.path={tiny_model_dir}", f"rollout.engine={engine}", "learner.lora_rank=4",
-                                 "learner.lora_alpha=8", "learner.learning_rate=0.05", "learner.micro_batch_size=8"])
+    return load_config(
+        EXAMPLE,
+        [
+            f"model.path={tiny_model_dir}",
+            f"rollout.engine={engine}",
+            "learner.lora_rank=4",
+            "learner.lora_alpha=8",
+            "learner.learning_rate=0.05",
+            "learner.micro_batch_size=8",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +222,12 @@ def learner(local_ray, tiny_model_dir):
 
 
 def start_workers(tiny_model_dir, prefix: str, engines=ENGINES, worker_class=RolloutWorker) -> list:
-    return [ray.remote(worker_class).remote(
-                f"{prefix}-{engine}", *worker_settings(job_config(tiny_model_dir, engine), tiny_model_dir))
-            for engine in engines]
+    return [
+        ray.remote(worker_class).remote(
+            f"{prefix}-{engine}", *worker_settings(job_config(tiny_model_dir, engine), tiny_model_dir)
+        )
+        for engine in engines
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +240,23 @@ def workers(local_ray, tiny_model_dir):
 
 def train_step(learner) -> int:
     """One real optimizer step that moves the adapter; returns the new policy version."""
-    samples = [TrainSample(f"s{i}", [1, 2 + i, 30 + i], [40 + i, 50 + i, 60 + i], [-1.0] * 3, (-1.0) ** i, 0)
-               for i in range(8)]
+    samples = [
+        TrainSample(f"s{i}", [1, 2 + i, 30 + i], [40 + i, 50 + i, 60 + i], [-1.0] * 3, (-1.0) ** i, 0)
+        for i in range(8)
+    ]
     stats = ray.get(learner.train_step.remote(TrainBatch(0, samples, SAMPLING.temperature)))
     assert not stats.skipped
     return stats.policy_version
 
 
-def channel_for(transport: str, learner, payload: str = "lora", bucket_bytes: int = 2**20) -> WeightSyncChannel:
-    return WeightSyncChannel(make_transport(transport, learner, bucket_bytes, timeout_s=120, file_root=None),
-                             learner, payload=payload)
+def channel_for(
+    transport: str, learner, payload: str = "lora", bucket_bytes: int = 2**20
+) -> WeightSyncChannel:
+    return WeightSyncChannel(
+        make_transport(transport, learner, bucket_bytes, timeout_s=120, file_root=None),
+        learner,
+        payload=payload,
+    )
 
 
 def served_sha256(worker) -> str:
@@ -214,7 +269,9 @@ def assert_serves_learner_policy(learner, workers, weights_ref):
     for worker in workers:
         assert served_sha256(worker) == published
         rollouts = ray.get(worker.generate.remote(REQUESTS, SAMPLING))
-        learner_logprobs = ray.get(learner.score.remote(as_samples(rollouts, [0] * len(rollouts)), SAMPLING.temperature))
+        learner_logprobs = ray.get(
+            learner.score.remote(as_samples(rollouts, [0] * len(rollouts)), SAMPLING.temperature)
+        )
         assert mean_abs_gap(rollouts, learner_logprobs) < BF16_GAP
 
 
@@ -227,7 +284,10 @@ def test_sync_gives_every_engine_the_learners_policy(learner, workers, transport
     result = channel.publish(version, ref, workers)
     assert result.transport == transport and not result.refetches
     assert set(result.worker_seconds) == set(result.pause_seconds) == {f"w-{e}" for e in ENGINES}
-    assert all(0 < result.pause_seconds[w] <= result.worker_seconds[w] <= result.seconds for w in result.pause_seconds)
+    assert all(
+        0 < result.pause_seconds[w] <= result.worker_seconds[w] <= result.seconds
+        for w in result.pause_seconds
+    )
     assert ray.get([w.policy_version.remote() for w in workers]) == [version] * len(workers)
     assert_serves_learner_policy(learner, workers, ref)
 
@@ -282,7 +342,7 @@ def test_worker_added_after_three_versions_catches_up(learner, workers, tiny_mod
     channel = channel_for(transport, learner)
     for _ in range(3):
         channel.publish(train_step(learner), channel.export(), workers)
-    late, = start_workers(tiny_model_dir, "late", ["hf"])
+    (late,) = start_workers(tiny_model_dir, "late", ["hf"])
     try:
         caught_up = ray.get(channel.catch_up(late))  # from the object store
         assert caught_up.served_version == channel.version and caught_up.refused is None
@@ -292,7 +352,9 @@ def test_worker_added_after_three_versions_catches_up(learner, workers, tiny_mod
         result = channel.publish(version, ref, [*workers, late])
         if transport == "broadcast":  # formed once for the first workers, re-formed once with the late one
             assert (formations, channel.transport.formations) == (1, 2)
-        assert set(result.worker_seconds) == {f"w-{e}" for e in ENGINES} | {"late-hf"} and not result.refetches
+        assert (
+            set(result.worker_seconds) == {f"w-{e}" for e in ENGINES} | {"late-hf"} and not result.refetches
+        )
         assert_serves_learner_policy(learner, [late], ref)
     finally:
         ray.kill(late)

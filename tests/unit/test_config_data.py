@@ -1,4 +1,5 @@
 """Bad input stops early with an error that names the field, line or path."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from services.cli import app
 from core.config import ConfigError
+from core.model_store import ModelNotFoundError, resolve_model_path
+from services.cli import app
 from services.config import load_config
 from services.orchestrator.data import DatasetError, PromptOrder, load_items
-from core.model_store import ModelNotFoundError, resolve_model_path
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "arithmetic.yaml"
 
@@ -66,14 +67,19 @@ def test_missing_model_path_is_named(tmp_path):
         resolve_model_path(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("extra, expected", [
-    ("model:\n  path: /no/such/model\n", "model.path: /no/such/model"),
-    ("rollout:\n  samples_per_prompt: many\n", "rollout.samples_per_prompt"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("model:\n  path: /no/such/model\n", "model.path: /no/such/model"),
+        ("rollout:\n  samples_per_prompt: many\n", "rollout.samples_per_prompt"),
+    ],
+)
 def test_rft_run_fails_before_any_actor_starts(tmp_path, extra, expected):
     import ray
 
-    result = CliRunner().invoke(app, ["run", str(write_config(tmp_path, extra)), "-o", f"run_root={tmp_path}/runs"])
+    result = CliRunner().invoke(
+        app, ["run", str(write_config(tmp_path, extra)), "-o", f"run_root={tmp_path}/runs"]
+    )
     assert result.exit_code == 2, result.output
     assert expected in result.output
     assert not ray.is_initialized()
@@ -82,8 +88,9 @@ def test_rft_run_fails_before_any_actor_starts(tmp_path, extra, expected):
 def test_rft_run_names_the_bad_dataset_line(tmp_path, tiny_model_dir):
     config = write_config(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"id": "a", "prompt": "x"}\nnot json\n')
-    result = CliRunner().invoke(app, ["run", str(config), "-o", f"run_root={tmp_path}/runs",
-                                      "-o", f"model.path={tiny_model_dir}"])
+    result = CliRunner().invoke(
+        app, ["run", str(config), "-o", f"run_root={tmp_path}/runs", "-o", f"model.path={tiny_model_dir}"]
+    )
     assert result.exit_code == 2, result.output
     assert "train.jsonl:2: not valid JSON" in result.output
 

@@ -1,6 +1,7 @@
 """deploy/, docker-compose.yml, Dockerfile: the alert rules under promtool, and the consistency of
 files that cannot run here (no Docker engine, no Kubernetes): every referenced file exists, ports,
 images and paths agree, and the dashboard and alerts use only metric names the code exports."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.config import JobConfig, MetricsConfig
 from core.telemetry import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, advertised_host
+from services.config import JobConfig, MetricsConfig
 from services.orchestrator.metrics import TARGETS_FILE, RunMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +30,9 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "rft.json"
 # workers, weight sync). Remove a name here once services/metrics.py exports it.
 PENDING_METRICS: dict[str, str] = {}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
-PROMTOOL_MISSING = "promtool not installed (Debian/Ubuntu: apt-get install prometheus; `make setup` does it as root)"
+PROMTOOL_MISSING = (
+    "promtool not installed (Debian/Ubuntu: apt-get install prometheus; `make setup` does it as root)"
+)
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason=PROMTOOL_MISSING)
 
 
@@ -46,14 +49,19 @@ def project_version() -> str:
 
 
 def docker_compose_available() -> bool:
-    return shutil.which("docker") is not None and \
-        subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    return (
+        shutil.which("docker") is not None
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    )
 
 
 # ---------------------------------------------------------------- promtool
 
+
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["promtool", *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["promtool", *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=120
+    )
 
 
 @needs_promtool
@@ -67,8 +75,11 @@ def test_alert_rules_pass_promtool_check():
 def test_alert_rules_unit_tests_pass():
     result = promtool("test", "rules", "alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    tested = {t["alertname"] for case in load_yaml(PROMETHEUS_DIR / "alerts_test.yml")["tests"]
-              for t in case["alert_rule_test"]}
+    tested = {
+        t["alertname"]
+        for case in load_yaml(PROMETHEUS_DIR / "alerts_test.yml")["tests"]
+        for t in case["alert_rule_test"]
+    }
     assert len(tested) >= 2, tested
 
 
@@ -81,14 +92,26 @@ def test_prometheus_config_passes_promtool_check():
 def test_alert_rules_cover_the_issue():
     rules = [r for g in load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert names >= {"RftRewardFlat", "RftEntropyCollapse", "RftKLToReferenceExploding",
-                     "RftImportanceWeightsExploding", "RftMismatchKLRising", "RftGraderErrorRate",
-                     "RftRewardHackRate", "RftMetricsEndpointDown", "RftWorkersLost", "RftRolloutWorkerReplaced",
-                     "RftNoProgress"}
-    assert all(r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"] for r in rules)
+    assert names >= {
+        "RftRewardFlat",
+        "RftEntropyCollapse",
+        "RftKLToReferenceExploding",
+        "RftImportanceWeightsExploding",
+        "RftMismatchKLRising",
+        "RftGraderErrorRate",
+        "RftRewardHackRate",
+        "RftMetricsEndpointDown",
+        "RftWorkersLost",
+        "RftRolloutWorkerReplaced",
+        "RftNoProgress",
+    }
+    assert all(
+        r["labels"]["severity"] in ("warning", "critical") and r["annotations"]["summary"] for r in rules
+    )
 
 
 # ---------------------------------------------------------------- metric names
+
 
 def exported_metric_names(tmp_path: Path) -> set[str]:
     """The series names a live RunMetrics endpoint declares (# TYPE lines), counters with _total."""
@@ -108,7 +131,7 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
 def referenced_metric_names(text: str) -> set[str]:
     names = set()
     for name in re.findall(r"\brft_[a-z0-9_]+", text):
-        base = next((name[:-len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), None)
+        base = next((name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), None)
         names.add(base if base in PENDING_METRICS else name)
     return names
 
@@ -131,19 +154,30 @@ def test_metric_name_check_catches_an_unknown_name(tmp_path):
 
 # ---------------------------------------------------------------- Grafana
 
+
 def test_dashboard_is_the_generator_output():
     spec = importlib.util.spec_from_file_location("make_dashboard", DEPLOY / "grafana" / "make_dashboard.py")
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    assert generator.dashboard() == json.loads(DASHBOARD.read_text()), \
+    assert generator.dashboard() == json.loads(DASHBOARD.read_text()), (
         "deploy/grafana/dashboards/rft.json is stale: run python deploy/grafana/make_dashboard.py"
+    )
 
 
 def test_dashboard_has_the_panels_and_a_consistent_datasource():
     dashboard = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("throughput", "step time", "training reward", "held-out", "is weights", "mismatch",
-                  "staleness", "sync latency", "workers"):
+    for topic in (
+        "throughput",
+        "step time",
+        "training reward",
+        "held-out",
+        "is weights",
+        "mismatch",
+        "staleness",
+        "sync latency",
+        "workers",
+    ):
         assert topic in titles, f"no {topic!r} panel in {titles}"
     datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
     uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
@@ -153,6 +187,7 @@ def test_dashboard_has_the_panels_and_a_consistent_datasource():
 
 
 # ---------------------------------------------------------------- docker-compose + Dockerfile
+
 
 def bind_mounts(service: dict) -> dict[str, str]:
     """container path -> host path, for the ./ bind mounts of a compose service."""
@@ -168,7 +203,7 @@ def test_compose_references_existing_files_and_consistent_paths():
     services = compose()["services"]
     assert set(services) >= {"redis", "ray-head", "ray-worker", "prometheus", "grafana"}
     for name, service in services.items():
-        for container, host in bind_mounts(service).items():
+        for _container, host in bind_mounts(service).items():
             if host == "./runs":  # created by the jobs: the default run_root
                 assert JobConfig.model_fields["run_root"].default == "runs"
                 continue
@@ -181,11 +216,15 @@ def test_compose_references_existing_files_and_consistent_paths():
     config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_DIR / rule_file).is_file()
-    sd_files = [f for c in config["scrape_configs"] for sd in c.get("file_sd_configs", []) for f in sd["files"]]
+    sd_files = [
+        f for c in config["scrape_configs"] for sd in c.get("file_sd_configs", []) for f in sd["files"]
+    ]
     runs_in_container = next(c for c, h in mounts.items() if h == "./runs")
     assert sd_files == [f"{runs_in_container}/{TARGETS_DIRNAME}/*.json"]
     grafana_mounts = bind_mounts(services["grafana"])
-    provider_path = load_yaml(DEPLOY / "grafana/provisioning/dashboards/rft.yml")["providers"][0]["options"]["path"]
+    provider_path = load_yaml(DEPLOY / "grafana/provisioning/dashboards/rft.yml")["providers"][0]["options"][
+        "path"
+    ]
     assert ROOT / grafana_mounts[provider_path] / "rft.json" == DASHBOARD
     assert grafana_mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
 
@@ -199,10 +238,14 @@ def test_compose_ray_nodes_images_ports():
     assert f"--address=ray-head:{head_port}" in worker["command"]
     assert head["environment"]["RFT_METRICS_ADVERTISE_HOST"] == head["hostname"] == "ray-head"
     assert head["environment"]["RAY_AUTH_TOKEN"] == worker["environment"]["RAY_AUTH_TOKEN"]
-    assert "container_name" not in worker and "ports" not in worker, "ray-worker must scale (--scale ray-worker=N)"
+    assert "container_name" not in worker and "ports" not in worker, (
+        "ray-worker must scale (--scale ray-worker=N)"
+    )
     assert ["redis-server", "--appendonly", "yes"] == services["redis"]["command"][:3]
     for name, service in services.items():
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+", service["image"]) and not service["image"].endswith(":latest"), name
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", service["image"]) and not service["image"].endswith(
+            ":latest"
+        ), name
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
@@ -217,16 +260,24 @@ def test_dockerfile_installs_the_project_like_the_makefile():
     assert {".venv", "runs", ".git"} <= set(ignored)
 
 
-@pytest.mark.skipif(not docker_compose_available(),
-                    reason="no `docker compose` here (this docker client has no compose plugin, and there is no engine)")
+@pytest.mark.skipif(
+    not docker_compose_available(),
+    reason="no `docker compose` here (this docker client has no compose plugin, and there is no engine)",
+)
 def test_docker_compose_config_is_valid():
-    result = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                            env={"RAY_AUTH_TOKEN": "test-token", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-                            timeout=60)
+    result = subprocess.run(
+        ["docker", "compose", "config", "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"RAY_AUTH_TOKEN": "test-token", "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- KubeRay
+
 
 def test_kuberay_manifests_are_consistent():
     cluster = load_yaml(DEPLOY / "kuberay/raycluster.yaml")
@@ -236,17 +287,27 @@ def test_kuberay_manifests_are_consistent():
     assert (cluster["kind"], job["kind"], claim["kind"]) == ("RayCluster", "RayJob", "PersistentVolumeClaim")
     assert cluster["spec"]["rayVersion"] == version("ray")
     assert job["spec"]["clusterSelector"].items() <= cluster["metadata"]["labels"].items()
-    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["spec"]["workerGroupSpecs"]
+    ]
     containers = [c for t in templates for c in t["spec"]["containers"]]
     containers += job["spec"]["submitterPodTemplate"]["spec"]["containers"]
     assert {c["image"] for c in containers} == {f"rft:{project_version()}"}
     for container in containers:
-        secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        secrets = {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
         assert secrets == {"rft-ray-auth"}, container["name"]
     head_ports = {p["containerPort"] for p in containers[0]["ports"]}
     assert head_ports >= {6379, 8265, 10001, MetricsConfig().port}
     for template in templates:
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in template["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         assert claims == {claim["metadata"]["name"]}
     command = job["spec"]["entrypoint"].split()
     assert command[:2] == ["rft", "run"] and (ROOT / command[2]).is_file()
@@ -255,12 +316,15 @@ def test_kuberay_manifests_are_consistent():
 
 # ---------------------------------------------------------------- the targets file RunMetrics writes
 
+
 def test_run_metrics_announce_their_endpoint_for_file_sd(tmp_path):
     run_dir = tmp_path / "runs" / "announce"
     metrics = RunMetrics("announce", run_dir, port=0)
     try:
         groups = json.loads((run_dir / TARGETS_FILE).read_text())
-        assert groups == [{"targets": [metrics.address], "labels": {"job": "announce", "component": "driver"}}]
+        assert groups == [
+            {"targets": [metrics.address], "labels": {"job": "announce", "component": "driver"}}
+        ]
         discovery = tmp_path / "runs" / TARGETS_DIRNAME / "announce.json"
         assert json.loads(discovery.read_text()) == groups
     finally:

@@ -1,4 +1,5 @@
 """`rft grade`: samples scored offline in the real sandbox, per-sample lines and a summary."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,18 @@ import subprocess
 import sys
 
 ITEMS = [
-    {"id": "sum", "prompt": "Write add(a, b).", "reward_model": {"ground_truth": "3"},
-     "tests": ["assert add(1, 2) == 3", {"name": "negative", "code": "assert add(-1, -1) == -2"}]},
-    {"id": "capital", "prompt": "Capital of France?", "reward_model": {"ground_truth": "Paris"}, "tests": ["pass"]},
+    {
+        "id": "sum",
+        "prompt": "Write add(a, b).",
+        "reward_model": {"ground_truth": "3"},
+        "tests": ["assert add(1, 2) == 3", {"name": "negative", "code": "assert add(-1, -1) == -2"}],
+    },
+    {
+        "id": "capital",
+        "prompt": "Capital of France?",
+        "reward_model": {"ground_truth": "Paris"},
+        "tests": ["pass"],
+    },
 ]
 SPEC = """\
 type: multi
@@ -26,12 +36,13 @@ def write_jsonl(path, rows) -> str:
 
 
 def rft_grade(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", "grade", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "grade", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def summary_of(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("\n{") + 1:stdout.rindex("}") + 1])
+    return json.loads(stdout[stdout.index("\n{") + 1 : stdout.rindex("}") + 1])
 
 
 def test_grade_prints_scores_hacks_and_a_summary(tmp_path):
@@ -42,9 +53,16 @@ def test_grade_prints_scores_hacks_and_a_summary(tmp_path):
         {"id": "sum", "output_text": "import os\nos._exit(0)\n"},
         {"id": "capital", "output_text": "It is paris."},
     ]
-    result = rft_grade("--grader", str(tmp_path / "spec.yaml"), "--data", write_jsonl(tmp_path / "items.jsonl", ITEMS),
-                       "--samples", write_jsonl(tmp_path / "samples.jsonl", samples),
-                       "--output", str(tmp_path / "results.jsonl"))
+    result = rft_grade(
+        "--grader",
+        str(tmp_path / "spec.yaml"),
+        "--data",
+        write_jsonl(tmp_path / "items.jsonl", ITEMS),
+        "--samples",
+        write_jsonl(tmp_path / "samples.jsonl", samples),
+        "--output",
+        str(tmp_path / "results.jsonl"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("sum#0  reward 0.750  tests 1.000")  # 3/4 tests + 0 of the exact match
@@ -60,15 +78,40 @@ def test_grade_prints_scores_hacks_and_a_summary(tmp_path):
 
 
 def test_grade_reads_a_runs_samples_and_an_openai_grader_json(tmp_path):
-    openai_grader = {"type": "string_check", "name": "exact", "input": "{{ sample.output_text }}",
-                     "reference": "{{ item.reward_model.ground_truth }}", "operation": "eq"}
+    openai_grader = {
+        "type": "string_check",
+        "name": "exact",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.reward_model.ground_truth }}",
+        "operation": "eq",
+    }
     (tmp_path / "grader.json").write_text(json.dumps(openai_grader))
     run_samples = [  # the driver's samples.jsonl lines
-        {"step": 1, "sample_id": "capital#0", "policy_version": 0, "text": "Paris", "reward": 1.0, "trained": True},
-        {"step": 1, "sample_id": "capital#1", "policy_version": 0, "text": "Lyon", "reward": 0.0, "trained": True},
+        {
+            "step": 1,
+            "sample_id": "capital#0",
+            "policy_version": 0,
+            "text": "Paris",
+            "reward": 1.0,
+            "trained": True,
+        },
+        {
+            "step": 1,
+            "sample_id": "capital#1",
+            "policy_version": 0,
+            "text": "Lyon",
+            "reward": 0.0,
+            "trained": True,
+        },
     ]
-    result = rft_grade("--grader", str(tmp_path / "grader.json"), "--data", write_jsonl(tmp_path / "i.jsonl", ITEMS),
-                       "--samples", write_jsonl(tmp_path / "samples.jsonl", run_samples))
+    result = rft_grade(
+        "--grader",
+        str(tmp_path / "grader.json"),
+        "--data",
+        write_jsonl(tmp_path / "i.jsonl", ITEMS),
+        "--samples",
+        write_jsonl(tmp_path / "samples.jsonl", run_samples),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("capital#0  reward 1.000\ncapital#1  reward 0.000\n")
     assert summary_of(result.stdout)["reward_mean_by_grader"] == {"exact": 0.5}
@@ -78,14 +121,28 @@ def test_grade_errors_name_the_culprit(tmp_path):
     items = write_jsonl(tmp_path / "items.jsonl", ITEMS)
     (tmp_path / "bad.yaml").write_text("type: numeric\nabs_tol: -1\n")
     result = rft_grade("--grader", str(tmp_path / "bad.yaml"), "--data", items, "--samples", items)
-    assert result.returncode == 2 and "grader.numeric.abs_tol: Input should be greater than or equal to 0" in result.stderr
+    assert (
+        result.returncode == 2
+        and "grader.numeric.abs_tol: Input should be greater than or equal to 0" in result.stderr
+    )
 
-    (tmp_path / "judge.json").write_text(json.dumps({"type": "score_model", "name": "judge", "model": "gpt-4o",
-                                                     "input": [{"role": "user", "content": "{{sample.output_text}}"}]}))
+    (tmp_path / "judge.json").write_text(
+        json.dumps(
+            {
+                "type": "score_model",
+                "name": "judge",
+                "model": "gpt-4o",
+                "input": [{"role": "user", "content": "{{sample.output_text}}"}],
+            }
+        )
+    )
     answers = write_jsonl(tmp_path / "answers.jsonl", [{"id": "sum", "output_text": "3"}])
     result = rft_grade("--grader", str(tmp_path / "judge.json"), "--data", items, "--samples", answers)
-    assert result.returncode == 2 and "model 'gpt-4o' is neither a local model directory" in result.stderr \
+    assert (
+        result.returncode == 2
+        and "model 'gpt-4o' is neither a local model directory" in result.stderr
         and "give base_url" in result.stderr
+    )
 
     (tmp_path / "spec.yaml").write_text(SPEC)
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"id": "sum", "output_text": "x"}, {"text": "no id"}])

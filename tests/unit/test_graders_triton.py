@@ -4,12 +4,13 @@ with Triton's interpreter mode (no GPU here), against real PyTorch references.
 One sandbox grades every sample (starting the runner, which imports torch, is the slow part);
 each sample starts a fresh Python that imports torch and triton (seconds on a loaded box).
 """
+
 from __future__ import annotations
 
 import pytest
 
-from reward_workers.sandbox import GraderSandbox
 from reward_workers.config import RewardConfig
+from reward_workers.sandbox import GraderSandbox
 
 pytestmark = pytest.mark.slow
 
@@ -17,18 +18,22 @@ SPEC = {"type": "triton_kernel", "timeout_s": 100}
 LIMITS = dict(timeout_s=120.0, cpu_s=60, memory_mb=4096)
 
 RELU_ITEM = {
-    "id": "relu", "function": "relu",
+    "id": "relu",
+    "function": "relu",
     "reference": "def relu(x):\n    return torch.relu(x)\n",
-    "cases": [{"seed": 0, "args": [{"shape": [1000]}]},
-              {"name": "matrix", "seed": 1, "args": [{"shape": [16, 50], "dtype": "float32"}]}],
+    "cases": [
+        {"seed": 0, "args": [{"shape": [1000]}]},
+        {"name": "matrix", "seed": 1, "args": [{"shape": [16, 50], "dtype": "float32"}]},
+    ],
 }
 ROW_SUM_ITEM = {
-    "id": "row_sum", "function": "row_sum",
+    "id": "row_sum",
+    "function": "row_sum",
     "reference": "def row_sum(x):\n    return x.sum(dim=1)\n",
     "cases": [{"seed": 3, "args": [{"shape": [8, 100], "low": 0.0, "high": 1.0}]}],
 }
 
-KERNEL = '''
+KERNEL = """
 import torch
 import triton
 import triton.language as tl
@@ -48,14 +53,14 @@ def relu(x):
     n = x.numel()
     relu_kernel[(triton.cdiv(n, 256),)](x, out, n, BLOCK=256)
     return {result}
-'''
+"""
 
 
 def kernel(body: str = "tl.maximum(x, 0.0)", result: str = "out") -> str:
     return "Here is the kernel:\n```python\n" + KERNEL.format(body=body, result=result) + "```\n"
 
 
-ROW_SUM = '''```python
+ROW_SUM = """```python
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +78,7 @@ def row_sum(x):
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     row_sum_kernel[(x.shape[0],)](x, out, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
     return out
-```'''
+```"""
 
 
 def grade(cases: list[tuple[str, dict]], spec: dict = SPEC):
@@ -85,10 +90,22 @@ def grade(cases: list[tuple[str, dict]], spec: dict = SPEC):
 def test_correct_kernels_score_one_and_wrong_or_broken_ones_partial():
     broken = kernel().replace("def relu(x):", "def relu(x)")  # a syntax error
     only_positive = kernel(body="tl.abs(x)")  # right only where the input is >= 0 everywhere
-    positive_item = {**RELU_ITEM, "cases": [{"seed": 0, "args": [{"shape": [64], "low": 0.0, "high": 1.0}]},
-                                            {"seed": 1, "args": [{"shape": [64]}]}]}
-    results = grade([(kernel(), RELU_ITEM), (ROW_SUM, ROW_SUM_ITEM), (broken, RELU_ITEM),
-                     (only_positive, positive_item), ("relu(x) = max(x, 0)", RELU_ITEM)])
+    positive_item = {
+        **RELU_ITEM,
+        "cases": [
+            {"seed": 0, "args": [{"shape": [64], "low": 0.0, "high": 1.0}]},
+            {"seed": 1, "args": [{"shape": [64]}]},
+        ],
+    }
+    results = grade(
+        [
+            (kernel(), RELU_ITEM),
+            (ROW_SUM, ROW_SUM_ITEM),
+            (broken, RELU_ITEM),
+            (only_positive, positive_item),
+            ("relu(x) = max(x, 0)", RELU_ITEM),
+        ]
+    )
     assert [r.error for r in results] == [None] * 5
     right, row_sum, syntax, half, prose = results
     assert (right.reward, right.hack_flags) == (1.0, []), right.diagnostics
@@ -97,34 +114,43 @@ def test_correct_kernels_score_one_and_wrong_or_broken_ones_partial():
     assert syntax.reward == pytest.approx(0.1) and syntax.components["compiles"] == 0.0
     assert "SyntaxError" in syntax.diagnostics[0]
     assert half.reward == pytest.approx(0.1 + 0.1 + 0.8 * 0.5) and half.hack_flags == []
-    assert half.diagnostics == [f"case_1 failed: max abs error {half.diagnostics[0].split()[5]} (atol 0.0001, rtol 0.0001)"]
+    assert half.diagnostics == [
+        f"case_1 failed: max abs error {half.diagnostics[0].split()[5]} (atol 0.0001, rtol 0.0001)"
+    ]
     assert (prose.reward, prose.components["format"]) == (0.0, 0.0)
 
 
 HACKS = {  # reply -> the flag it must raise
-    kernel(result="x"): "passthrough",                      # launches a kernel, returns the input
-    kernel(body="x * 0.0"): "no_op",                         # writes zeros
-    kernel(result="torch.relu(x)"): "calls_torch_op",        # launches, then computes with torch
+    kernel(result="x"): "passthrough",  # launches a kernel, returns the input
+    kernel(body="x * 0.0"): "no_op",  # writes zeros
+    kernel(result="torch.relu(x)"): "calls_torch_op",  # launches, then computes with torch
     kernel(result="x.clamp(min=0)"): "calls_torch_op",
     kernel(result="torch.tensor([max(v, 0.0) for v in x.view(-1).tolist()]).view(x.shape)"): "calls_torch_op",
-    "```python\nimport torch\ndef relu(x):\n    return torch.where(x > 0, x, torch.zeros_like(x))\n```":
-        "no_kernel_launch",
-    kernel(result="[torch.utils._python_dispatch._pop_mode(), out][1]"): "edits_harness",  # drops the op trace
+    (
+        "```python\nimport torch\ndef relu(x):\n    return torch.where(x > 0, x, torch.zeros_like(x))\n```"
+    ): "no_kernel_launch",
+    kernel(
+        result="[torch.utils._python_dispatch._pop_mode(), out][1]"
+    ): "edits_harness",  # drops the op trace
 }
 
 
 def test_hacks_score_zero_with_a_flag():
     results = grade([(reply, RELU_ITEM) for reply in HACKS])
-    for reply, flag, result in zip(HACKS, HACKS.values(), results):
+    for flag, result in zip(HACKS.values(), results):
         assert result.error is None and result.reward == 0.0 and flag in result.hack_flags, (flag, result)
     assert "aten.relu" in " ".join(results[2].diagnostics)
 
 
 def test_bad_items_and_specs_are_errors_naming_the_field():
-    results = grade([(kernel(), {**RELU_ITEM, "cases": []}),
-                     (kernel(), {**RELU_ITEM, "reference": "def other(x):\n    return x\n"}),
-                     (kernel(), {**RELU_ITEM, "cases": [{"seed": 0, "args": [{"shape": [4], "dtype": "complex64"}]}]}),
-                     (kernel(), {**RELU_ITEM, "cases": [{"name": "a", "seed": 0, "args": [1.0]}] * 2})])
+    results = grade(
+        [
+            (kernel(), {**RELU_ITEM, "cases": []}),
+            (kernel(), {**RELU_ITEM, "reference": "def other(x):\n    return x\n"}),
+            (kernel(), {**RELU_ITEM, "cases": [{"seed": 0, "args": [{"shape": [4], "dtype": "complex64"}]}]}),
+            (kernel(), {**RELU_ITEM, "cases": [{"name": "a", "seed": 0, "args": [1.0]}] * 2}),
+        ]
+    )
     assert "cases must be a non-empty list" in results[0].error
     assert "the item's reference does not define 'relu'" in results[1].error
     assert "dtype 'complex64' is not one of" in results[2].error
@@ -135,7 +161,7 @@ def test_bad_items_and_specs_are_errors_naming_the_field():
         RewardConfig(grader=SPEC, **{**LIMITS, "timeout_s": 50})
 
 
-SOFTMAX = '''```python
+SOFTMAX = """```python
 import torch
 import triton
 import triton.language as tl
@@ -155,7 +181,7 @@ def softmax(x):
     out = torch.empty_like(x)
     softmax_kernel[(x.shape[0],)](x, out, x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
     return out
-```'''
+```"""
 
 
 def test_showcase_items_run_and_a_correct_softmax_scores_one():
@@ -167,11 +193,15 @@ def test_showcase_items_run_and_a_correct_softmax_scores_one():
     from services.config import load_config
 
     folder = Path(__file__).parents[2] / "examples" / "pytorch_to_triton"
-    items = [json.loads(line) for split in ("train", "heldout") for line in (folder / f"{split}.jsonl").open()]
+    items = [
+        json.loads(line) for split in ("train", "heldout") for line in (folder / f"{split}.jsonl").open()
+    ]
     assert len(items) == 20 and len({item["id"] for item in items}) == 20
     spec = load_config(folder / "job.yaml").reward.grader.model_dump()
     softmax_item = next(item for item in items if item["id"] == "softmax")
-    results = grade([("I do not know Triton.", item) for item in items] + [(SOFTMAX, softmax_item)],
-                    {**spec, "timeout_s": 100})
+    results = grade(
+        [("I do not know Triton.", item) for item in items] + [(SOFTMAX, softmax_item)],
+        {**spec, "timeout_s": 100},
+    )
     assert [(r.reward, r.error) for r in results[:-1]] == [(0.0, None)] * 20
     assert (results[-1].reward, results[-1].hack_flags) == (1.0, []), results[-1].diagnostics

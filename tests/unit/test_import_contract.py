@@ -14,6 +14,7 @@ packages together); grimp (the graph engine of import-linter) finds them. Only t
 out imports under `if TYPE_CHECKING:`, which never run. The checker is tried on small synthetic
 packages at the end, so a green run here cannot come from a checker that sees nothing.
 """
+
 from __future__ import annotations
 
 import graphlib
@@ -39,6 +40,7 @@ TOP, LEAF = LAYERS[-1][0], LAYERS[0][0]
 
 # ---------------------------------------------------------------- the checker
 
+
 @dataclass(frozen=True)
 class Import:
     importer: str
@@ -56,12 +58,17 @@ def top_package(module: str) -> str:
 
 def build_graph(packages: tuple[str, ...], with_type_checking: bool) -> grimp.ImportGraph:
     # cache_dir=None: no .grimp_cache left in the working directory
-    return grimp.build_graph(*packages, include_external_packages=False,
-                             exclude_type_checking_imports=not with_type_checking, cache_dir=None)
+    return grimp.build_graph(
+        *packages,
+        include_external_packages=False,
+        exclude_type_checking_imports=not with_type_checking,
+        cache_dir=None,
+    )
 
 
-def imports_between(graph: grimp.ImportGraph, importers: tuple[str, ...] | list[str],
-                    imported: tuple[str, ...] | list[str]) -> list[Import]:
+def imports_between(
+    graph: grimp.ImportGraph, importers: tuple[str, ...] | list[str], imported: tuple[str, ...] | list[str]
+) -> list[Import]:
     """Every import statement in a module of the `importers` packages of a module of the `imported` ones."""
     found = []
     for module in sorted(graph.modules):
@@ -79,7 +86,7 @@ def layer_violations(graph: grimp.ImportGraph, layers: tuple[tuple[str, ...], ..
     violations = []
     for index, layer in enumerate(layers):
         for package in layer:
-            higher = [p for upper in layers[index + 1:] for p in upper]
+            higher = [p for upper in layers[index + 1 :] for p in upper]
             forbidden = higher + [p for p in layer if p != package]
             violations += imports_between(graph, [package], forbidden)
     return violations
@@ -133,6 +140,7 @@ def report(title: str, items: list) -> str:
 
 # ---------------------------------------------------------------- the contract on rft
 
+
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
     """Every import, under `if TYPE_CHECKING:` too."""
@@ -149,7 +157,8 @@ def test_every_top_level_package_is_in_a_layer():
     on_disk = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests"}
     assert on_disk == set(PACKAGES), (
         f"top-level packages not placed in LAYERS: {sorted(on_disk - set(PACKAGES))}; "
-        f"in LAYERS but gone: {sorted(set(PACKAGES) - on_disk)}")
+        f"in LAYERS but gone: {sorted(set(PACKAGES) - on_disk)}"
+    )
 
 
 def test_the_graph_sees_function_level_imports(graph):
@@ -165,30 +174,36 @@ def test_nothing_below_services_imports_services(graph):
 
 def test_core_imports_no_other_rft_package(graph):
     violations = imports_between(graph, [LEAF], [p for p in PACKAGES if p != LEAF])
-    assert not violations, report(f"{LEAF} is the leaf of rft; these modules of it import other rft packages",
-                                  violations)
+    assert not violations, report(
+        f"{LEAF} is the leaf of rft; these modules of it import other rft packages", violations
+    )
 
 
 def test_packages_import_only_lower_layers(graph):
     violations = layer_violations(graph, LAYERS)
     order = "  <-  ".join(" | ".join(layer) for layer in LAYERS)
-    assert not violations, report(f"layers (lowest first: {order}); imports upward or across a layer",
-                                  violations)
+    assert not violations, report(
+        f"layers (lowest first: {order}); imports upward or across a layer", violations
+    )
 
 
 def test_no_module_import_cycle(runtime_graph):
     cycles = find_cycles(module_edges(runtime_graph))
-    assert not cycles, report("import cycles among rft's modules",
-                              [describe_cycle(runtime_graph, cycle) for cycle in cycles])
+    assert not cycles, report(
+        "import cycles among rft's modules", [describe_cycle(runtime_graph, cycle) for cycle in cycles]
+    )
 
 
 def test_package_graph_is_a_dag(runtime_graph):
     cycles = find_cycles(package_edges(runtime_graph))
-    assert not cycles, report("import cycles among rft's top-level packages",
-                              [describe_cycle(runtime_graph, cycle, of_packages=True) for cycle in cycles])
+    assert not cycles, report(
+        "import cycles among rft's top-level packages",
+        [describe_cycle(runtime_graph, cycle, of_packages=True) for cycle in cycles],
+    )
 
 
 # ---------------------------------------------------------------- the checker can fail
+
 
 def write_tree(root: Path, files: dict[str, str]) -> None:
     for relative, source in files.items():
@@ -209,24 +224,26 @@ def synthetic(tmp_path, monkeypatch):
 
 
 def test_checker_finds_module_and_package_cycles(synthetic):
-    synthetic({
-        "cyc_low/__init__.py": "",
-        "cyc_low/a.py": "import cyc_low.b\n",
-        "cyc_low/b.py": """\
+    synthetic(
+        {
+            "cyc_low/__init__.py": "",
+            "cyc_low/a.py": "import cyc_low.b\n",
+            "cyc_low/b.py": """\
             def later():
                 from cyc_low import a  # inside a function: still a cycle
             """,
-        # under TYPE_CHECKING: never runs, so no cycle
-        "cyc_low/c.py": """\
+            # under TYPE_CHECKING: never runs, so no cycle
+            "cyc_low/c.py": """\
             from typing import TYPE_CHECKING
             if TYPE_CHECKING:
                 import cyc_low.d
             """,
-        "cyc_low/d.py": "import cyc_low.c\n",
-        "cyc_low/e.py": "from cyc_high import f\n",
-        "cyc_high/__init__.py": "",
-        "cyc_high/f.py": "import cyc_low.e\n",
-    })
+            "cyc_low/d.py": "import cyc_low.c\n",
+            "cyc_low/e.py": "from cyc_high import f\n",
+            "cyc_high/__init__.py": "",
+            "cyc_high/f.py": "import cyc_low.e\n",
+        }
+    )
     graph = build_graph(("cyc_low", "cyc_high"), with_type_checking=False)
     cycles = {frozenset(cycle) for cycle in find_cycles(module_edges(graph))}
     assert cycles == {frozenset({"cyc_low.a", "cyc_low.b"}), frozenset({"cyc_low.e", "cyc_high.f"})}
@@ -243,26 +260,30 @@ def test_checker_finds_module_and_package_cycles(synthetic):
 
 
 def test_checker_finds_upward_and_sideways_imports(synthetic):
-    synthetic({
-        "up_leaf/__init__.py": "",
-        "up_leaf/ok.py": "import os\n",
-        "up_leaf/bad.py": """\
+    synthetic(
+        {
+            "up_leaf/__init__.py": "",
+            "up_leaf/ok.py": "import os\n",
+            "up_leaf/bad.py": """\
             def deferred():  # inside a function: still upward
                 import up_top.app
             """,
-        "up_left/__init__.py": "import up_leaf.ok\n",
-        "up_left/x.py": "from up_right import y\n",  # across one layer
-        "up_right/__init__.py": "",
-        "up_right/y.py": "import up_leaf.ok\n",
-        "up_top/__init__.py": "",
-        "up_top/app.py": "import up_left.x\nimport up_right.y\n",
-    })
+            "up_left/__init__.py": "import up_leaf.ok\n",
+            "up_left/x.py": "from up_right import y\n",  # across one layer
+            "up_right/__init__.py": "",
+            "up_right/y.py": "import up_leaf.ok\n",
+            "up_top/__init__.py": "",
+            "up_top/app.py": "import up_left.x\nimport up_right.y\n",
+        }
+    )
     layers = (("up_leaf",), ("up_left", "up_right"), ("up_top",))
     graph = build_graph(tuple(p for layer in layers for p in layer), with_type_checking=True)
     upward = imports_between(graph, ["up_leaf", "up_left", "up_right"], ["up_top"])
     assert [str(i) for i in upward] == ["up_leaf.bad (line 2: import up_top.app) imports up_top.app"]
     assert [(i.importer, i.imported) for i in layer_violations(graph, layers)] == [
-        ("up_leaf.bad", "up_top.app"), ("up_left.x", "up_right.y")]
+        ("up_leaf.bad", "up_top.app"),
+        ("up_left.x", "up_right.y"),
+    ]
     # the upward import closes a package cycle as well: up_leaf -> up_top -> (up_left|up_right) -> up_leaf
     cycles = find_cycles(package_edges(graph))
     assert cycles and all({"up_leaf", "up_top"} <= set(cycle) for cycle in cycles)

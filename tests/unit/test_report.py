@@ -1,5 +1,6 @@
 """`rft report RUN_DIR` on a small run directory in the driver's formats: metrics.jsonl written by
 the real RunMetrics, samples.jsonl and summary.json with the driver's fields."""
+
 from __future__ import annotations
 
 import json
@@ -21,33 +22,78 @@ def write_run(run_dir: Path) -> None:
     try:
         metrics.record(0, {"heldout_accuracy": 0.05, "heldout_reward_mean": 0.1})
         for step, reward in STEP_REWARDS.items():
-            metrics.record(step, {
-                "reward_mean": reward, "reward_std": 0.2, "completion_length_mean": 30.0 + step,
-                "truncated_completions_fraction": 0.5, "rollout_tokens_per_second": 150.0, "zero_signal_groups": 2,
-                "staleness_max": 1, "loss": 0.01, "grad_norm": 0.3, "is_weight_mean": 1.0, "is_weight_max": 1.4,
-                "mismatch_kl": 0.002, "entropy": 0.8 - 0.1 * step, "kl_ref": 0.001 * step, "tokens": 1900,
-                "step_seconds": 50.0, "skipped": False, "learner_step_seconds": 50.0, "clip_fraction": 0.0,
-                "is_truncated_fraction": 0.0, "weight_sync_seconds": 0.4, "step": step, "policy_version": step,
-                **({"heldout_accuracy": 0.2, "heldout_reward_mean": 0.3} if step == 3 else {}),
-            }, {"grader_errors": int(step == 3), "stale_rollouts_dropped": 0, "samples_trained": 4,
-                "skipped_steps": 0})
+            metrics.record(
+                step,
+                {
+                    "reward_mean": reward,
+                    "reward_std": 0.2,
+                    "completion_length_mean": 30.0 + step,
+                    "truncated_completions_fraction": 0.5,
+                    "rollout_tokens_per_second": 150.0,
+                    "zero_signal_groups": 2,
+                    "staleness_max": 1,
+                    "loss": 0.01,
+                    "grad_norm": 0.3,
+                    "is_weight_mean": 1.0,
+                    "is_weight_max": 1.4,
+                    "mismatch_kl": 0.002,
+                    "entropy": 0.8 - 0.1 * step,
+                    "kl_ref": 0.001 * step,
+                    "tokens": 1900,
+                    "step_seconds": 50.0,
+                    "skipped": False,
+                    "learner_step_seconds": 50.0,
+                    "clip_fraction": 0.0,
+                    "is_truncated_fraction": 0.0,
+                    "weight_sync_seconds": 0.4,
+                    "step": step,
+                    "policy_version": step,
+                    **({"heldout_accuracy": 0.2, "heldout_reward_mean": 0.3} if step == 3 else {}),
+                },
+                {
+                    "grader_errors": int(step == 3),
+                    "stale_rollouts_dropped": 0,
+                    "samples_trained": 4,
+                    "skipped_steps": 0,
+                },
+            )
     finally:
         metrics.close()
     with (run_dir / "samples.jsonl").open("w") as f:
         for step in STEP_REWARDS:
             for k in range(4):
                 correct = float(k == 0)
-                f.write(json.dumps({
-                    "step": step, "sample_id": f"train-0000{step}#{k}", "policy_version": step - 1,
-                    "worker_id": "rollout-0", "text": f"step {step} sample {k}: 3 < 4 so\nAnswer: {7 + k}",
-                    "reward": 0.2 + 0.8 * correct,
-                    "components": {"format": 1.0, "correct": correct, "lenient_correct": correct},
-                    "grader_error": "TimeoutError: grader exceeded 5 s" if (step, k) == (3, 3) else None,
-                    "hack_flags": ["answer_only"] if (step, k) == (3, 2) else [], "trained": k != 3}) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps({
-        "job": "synthetic", "steps": 3, "policy_version": 3,
-        "heldout_base": {"accuracy": 0.05, "reward_mean": 0.1, "count": 20},
-        "heldout_final": {"accuracy": 0.2, "reward_mean": 0.3, "count": 20}, "adapter": str(run_dir / "adapter")}))
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "sample_id": f"train-0000{step}#{k}",
+                            "policy_version": step - 1,
+                            "worker_id": "rollout-0",
+                            "text": f"step {step} sample {k}: 3 < 4 so\nAnswer: {7 + k}",
+                            "reward": 0.2 + 0.8 * correct,
+                            "components": {"format": 1.0, "correct": correct, "lenient_correct": correct},
+                            "grader_error": "TimeoutError: grader exceeded 5 s"
+                            if (step, k) == (3, 3)
+                            else None,
+                            "hack_flags": ["answer_only"] if (step, k) == (3, 2) else [],
+                            "trained": k != 3,
+                        }
+                    )
+                    + "\n"
+                )
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "job": "synthetic",
+                "steps": 3,
+                "policy_version": 3,
+                "heldout_base": {"accuracy": 0.05, "reward_mean": 0.1, "count": 20},
+                "heldout_final": {"accuracy": 0.2, "reward_mean": 0.3, "count": 20},
+                "adapter": str(run_dir / "adapter"),
+            }
+        )
+    )
 
 
 def rft(*args: str):

@@ -3,6 +3,7 @@
 Each hostile sample is followed by a good sample in the same batch: a hostile grader must cost
 only its own score.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,15 +18,15 @@ from pathlib import Path
 import pytest
 
 from reward_workers import sandbox as sandbox_module
-from reward_workers.sandbox import GraderSandbox, SandboxUnavailableError
-from reward_workers.grader_spec import PythonGrader
 from reward_workers.config import RewardConfig
+from reward_workers.grader_spec import PythonGrader
+from reward_workers.sandbox import GraderSandbox, SandboxUnavailableError
 
 GOOD_SAMPLE = {"output_text": "42", "finish_reason": "stop"}
 GOOD_ITEM = {"id": "q1", "reward_model": {"ground_truth": "42"}}
 
 # One grader module with many behaviours, chosen by item["attack"]; no attack = a correct grader.
-HOSTILE_GRADER = '''
+HOSTILE_GRADER = """
 import ctypes, os, signal, socket, sys, time
 
 # Module-level code runs in the runner itself: this lets a sample kill or hang its runner.
@@ -122,7 +123,7 @@ def undo_mounts(item):
 
 def list_dev(item):
     return {"reward": 1.0, "hack_flags": sorted(os.listdir("/dev"))}
-'''
+"""
 
 
 def write_grader(directory: Path, code: str, name: str = "grader.py") -> PythonGrader:
@@ -156,17 +157,25 @@ def grade_then_good(sandbox: GraderSandbox, item: dict):
 
 # -- ordinary graders ------------------------------------------------------------------------
 
+
 def test_correct_grader_and_dict_results(tmp_path):
-    grader = write_grader(tmp_path, '''
+    grader = write_grader(
+        tmp_path,
+        """
         def grade(sample, item):
             right = sample["output_text"].strip() == item["reward_model"]["ground_truth"]
             if item.get("as_dict"):
                 return {"reward": 0.5 + 0.5 * right, "components": {"format": 0.5, "correct": float(right)},
                         "hack_flags": [] if right else ["wrong"]}
             return float(right)
-    ''')
-    samples = [GOOD_SAMPLE, {"output_text": "41", "finish_reason": "length"}, GOOD_SAMPLE,
-               {"output_text": "7", "finish_reason": "stop"}]
+    """,
+    )
+    samples = [
+        GOOD_SAMPLE,
+        {"output_text": "41", "finish_reason": "length"},
+        GOOD_SAMPLE,
+        {"output_text": "7", "finish_reason": "stop"},
+    ]
     items = [GOOD_ITEM, GOOD_ITEM, {**GOOD_ITEM, "as_dict": True}, {**GOOD_ITEM, "as_dict": True}]
     with GraderSandbox(grader, make_limits(grader)) as sandbox:
         results = sandbox.grade(samples, items)
@@ -177,29 +186,41 @@ def test_correct_grader_and_dict_results(tmp_path):
 
 
 GARBAGE_RESULTS = {  # what grade() returns -> what the reason must mention
-    "None": "NoneType", "'abc'": "str", "float('nan')": "nan", "float('inf')": "inf", "True": "bool",
-    "{'components': {'a': 1.0}}": "'reward'", "{'reward': 1.0, 'extra': 2}": "'extra'",
+    "None": "NoneType",
+    "'abc'": "str",
+    "float('nan')": "nan",
+    "float('inf')": "inf",
+    "True": "bool",
+    "{'components': {'a': 1.0}}": "'reward'",
+    "{'reward': 1.0, 'extra': 2}": "'extra'",
     "{'reward': 1.0, 'components': {'a': 'x'}}": "component 'a'",
-    "{'reward': 1.0, 'hack_flags': 'x'}": "hack_flags", "object()": "not a number",
+    "{'reward': 1.0, 'hack_flags': 'x'}": "hack_flags",
+    "object()": "not a number",
 }
 
 
 def test_garbage_results_score_zero_with_a_reason(tmp_path):
-    grader = write_grader(tmp_path, """
+    grader = write_grader(
+        tmp_path,
+        """
         def grade(sample, item):
             return eval(item.get("returned", "1.0"))
-    """)
+    """,
+    )
     with GraderSandbox(grader, make_limits(grader)) as sandbox:
         for returned, reason in GARBAGE_RESULTS.items():
             garbage = grade_then_good(sandbox, {"returned": returned})
             assert garbage.reward == 0.0 and garbage.error and reason in garbage.error, (returned, garbage)
 
 
-@pytest.mark.parametrize("code, reason", [
-    ("def grade(sample, item:\n    return 1.0\n", "SyntaxError"),
-    ("def score(sample, item):\n    return 1.0\n", "does not define a function grade"),
-    ("raise RuntimeError('broken at import')\n", "broken at import"),
-])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        ("def grade(sample, item:\n    return 1.0\n", "SyntaxError"),
+        ("def score(sample, item):\n    return 1.0\n", "does not define a function grade"),
+        ("raise RuntimeError('broken at import')\n", "broken at import"),
+    ],
+)
 def test_grader_that_fails_to_load_scores_every_sample_zero(tmp_path, code, reason):
     grader = write_grader(tmp_path, code, name="broken_grader.py")
     with GraderSandbox(grader, make_limits(grader)) as sandbox:
@@ -211,11 +232,12 @@ def test_grader_that_fails_to_load_scores_every_sample_zero(tmp_path, code, reas
 def test_missing_grader_file_names_the_file(tmp_path):
     grader = PythonGrader(source=str(tmp_path / "nowhere.py"))
     with GraderSandbox(grader, make_limits(grader)) as sandbox:
-        result, = sandbox.grade([GOOD_SAMPLE], [GOOD_ITEM])
+        (result,) = sandbox.grade([GOOD_SAMPLE], [GOOD_ITEM])
     assert result.reward == 0.0 and "nowhere.py" in result.error
 
 
 # -- hostile graders -------------------------------------------------------------------------
+
 
 def test_no_network(hostile_sandbox):
     listener = socket.create_server(("127.0.0.1", 0))
@@ -224,9 +246,11 @@ def test_no_network(hostile_sandbox):
     unix_listener.bind("\0" + unix_name)
     unix_listener.listen()
     with listener, unix_listener:
-        for item in ({"attack": "connect", "host": "1.1.1.1", "port": 53},
-                     {"attack": "connect", "host": "127.0.0.1", "port": listener.getsockname()[1]},
-                     {"attack": "connect", "unix_name": unix_name}):
+        for item in (
+            {"attack": "connect", "host": "1.1.1.1", "port": 53},
+            {"attack": "connect", "host": "127.0.0.1", "port": listener.getsockname()[1]},
+            {"attack": "connect", "unix_name": unix_name},
+        ):
             result = grade_then_good(hostile_sandbox, item)
             assert result.reward == 0.0 and "grader raised" in result.error, result
             assert "Network is unreachable" in result.error or "Connection refused" in result.error
@@ -250,8 +274,11 @@ def test_cpu_limit(hostile_sandbox):
 
 def test_parent_environment_is_invisible(hostile_sandbox):
     secret = os.environ["RFT_TEST_SECRET"]
-    inherited = subprocess.run([sys.executable, "-c", "import os; print(os.environ['RFT_TEST_SECRET'])"],
-                               capture_output=True, text=True)
+    inherited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ['RFT_TEST_SECRET'])"],
+        capture_output=True,
+        text=True,
+    )
     assert inherited.stdout.strip() == secret  # an ordinary child process would see it
     result = grade_then_good(hostile_sandbox, {"attack": "read_env", "secret": secret})
     assert (result.reward, result.error) == (0.5, None)
@@ -305,8 +332,11 @@ def test_filesystem_outside_the_sandbox_is_hidden_or_read_only(hostile_sandbox, 
     secret_file.write_text("secret")
     assert grade_then_good(hostile_sandbox, {"attack": "read_file", "path": str(secret_file)}).reward == 0.5
 
-    targets = [tmp_path / "escaped.txt", Path("/var/tmp") / f"rft-escape-{uuid.uuid4().hex}",
-               Path("/") / f"rft-escape-{uuid.uuid4().hex}"]
+    targets = [
+        tmp_path / "escaped.txt",
+        Path("/var/tmp") / f"rft-escape-{uuid.uuid4().hex}",
+        Path("/") / f"rft-escape-{uuid.uuid4().hex}",
+    ]
     try:
         item = {"attack": "write_files", "paths": [str(p) for p in targets]}
         result = grade_then_good(hostile_sandbox, item)
@@ -322,11 +352,13 @@ def test_grader_cannot_undo_the_sandbox(hostile_sandbox):
     assert (result.reward, result.error) == (0.5, None)
     assert result.hack_flags == ["0000000000000000"]  # no effective capabilities
     devices = grade_then_good(hostile_sandbox, {"attack": "list_dev"})
-    assert devices.hack_flags == sorted(["fd", "full", "null", "random", "stderr", "stdin", "stdout",
-                                         "urandom", "zero"])
+    assert devices.hack_flags == sorted(
+        ["fd", "full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero"]
+    )
 
 
 # -- without namespaces ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def no_unshare(monkeypatch, tmp_path):

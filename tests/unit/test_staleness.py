@@ -1,4 +1,5 @@
 """sync.max_staleness is enforced exactly when the driver builds a training batch."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,10 +16,18 @@ def scored(prompt_id: str, index: int, version: int, reward: float) -> ScoredRol
     return ScoredRollout(rollout, reward)
 
 
-@pytest.mark.parametrize("max_staleness, learner_version, kept_versions", [
-    (0, 2, {2}), (1, 2, {1, 2}), (2, 2, {0, 1, 2}), (1, 5, set()),
-])
-def test_rollouts_older_than_max_staleness_are_dropped_and_counted(max_staleness, learner_version, kept_versions):
+@pytest.mark.parametrize(
+    "max_staleness, learner_version, kept_versions",
+    [
+        (0, 2, {2}),
+        (1, 2, {1, 2}),
+        (2, 2, {0, 1, 2}),
+        (1, 5, set()),
+    ],
+)
+def test_rollouts_older_than_max_staleness_are_dropped_and_counted(
+    max_staleness, learner_version, kept_versions
+):
     cfg = load_config(EXAMPLE, [f"sync.max_staleness={max_staleness}"])
     batch_in = [scored(f"p{v}", i, v, reward=float(i)) for v in (0, 1, 2) for i in range(2)]
     built = build_batch(cfg, step=3, scored=batch_in, policy_version=learner_version)
@@ -31,7 +40,9 @@ def test_rollouts_older_than_max_staleness_are_dropped_and_counted(max_staleness
 
 def test_zero_signal_groups_are_counted_and_skipped():
     cfg = load_config(EXAMPLE)
-    batch_in = [scored("flat", i, 0, 0.5) for i in range(3)] + [scored("live", i, 0, float(i)) for i in range(3)]
+    batch_in = [scored("flat", i, 0, 0.5) for i in range(3)] + [
+        scored("live", i, 0, float(i)) for i in range(3)
+    ]
     built = build_batch(cfg, step=0, scored=batch_in, policy_version=0)
     batch, zero_signal, stale = built.batch, built.zero_signal_groups, built.stale_dropped
     assert zero_signal == 1 and stale == 0
