@@ -41,7 +41,8 @@ model: $(INSTALLED)
 demo: model
 	$(VENV)/bin/rft run examples/arithmetic.yaml -o name=$(DEMO_NAME)
 
-test: model redis-server prometheus
+# Lint first (seconds): ruff's rules and formatting; the import contract is a unit test.
+test: lint model redis-server prometheus
 	$(PY) -m pytest -q
 
 # The developer's lane: tests/unit only (no Ray, no model; under 2 minutes on 2 cores).
@@ -50,6 +51,7 @@ test-fast: model redis-server prometheus
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean-venv:
 	rm -rf $(VENV)
