@@ -15,3 +15,15 @@ class ScoredRollout:
     grader_error: str | None = None  # why the grader failed (then reward is 0)
     hack_flags: list[str] = field(default_factory=list)  # anti-hacking probes that fired (reward 0)
     diagnostics: list[str] = field(default_factory=list)  # e.g. failing test names and stack traces
+
+    def grading_record(self) -> dict:
+        """The sample and how it was graded, as JSON-able data (samples.jsonl, `rft eval/grade`)."""
+        return {
+            "sample_id": self.rollout.sample_id,
+            "text": self.rollout.text,
+            "reward": self.reward,
+            "components": self.components,
+            "grader_error": self.grader_error,
+            "hack_flags": self.hack_flags,
+            "diagnostics": self.diagnostics,
+        }

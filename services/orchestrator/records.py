@@ -124,15 +124,9 @@ def write_samples(samples_log: IO[str], record: StepRecord) -> None:
             json.dumps(
                 {
                     "step": record.step + 1,
-                    "sample_id": s.rollout.sample_id,
                     "policy_version": s.rollout.policy_version,
                     "worker_id": s.rollout.worker_id,
-                    "text": s.rollout.text,
-                    "reward": s.reward,
-                    "components": s.components,
-                    "grader_error": s.grader_error,
-                    "hack_flags": s.hack_flags,
-                    "diagnostics": s.diagnostics,
+                    **s.grading_record(),
                     "trained": s.rollout.sample_id in trained,
                 }
             )

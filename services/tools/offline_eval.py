@@ -103,16 +103,7 @@ def evaluate_model(
 
 
 def result_record(s: ScoredRollout) -> dict:
-    return {
-        "id": s.rollout.prompt_id,
-        "sample_id": s.rollout.sample_id,
-        "text": s.rollout.text,
-        "reward": s.reward,
-        "components": s.components,
-        "grader_error": s.grader_error,
-        "hack_flags": s.hack_flags,
-        "diagnostics": s.diagnostics,
-    }
+    return {"id": s.rollout.prompt_id, **s.grading_record()}
 
 
 def load_samples(path: Path) -> list[Rollout]:

@@ -15,7 +15,7 @@ import pytest
 from reward_workers.config import RewardConfig
 from reward_workers.pool import score_locally
 from rollout_workers.interface import Rollout
-from services.cli import load_grader_spec
+from services.cli.main import load_grader_spec
 from services.config import load_config
 from services.orchestrator.data import load_items
 

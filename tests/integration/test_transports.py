@@ -17,10 +17,8 @@ from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
 from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
-from services.config import load_config
 from tests.conftest import worker_settings
-from tests.integration.test_weight_sync import as_samples, mean_abs_gap
-from tests.unit.test_config_data import EXAMPLE
+from tests.integration.test_weight_sync import as_samples, job_config, mean_abs_gap
 from weight_sync.adapter import AdapterWeights, WeightsIntegrityError
 from weight_sync.broadcast import BroadcastMember, GroupSpec
 from weight_sync.channel import WeightSyncChannel, WeightSyncError
@@ -198,20 +196,6 @@ class DeliversOtherVersion:
 
     def reset(self):
         self.inner.reset()
-
-
-def job_config(tiny_model_dir, engine: str = "hf"):
-    return load_config(
-        EXAMPLE,
-        [
-            f"model.path={tiny_model_dir}",
-            f"rollout.engine={engine}",
-            "learner.lora_rank=4",
-            "learner.lora_alpha=8",
-            "learner.learning_rate=0.05",
-            "learner.micro_batch_size=8",
-        ],
-    )
 
 
 @pytest.fixture(scope="module")

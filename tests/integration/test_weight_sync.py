@@ -34,9 +34,9 @@ def as_samples(rollouts, advantages):
     ]
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_worker_logprobs_match_learner_after_sync(local_ray, tiny_model_dir, engine):
-    cfg = load_config(
+def job_config(tiny_model_dir, engine: str = "hf"):
+    """A small LoRA with a large learning rate, so one step visibly moves the policy."""
+    return load_config(
         EXAMPLE,
         [
             f"model.path={tiny_model_dir}",
@@ -47,6 +47,11 @@ def test_worker_logprobs_match_learner_after_sync(local_ray, tiny_model_dir, eng
             "learner.micro_batch_size=8",
         ],
     )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_worker_logprobs_match_learner_after_sync(local_ray, tiny_model_dir, engine):
+    cfg = job_config(tiny_model_dir, engine)
     learner = ray.remote(Learner).remote(str(tiny_model_dir), **cfg.learner_kwargs())
     worker = ray.remote(RolloutWorker).remote("w0", *worker_settings(cfg, tiny_model_dir))
     requests = [GenerationRequest(f"p{i}", k, [1, 2 + i, 30 + i]) for i in range(4) for k in range(2)]
