@@ -1,15 +1,19 @@
 """Run untrusted grader code (and, through it, untrusted model output) outside this process.
 
-One GraderSandbox keeps one warm runner (sandbox_runner.py) in fresh user, network, pid and
-mount namespaces made by `unshare`: no network, an empty environment, a read-only filesystem
-with private /tmp, /run and a minimal /dev, no capabilities, and rlimits. The runner builds the
-grader once from its spec (any type of the grader library, reward_workers/graders/) and grades
-each sample in a forked child with its own CPU, wall-clock, process and output limits. If the
-runner itself dies, the sample in flight scores 0 with the reason and a new runner grades the rest.
+One GraderSandbox keeps one warm runner (sandbox_runner.py) in fresh network, pid and mount
+namespaces made by `unshare` (and a user namespace unless the service is host root): no
+network, an empty environment, no capabilities, rlimits. The runner builds the grader once from
+its spec (any type of the grader library, reward_workers/graders/) and grades each sample in a
+forked child with its own CPU, wall-clock, process and output limits. If the runner itself
+dies, the sample in flight scores 0 with the reason and a new runner grades the rest.
 
-Not enforced: reads. The grader runs as the service's own user (namespace root is mapped onto
-it; host root when the service runs as root), so it can read what that user can read outside
-the hidden /tmp, /run and /dev, though with no network it can only leak it through its result.
+Reads: before loading the grader the runner pivots into a minimal root (sandbox_root.py: the
+interpreter, /usr, the virtualenv, the grader library and the grader's own files, read-only;
+a private /tmp, a minimal /dev and /etc, its own /proc) and becomes uid 65534 in a user namespace
+of its own (sandbox_privileges.py) -- host nobody when the service runs as root. Home
+directories, host /etc, run directories, caches and ~/.ray are not in its view at all. As a
+second line of defence, secrets this process knows (redaction.py: the Ray token, *_TOKEN, *_KEY,
+*_SECRET, *_PASSWORD and RFT_* variables, the Redis password) are redacted from every result.
 Memory and CPU limits are per process, not for the sandbox as a whole (no cgroups).
 """
 
@@ -37,15 +41,9 @@ from reward_workers.graders.llm_judge import Judges
 log = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
-NAMESPACE_FLAGS = (
-    "--user",
-    "--map-root-user",
-    "--net",
-    "--pid",
-    "--fork",
-    "--mount-proc",
-    "--kill-child=SIGKILL",
-)
+# As host root: no user namespace, so that the runner can become host nobody (sandbox_privileges).
+ROOT_NAMESPACE_FLAGS = ("--mount", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL")
+NAMESPACE_FLAGS = ("--user", "--map-root-user", *ROOT_NAMESPACE_FLAGS)
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # RLIMIT_NPROC of each grading child. The kernel ignores it for host root; the runner then
 # caps its pid namespace instead (Linux >= 6.14).
@@ -100,21 +98,35 @@ def runner_spec(grader: GraderConfig) -> dict:
     return spec
 
 
+def _probe(unshare: str, flags: tuple[str, ...]) -> str | None:
+    try:
+        probe = subprocess.run(
+            [unshare, *flags, "true"], capture_output=True, text=True, env=SANDBOX_ENV, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`unshare` failed to run: {e}"
+    if probe.returncode != 0:
+        return f"`unshare {' '.join(flags)}` failed: {probe.stderr.strip()}"
+    return None
+
+
+@functools.cache
+def namespace_flags() -> tuple[str, ...]:
+    """The `unshare` flags of the runner: without a user namespace when this process is host root
+    and may make namespaces (the runner then becomes host nobody), else with one."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() == 0 and unshare and _probe(unshare, ROOT_NAMESPACE_FLAGS) is None:
+        return ROOT_NAMESPACE_FLAGS
+    return NAMESPACE_FLAGS
+
+
 @functools.cache
 def namespace_problem() -> str | None:
     """None if `unshare` can make the sandbox's namespaces here, else why not (probed once)."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return "the `unshare` program (util-linux) is not installed"
-    try:
-        probe = subprocess.run(
-            [unshare, *NAMESPACE_FLAGS, "true"], capture_output=True, text=True, env=SANDBOX_ENV, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`unshare` failed to run: {e}"
-    if probe.returncode != 0:
-        return f"`unshare {' '.join(NAMESPACE_FLAGS)}` failed: {probe.stderr.strip()}"
-    return None
+    return _probe(unshare, namespace_flags())
 
 
 def _finite(value, what: str) -> float:
@@ -252,7 +264,7 @@ class GraderSandbox:
         label = spec.get("path", spec["name"])
         command = [sys.executable, "-I", str(RUNNER)]
         if self._isolated:
-            command = [shutil.which("unshare"), *NAMESPACE_FLAGS, *command]
+            command = [shutil.which("unshare"), *namespace_flags(), *command]
         self._runner = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -268,6 +280,7 @@ class GraderSandbox:
             "grader": spec,
             "scratch": self._scratch,
             "isolated": self._isolated,
+            "host_root": self._isolated and namespace_flags() == ROOT_NAMESPACE_FLAGS,
             "limits": {
                 "timeout_s": limits.timeout_s,
                 "cpu_s": limits.cpu_s,

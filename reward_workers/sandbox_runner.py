@@ -11,7 +11,6 @@ The grader is loaded once; each sample is graded in a forked child, so a crash, 
 bomb costs only that sample, and the per-sample cost is a fork, not a Python start.
 """
 
-import ctypes
 import gc
 import json
 import os
@@ -28,154 +27,42 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 from reward_workers.graders import build_grader  # noqa: E402 - needs the path above
 from reward_workers.graders.templates import GraderInputError  # noqa: E402
+from reward_workers.sandbox_privileges import (  # noqa: E402
+    become_nobody,
+    cap_pid_namespace,
+    check,
+    drop_capabilities,
+)
+from reward_workers.sandbox_root import (  # noqa: E402
+    build_minimal_root,
+    libc,
+    read_only_paths,
+    set_read_only,
+)
 
-libc = ctypes.CDLL(None, use_errno=True)
-
-# Linux ABI constants (include/uapi/linux/{mount,prctl,capability}.h, fcntl.h).
-MS_NOSUID, MS_BIND, MS_MOVE = 0x2, 0x1000, 0x2000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = -100, 0x8000, 442  # same number on x86-64 and arm64
-SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # likewise (the unified syscall table, Linux >= 5.2)
-OPEN_TREE_CLONE, O_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 0x1, 0o2000000, 0x4
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-# A pid namespace's own pid_max (settable since Linux 6.14) caps its process count. This
-# matters when the service runs as root: RLIMIT_NPROC never applies to processes whose real
-# uid is host root, and a user namespace mapped onto root is that. The kernel refuses a pid_max
-# below 301, and after pids first wrap it allocates only from RESERVED_PIDS up; so we set
-# pid_max = RESERVED_PIDS + cap and move the pid cursor past RESERVED_PIDS at once.
-RESERVED_PIDS = 300
-DEVICES = ("null", "zero", "full", "random", "urandom")
-HIDDEN_DIRS = ("/tmp", "/run")  # host scratch files, Ray's session sockets, docker.sock, ...
+PR_SET_PDEATHSIG = 1
 
 
-class MountAttr(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    _check(
-        libc.mount(
-            source.encode(),
-            target.encode(),
-            fstype.encode() if fstype else None,
-            ctypes.c_ulong(flags),
-            data.encode(),
-        ),
-        f"mount {target}",
-    )
-
-
-def _clone_tree(path: str) -> int:
-    """A detached, read-only copy of the mount tree at `path`, as a file descriptor."""
-    fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | AT_RECURSIVE | O_CLOEXEC)
-    _check(0 if fd >= 0 else -1, f"open_tree {path}")
-    return fd
-
-
-def _write_sysctl(name: str, value: int) -> bool:
-    try:
-        fd = os.open(f"/proc/sys/kernel/{name}", os.O_WRONLY)
-    except OSError:
-        return False
-    try:
-        os.write(fd, str(value).encode())
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _cap_pid_namespace(max_processes: int) -> str | None:
-    """Cap the number of processes in our pid namespace; None on kernels before 6.14, where
-    pid_max is global: namespace root mapped onto host root could write it for the whole host."""
-    release = tuple(int(part) for part in os.uname().release.split(".")[:2] if part.isdigit())
-    if release < (6, 14) or not _write_sysctl("pid_max", RESERVED_PIDS + max_processes):
-        return None
-    if _write_sysctl("ns_last_pid", RESERVED_PIDS):
-        return f"at most {max_processes} processes (pid namespace)"
-    return f"at most {RESERVED_PIDS + max_processes - 1} processes (pid namespace)"
-
-
-def _build_minimal_dev(scratch: str) -> None:
-    """Replace /dev by a tmpfs holding only null/zero/full/random/urandom: the host's /dev has
-    raw disks that namespace root (host root, when the service runs as root) could open."""
-    staging = os.path.join(scratch, ".dev")
-    os.mkdir(staging)
-    _mount("tmpfs", staging, "tmpfs", MS_NOSUID, "size=64k,mode=0755")
-    for name in DEVICES:
-        open(os.path.join(staging, name), "w").close()
-        _mount(f"/dev/{name}", os.path.join(staging, name), None, MS_BIND)
-    for i, name in enumerate(("stdin", "stdout", "stderr")):
-        os.symlink(f"/proc/self/fd/{i}", os.path.join(staging, name))
-    os.symlink("/proc/self/fd", os.path.join(staging, "fd"))
-    _mount(staging, "/dev", None, MS_MOVE)
-    os.rmdir(staging)
-
-
-def _drop_capabilities() -> None:
-    """Namespace root has every capability in its namespaces; without this a grader could
-    unmount the private /tmp or make / writable again."""
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last_cap = int(f.read())
-    for cap in range(last_cap + 1):
-        _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop bounding capability")
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    _check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
-    # Not dumpable: a grader (same uid) cannot ptrace the runner or write its /proc/1/mem.
-    _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
-
-
-def harden(scratch: str, max_processes: int) -> list[str]:
-    """Run as pid 1 of fresh user/net/pid/mount namespaces: lock the filesystem down, then give
-    up every capability. Returns what is enforced."""
+def harden(spec: dict, max_processes: int, host_root: bool) -> list[str]:
+    """Run as pid 1 of fresh net, pid and mount namespaces (and, unless the service is host
+    root, a user namespace): move into the minimal root, become nobody, then give up every
+    capability. Returns what is enforced."""
     interfaces = [name for _, name in socket.if_nameindex()]
     if interfaces != ["lo"]:
         raise RuntimeError(f"the network namespace has interfaces {interfaces}")
     protections = ["no network (empty network namespace)", "own pid namespace"]
-    process_cap = _cap_pid_namespace(max_processes + 2)  # + the runner and the grading child
+    process_cap = cap_pid_namespace(max_processes + 2)  # + the runner and the grading child
     if process_cap:  # (before /proc becomes read-only)
         protections.append(process_cap)
-    attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-    _check(
-        libc.syscall(
-            SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
-        ),
-        "make / read-only",
-    )
-    protections.append("read-only filesystem")
-    # The standard library must stay visible; a venv under a hidden dir (a checkout in /tmp)
-    # is carried over into the private one, read-only, at the same path.
-    if any(os.path.realpath(sys.base_prefix).startswith(h + "/") for h in HIDDEN_DIRS):
-        raise RuntimeError(f"Python ({sys.base_prefix}) lies under {HIDDEN_DIRS}, which the sandbox hides")
-    venv = os.path.realpath(sys.prefix)
-    for hidden in HIDDEN_DIRS:
-        if not os.path.isdir(hidden):
-            continue
-        venv_tree = _clone_tree(venv) if venv.startswith(hidden + "/") else None
-        size = "64m" if hidden == scratch else "64k"
-        _mount("tmpfs", hidden, "tmpfs", MS_NOSUID, f"size={size},mode=0755")
-        protections.append(f"private empty {hidden}")
-        if venv_tree is not None:
-            os.makedirs(venv)
-            _check(
-                libc.syscall(
-                    SYS_MOVE_MOUNT, venv_tree, b"", AT_FDCWD, venv.encode(), MOVE_MOUNT_F_EMPTY_PATH
-                ),
-                f"move_mount {venv}",
-            )
-            os.close(venv_tree)
-    _build_minimal_dev(scratch)
-    protections.append("minimal /dev")
-    _drop_capabilities()
+    paths = read_only_paths(spec)
+    build_minimal_root(paths)
+    protections += [
+        f"minimal root: {len(paths)} read-only mounts, private /tmp, minimal /dev and /etc",
+        "read-only filesystem",
+    ]
+    protections.append(become_nobody(host_root))
+    set_read_only("/proc")
+    drop_capabilities()
     protections.append("no capabilities")
     return protections
 
@@ -216,7 +103,7 @@ def run_child(grade, request: dict, limits: dict, workdir: str, result_fd: int, 
         try:
             os.setpgid(0, 0)
             # Die with the runner even without a pid namespace (which would otherwise see to it).
-            _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+            check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
             os.dup2(output_fd, 1)
             os.dup2(output_fd, 2)
             os.closerange(3, result_fd)  # close the protocol pipes: the grader cannot forge replies
@@ -336,14 +223,16 @@ def main() -> None:
 
     config = json.loads(requests.readline())
     limits = config["limits"]
+    spec = config["grader"]
     try:
-        protections = harden(config["scratch"], limits["max_processes"]) if config["isolated"] else []
+        protections = (
+            harden(spec, limits["max_processes"], config["host_root"]) if config["isolated"] else []
+        )
         os.chdir(config["scratch"])
         set_runner_limits(limits)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on
         reply({"setup_error": f"{type(e).__name__}: {e}"})
         return
-    spec = config["grader"]
     try:
         grade = build_grader(spec)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which scores 0
