@@ -180,10 +180,7 @@ def build_minimal_root(read_only: list[str], staging: str = "/tmp", scratch_mb: 
     for name in TOP_LEVEL_LINKS:
         if os.path.islink(f"/{name}"):
             os.symlink(os.readlink(f"/{name}"), f"{root}/{name}")
-    for fd, path, is_dir in clones:
-        _attach(fd, root, path, is_dir)
-        os.close(fd)
-    os.makedirs(f"{root}/etc", exist_ok=True)
+    os.mkdir(f"{root}/etc")
     _write(f"{root}/etc/passwd", PASSWD)
     _write(f"{root}/etc/group", GROUP)
     os.mkdir(f"{root}/tmp")
@@ -191,6 +188,9 @@ def build_minimal_root(read_only: list[str], staging: str = "/tmp", scratch_mb: 
     _build_dev(root)
     os.mkdir(f"{root}/proc")
     mount("/proc", f"{root}/proc", None, MS_BIND | MS_REC)
+    for fd, path, is_dir in clones:  # after /tmp: a path under /tmp lands in the private one
+        _attach(fd, root, path, is_dir)
+        os.close(fd)
     set_read_only(root, recursive=False)  # the root tmpfs itself; /tmp below stays writable
     os.chdir(root)
     check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
