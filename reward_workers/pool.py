@@ -70,11 +70,14 @@ def _items_for(rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]) -> 
 
 
 def score_locally(
-    reward_cfg: RewardConfig, rollouts: list[Rollout], items_by_prompt_id: dict[str, dict]
+    reward_cfg: RewardConfig,
+    rollouts: list[Rollout],
+    items_by_prompt_id: dict[str, dict],
+    secrets: tuple[str, ...] = (),
 ) -> list[ScoredRollout]:
     """Score without Ray (for `rft eval`/`rft grade`): one sandbox, started and closed here."""
     items = _items_for(rollouts, items_by_prompt_id)
-    with GraderSandbox(reward_cfg.grader, reward_cfg) as sandbox:
+    with GraderSandbox(reward_cfg.grader, reward_cfg, secrets) as sandbox:
         return score_with(sandbox, rollouts, items)
 
 
@@ -82,9 +85,14 @@ class RewardWorker:
     """One reward worker: a warm sandboxed grader. Use as the Ray actor RewardWorkerActor."""
 
     def __init__(
-        self, reward_cfg: RewardConfig, worker_id: str = "reward", metrics: MetricsContext | None = None
+        self,
+        reward_cfg: RewardConfig,
+        worker_id: str = "reward",
+        metrics: MetricsContext | None = None,
+        secrets: tuple[str, ...] = (),
     ):
-        self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg)
+        """`secrets`: values to redact from grader results besides those redaction.py finds."""
+        self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg, secrets)
         self.metrics = metrics and ComponentMetrics(
             metrics,
             "reward",
@@ -94,14 +102,16 @@ class RewardWorker:
                 "grader_errors": "samples whose grader crashed, hung or returned garbage",
                 "hack_flags": "samples a hack probe flagged",
                 "grading_seconds": "wall time grading",
+                "secrets_redacted": "secrets cut out of grader results (error text, flags, diagnostics)",
             },
             gauges={},
         )
 
     def score(self, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
-        started = time.perf_counter()
+        started, redacted = time.perf_counter(), self._sandbox.secrets_redacted
         scored = score_with(self._sandbox, rollouts, items)
         if self.metrics:
+            self.metrics.add("secrets_redacted", self._sandbox.secrets_redacted - redacted)
             self.metrics.add("grading_seconds", time.perf_counter() - started)
             self.metrics.add("samples_graded", len(scored))
             self.metrics.add("grader_errors", sum(s.grader_error is not None for s in scored))
@@ -123,10 +133,15 @@ class RewardPool:
     """`num_workers` reward-worker actors (default reward_cfg.num_workers)."""
 
     def __init__(
-        self, reward_cfg: RewardConfig, num_workers: int | None = None, metrics: MetricsContext | None = None
+        self,
+        reward_cfg: RewardConfig,
+        num_workers: int | None = None,
+        metrics: MetricsContext | None = None,
+        secrets: tuple[str, ...] = (),
     ):
+        """`secrets`: values to redact from grader results (e.g. the password of cluster.redis_url)."""
         check_grader(reward_cfg.grader)  # a grader that cannot run stops the job before any actor
-        self._cfg, self._metrics = reward_cfg, metrics
+        self._cfg, self._metrics, self._secrets = reward_cfg, metrics, tuple(secrets)
         self._started = 0
         self._actors = [self._start_actor() for _ in range(num_workers or reward_cfg.num_workers)]
         # Wait until every sandbox is up, so that a grader that cannot be isolated fails here.
@@ -134,7 +149,7 @@ class RewardPool:
 
     def _start_actor(self):
         worker_id, self._started = f"reward-{self._started}", self._started + 1
-        return RewardWorkerActor.remote(self._cfg, worker_id, self._metrics)
+        return RewardWorkerActor.remote(self._cfg, worker_id, self._metrics, self._secrets)
 
     @property
     def actors(self) -> list:

@@ -37,6 +37,7 @@ from pathlib import Path
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import GraderConfig, PythonGrader
 from reward_workers.graders.llm_judge import Judges
+from reward_workers.redaction import known_secrets, redact, redact_all
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,12 @@ def _result_from_reply(reply: dict) -> GradeResult:
 class GraderSandbox:
     """One warm sandboxed runner for one grader. Not thread-safe; use as a context manager."""
 
-    def __init__(self, grader: GraderConfig, limits: RewardConfig):
+    def __init__(self, grader: GraderConfig, limits: RewardConfig, secrets: tuple[str, ...] = ()):
+        """`secrets`: values to redact from results besides those known_secrets() finds."""
         self._grader = grader
         self._limits = limits
+        self._extra_secrets = tuple(secrets)
+        self.secrets_redacted = 0  # secrets cut out of results so far (redaction.py)
         problem = namespace_problem()
         if problem and not limits.allow_weak_isolation:
             raise SandboxUnavailableError(
@@ -221,7 +225,22 @@ class GraderSandbox:
             raise ValueError(f"{len(samples)} samples but {len(items)} items")
         if self._judges is not None:
             samples = self._judges.attach(samples, items)
-        return [self._grade_one(sample, item) for sample, item in zip(samples, items)]
+        secrets = known_secrets(self._extra_secrets)  # per batch: a token may appear meanwhile
+        return [self._redacted(self._grade_one(s, i), secrets) for s, i in zip(samples, items)]
+
+    def _redacted(self, result: GradeResult, secrets: list[str]) -> GradeResult:
+        """Every string of the result with the known secrets cut out; counts them."""
+        if not secrets:
+            return result
+        result.hack_flags, flags = redact_all(result.hack_flags, secrets)
+        result.diagnostics, diagnostics = redact_all(result.diagnostics, secrets)
+        errors = 0
+        if result.error is not None:
+            result.error, errors = redact(result.error, secrets)
+        self.secrets_redacted += flags + diagnostics + errors
+        if flags + diagnostics + errors:
+            log.warning("redacted %d secret(s) from a grader's result", flags + diagnostics + errors)
+        return result
 
     def close(self) -> None:
         if self._runner is not None:
@@ -303,7 +322,8 @@ class GraderSandbox:
             return
         if "setup_error" in reply:  # the machine's fault, not the grader's: do not score 0 quietly
             self._stop_runner()
-            raise SandboxUnavailableError(f"the grader sandbox could not be set up: {reply['setup_error']}")
+            problem = redact(str(reply["setup_error"]), known_secrets(self._extra_secrets))[0]
+            raise SandboxUnavailableError(f"the grader sandbox could not be set up: {problem}")
         if "load_error" in reply:
             self._load_error = str(reply["load_error"])
             self._stop_runner()

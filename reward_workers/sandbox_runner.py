@@ -225,9 +225,7 @@ def main() -> None:
     limits = config["limits"]
     spec = config["grader"]
     try:
-        protections = (
-            harden(spec, limits["max_processes"], config["host_root"]) if config["isolated"] else []
-        )
+        protections = harden(spec, limits["max_processes"], config["host_root"]) if config["isolated"] else []
         os.chdir(config["scratch"])
         set_runner_limits(limits)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on

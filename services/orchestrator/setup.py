@@ -14,6 +14,7 @@ from core.model_store import resolve_model_path
 from core.telemetry import TARGETS_DIRNAME, MetricsContext
 from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
+from reward_workers.redaction import url_password
 from services.config import JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.rollout_scheduler import RolloutScheduler
@@ -163,7 +164,8 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
         cfg.rollout.num_workers,
         on_worker_gone=metrics.forget,
     )
-    actors = Actors(learner, rollouts, RewardPool(cfg.reward, metrics=metrics), channel, metrics)
+    reward_pool = RewardPool(cfg.reward, metrics=metrics, secrets=tuple(url_password(cfg.cluster.redis_url)))
+    actors = Actors(learner, rollouts, reward_pool, channel, metrics)
     engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
     log.info(
         "actors up: learner, %d rollout workers (%s), %d reward workers",
