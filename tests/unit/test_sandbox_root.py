@@ -137,7 +137,7 @@ def code_tests_sandbox() -> GraderSandbox:
 
 
 def test_a_hostile_code_tests_submission_sees_none_of_the_host(planted):
-    solution = "import os\n\ndef leak(path):\n    return os.listdir(path) if os.path.isdir(path) else open(path).read()\n"
+    solution = "import os\n\ndef leak(p):\n    return os.listdir(p) if os.path.isdir(p) else open(p).read()\n"
     tests = [
         {"name": f"t{i}", "code": f"assert leak({path!r}) == 'x'"} for i, path in enumerate(planted["paths"])
     ]
@@ -152,7 +152,7 @@ def test_a_hostile_code_tests_submission_sees_none_of_the_host(planted):
     assert result.error is None and result.hack_flags == [], result
     failed = {line.split(" failed: ")[0]: line for line in result.diagnostics}
     assert "uid" not in failed  # the submission's interpreter runs as nobody too
-    for i, path in enumerate(planted["paths"]):
+    for i in range(len(planted["paths"])):
         assert "FileNotFoundError" in failed[f"t{i}"] or "PermissionError" in failed[f"t{i}"], failed[f"t{i}"]
     assert "cat" in failed and "exited with status 1" in failed["cat"]
     assert result.reward == pytest.approx(1 / (len(tests)))  # only the uid test passed
