@@ -2,9 +2,10 @@
 
 build_minimal_root(read_only_paths) runs in the sandbox runner's own mount namespace, before the
 grader is loaded. It mounts a tmpfs as the new root, binds each of `read_only_paths` into it at
-the same path (read-only, nosuid, nodev; symlinked paths also under their real path), adds a
-private writable /tmp, a /dev of null/zero/full/random/urandom, the namespace's /proc and a
-generated /etc (passwd and group naming root and nobody, and the dynamic loader's cache), then
+the same path (read-only, nosuid, nodev; a path reached through a symlink also at its real
+path), adds a private writable /tmp, a /dev of null/zero/full/random/urandom, the namespace's
+/proc and a generated /etc (passwd and group naming root and nobody, and the dynamic loader's
+cache), then
 pivots into it and detaches the old root: whatever is not listed is not there at all (no /home,
 /root, host /etc, /var, /run, run directories, caches, ~/.ray). The builder knows nothing about
 graders, so other untrusted code (tool or environment code) can run in the same root.
@@ -23,8 +24,8 @@ What a grader sees is the one table below, MOUNTS (every grader) + GRADER_MOUNTS
 code_tests, sql, text_similarity, llm_judge, numeric, regex, json_match, string_check and multi
 need nothing beyond the first five rows (code_tests starts the same interpreter; sqlite3 is in
 the stdlib and /usr; llm_judge's model runs outside, only its scoring runs here).
-Writable: /tmp (tmpfs, 64 MiB, the per-sample working directories). /proc is the sandbox's own
-pid namespace, read-only.
+Writable: /tmp (tmpfs, 64 MiB: the per-sample working directories, Triton's cache). /proc is the
+sandbox's own pid namespace, read-only.
 """
 
 from __future__ import annotations

@@ -279,6 +279,8 @@ def main():
     except (SyntaxError, ValueError) as e:
         send({"load_error": "".join(traceback.format_exception_only(e)).strip()[-MAX_ERROR_CHARS:]})
         return
+    # Triton's cache (default ~/.triton) goes to the sandbox's private /tmp, the one writable place.
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), ".triton"))
     import torch
 
     device = request["device"]
