@@ -46,8 +46,8 @@ RUNNER = Path(__file__).with_name("sandbox_runner.py")
 ROOT_NAMESPACE_FLAGS = ("--mount", "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL")
 NAMESPACE_FLAGS = ("--user", "--map-root-user", *ROOT_NAMESPACE_FLAGS)
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-# RLIMIT_NPROC of each grading child. The kernel ignores it for host root; the runner then
-# caps its pid namespace instead (Linux >= 6.14).
+# RLIMIT_NPROC of each grading child (uid 65534 in the sandbox's own user namespace, so counted
+# per sandbox); the runner also caps its pid namespace (Linux >= 6.14).
 MAX_PROCESSES = 64
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_OPEN_FILES = 256
@@ -237,9 +237,10 @@ class GraderSandbox:
         errors = 0
         if result.error is not None:
             result.error, errors = redact(result.error, secrets)
-        self.secrets_redacted += flags + diagnostics + errors
-        if flags + diagnostics + errors:
-            log.warning("redacted %d secret(s) from a grader's result", flags + diagnostics + errors)
+        count = flags + diagnostics + errors
+        if count:
+            self.secrets_redacted += count
+            log.warning("redacted %d secret(s) from a grader's result", count)
         return result
 
     def close(self) -> None:

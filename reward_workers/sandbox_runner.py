@@ -30,11 +30,11 @@ from reward_workers.graders.templates import GraderInputError  # noqa: E402
 from reward_workers.sandbox_privileges import (  # noqa: E402
     become_nobody,
     cap_pid_namespace,
-    check,
     drop_capabilities,
 )
 from reward_workers.sandbox_root import (  # noqa: E402
     build_minimal_root,
+    check,
     libc,
     read_only_paths,
     set_read_only,
