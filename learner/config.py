@@ -43,8 +43,21 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
     max_consecutive_skipped_steps: int = Field(default=3, ge=1)
+    # Data-parallel ranks: one Ray actor each, in one placement group, one torch.distributed world
+    # (gloo on CPU, nccl on CUDA). ZeRO shards optimizer state (1), + gradients (2), + weights (3)
+    # across them. A checkpoint resumes only on the number of ranks that wrote it.
+    num_ranks: int = Field(default=1, ge=1)
+    placement: Literal["pack", "spread"] = "pack"  # the placement group's strategy: one node, or many
+    # Per rank: Ray's CPUs, GPUs and custom resources (e.g. {"learner_node": 1} to keep the ranks on
+    # nodes started with `ray start --resources='{"learner_node": 8}'`).
     num_cpus: float = Field(default=0, ge=0)
     num_gpus: float = Field(default=0, ge=0)
+    resources: dict[str, float] = {}
+    # A rank that dies, raises or does not answer within timeout_s (a step, a checkpoint, an export,
+    # start-up) fails the group: it is restarted from the last checkpoint this many times, then the job
+    # stops naming the rank and the cause. timeout_s also bounds every collective of the ranks.
+    max_restarts: int = Field(default=2, ge=0)
+    timeout_s: float = Field(default=900, gt=0)
 
     @property
     def lora_shape(self) -> LoraShape:

@@ -38,4 +38,5 @@ class StepStats:
     tokens: int
     step_seconds: float
     skipped: bool = False  # non-finite loss/grad: step skipped, adapter unchanged
+    rank_seconds: list[float] = field(default_factory=list)  # each learner rank's own time in the step
     extra: dict[str, float] = field(default_factory=dict)

@@ -1,56 +1,44 @@
 """The learner: a Hugging Face causal LM trained by a DeepSpeed engine, either as a LoRA adapter
 on the frozen base (`learner.lora`, the default) or all its weights (`learner.lora: false`).
 
-One `train_step` = one optimizer step on one TrainBatch, accumulated over micro-batches.
-The same code runs on CPU (gloo, DS_ACCELERATOR=cpu) and CUDA (nccl). The driver wraps the
-class with `ray.remote`; in a plain process it starts a one-rank process group itself.
+One instance is one rank. `train_shard` = this rank's part of one optimizer step (its share of
+the batch, accumulated over micro-batches; `learner/shards.py` splits a batch); the driver runs
+N ranks through `learner/group.py`. Alone (no `WorldSpec`) it is rank 0 of 1, and `train_step`
+trains a whole TrainBatch. The same code runs on CPU (gloo, DS_ACCELERATOR=cpu) and CUDA (nccl).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from core.net import free_port
 from core.telemetry import ComponentMetrics, MetricsContext
-from learner.checkpoint import load_engine_checkpoint, save_engine_checkpoint, save_model_directory
+from learner.checkpoint import load_engine_checkpoint, save_model_directory, staged, write_engine_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
+from learner.distributed import WorldSpec, init_distributed
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
+from learner.shards import (
+    DUMMY_SAMPLE,
+    ShardResult,
+    TrainShard,
+    check_batch,
+    merge_results,
+    plan_shards,
+    skipped_stats,
+)
 from weight_sync.adapter import AdapterWeights
 from weight_sync.endpoints import WeightsSender
 from weight_sync.full_weights import FullWeights, base_parameters
 
 log = logging.getLogger(__name__)
-
-
-def _init_distributed() -> Any:
-    """Import deepspeed for this machine and join (or start) its process group.
-
-    A launcher (torchrun, the deepspeed CLI) sets RANK/WORLD_SIZE/MASTER_*; alone, this process
-    is rank 0 of 1 on a free loopback port.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when deepspeed is imported
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not torch.distributed.is_initialized():
-        # Alone: a fresh port every time. A MASTER_PORT inherited from a parent process (Ray
-        # workers inherit the driver's environment) may be held by that parent's own group.
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return deepspeed
 
 
 class Learner(WeightsSender):
@@ -66,6 +54,7 @@ class Learner(WeightsSender):
         dtype: str = "bfloat16",
         seed: int = 0,
         metrics: MetricsContext | None = None,
+        world: WorldSpec | None = None,
     ):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -78,13 +67,14 @@ class Learner(WeightsSender):
                 "learner.zero_stage=0 with model.dtype=float32 cannot skip non-finite steps; "
                 "use zero_stage >= 1 or bfloat16"
             )
-        self.deepspeed = _init_distributed()
+        self.deepspeed = init_distributed(world)
+        self.rank, self.world_size = (world.rank, world.world_size) if world else (0, 1)
         self.settings, self.algorithm = learner, algorithm
         self.policy_version = 0
         self.metrics = metrics and ComponentMetrics(
             metrics,
             "learner",
-            "learner",
+            "learner" if self.world_size == 1 else f"learner-{self.rank}",
             counters={
                 "steps": "optimizer steps taken",
                 "skipped_steps": "steps skipped for non-finite numbers",
@@ -167,126 +157,88 @@ class Learner(WeightsSender):
     # ---- training --------------------------------------------------------------------------
 
     def train_step(self, batch: TrainBatch) -> StepStats:
-        """One optimizer step on the batch (skipped, adapter unchanged, on non-finite numbers)."""
-        stats = self._train_step(batch)
-        if self.metrics:
-            self.metrics.add("skipped_steps" if stats.skipped else "steps")
-            self.metrics.add("train_seconds", stats.step_seconds)
-            self.metrics.add("trained_tokens", 0 if stats.skipped else stats.tokens)
-            self.metrics.set("policy_version", stats.policy_version)
-        return stats
-
-    def _train_step(self, batch: TrainBatch) -> StepStats:
+        """One optimizer step on the whole batch, alone (a group splits it: `learner/group.py`);
+        skipped, weights unchanged, on non-finite numbers."""
+        if self.world_size != 1:
+            raise RuntimeError("train_step trains alone; a learner group trains through train_shard")
         started = time.perf_counter()
-        samples = batch.samples
-        if not samples:
-            raise ValueError(f"step {batch.step}: empty batch")
-        for s in samples:
-            if len(s.behaviour_logprobs) != len(s.completion_ids):
-                raise ValueError(
-                    f"sample {s.sample_id}: {len(s.behaviour_logprobs)} behaviour logprobs "
-                    f"for {len(s.completion_ids)} completion tokens"
-                )
-        tokens = sum(len(s.completion_ids) for s in samples)
-        behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
-        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-        if not (behaviour.isfinite().all() and advantages.isfinite().all()):
-            # Checked here, not left to the loss: sequence_mask mode would silently drop the sample.
+        if not check_batch(batch):
             log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
-            return self._skipped_stats(batch.step, tokens, started)
+            return skipped_stats(batch, self.policy_version, time.perf_counter() - started)
+        [shard] = plan_shards(batch, 1, self.settings.micro_batch_size, self.algorithm)
+        result = self.train_shard(shard)
+        return merge_results(batch, [shard], [result], self.algorithm, time.perf_counter() - started)
 
-        # Token-mean over the whole batch: every micro-batch divides by the batch's count.
-        denominator = tokens if self.algorithm.loss_aggregation == "token_mean" else len(samples)
-        old, mask, entropy, ref = self._backward(batch, behaviour, advantages, denominator)
+    def train_shard(self, shard: TrainShard) -> ShardResult:
+        """Forward and backward this rank's micro-batches, then the optimizer step (DeepSpeed
+        all-reduces the gradients across the ranks; it skips a step whose gradient norm is not
+        finite, on every rank alike, and zeroes the gradients)."""
+        started = time.perf_counter()
+        self.engine.train()
+        outputs: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": []}
+        for k, samples in enumerate(shard.micro_batches):
+            self.engine.set_gradient_accumulation_boundary(k == len(shard.micro_batches) - 1)
+            old, entropy, ref = self._micro_step(
+                samples or [DUMMY_SAMPLE], shard, weight=1.0 if samples else 0.0
+            )
+            for row, sample in enumerate(samples):
+                length = len(sample.completion_ids)
+                outputs["old"].append(old[row, :length].cpu())
+                outputs["entropy"].append(entropy[row, :length].cpu())
+                if ref is not None:
+                    outputs["ref"].append(ref[row, :length].cpu())
         self.engine.step()
-        # DeepSpeed's optimizers skip a step whose gradient norm is not finite and zero the grads.
         skipped = not self.engine.was_step_applied()
         if not skipped:
             self.policy_version += 1
-
-        # Reported numbers come from one call over the whole batch (detached, elementwise work),
-        # so they need no re-weighting across micro-batches; its loss equals their sum.
-        loss, metrics = policy_loss(old, old, behaviour, ref, advantages, mask, self.algorithm)
-        return StepStats(
-            step=batch.step,
+        seconds = time.perf_counter() - started
+        if self.metrics:
+            tokens = sum(len(s.completion_ids) for micro in shard.micro_batches for s in micro)
+            self.metrics.add("skipped_steps" if skipped else "steps")
+            self.metrics.add("train_seconds", seconds)
+            self.metrics.add("trained_tokens", 0 if skipped else tokens)
+            self.metrics.set("policy_version", self.policy_version)
+        return ShardResult(
             policy_version=self.policy_version,
-            loss=loss.item(),
-            grad_norm=float(self.engine.get_global_grad_norm()),
-            entropy=entropy[mask].mean().item(),
-            tokens=tokens,
-            step_seconds=time.perf_counter() - started,
             skipped=skipped,
-            **metrics,
+            grad_norm=float(self.engine.get_global_grad_norm()),
+            seconds=seconds,
+            old_logprobs=outputs["old"],
+            entropy=outputs["entropy"],
+            ref_logprobs=outputs["ref"] if self.algorithm.kl_coef > 0 else None,
         )
 
-    def _backward(
-        self, batch: TrainBatch, behaviour: torch.Tensor, advantages: torch.Tensor, denominator: int
-    ):
-        """Forward and backward every micro-batch, accumulating the gradient of the batch loss.
-
-        Returns the whole batch's (old_logprobs, mask, entropy, ref_logprobs | None) on CPU,
-        detached and padded to the batch's longest completion, for the step's metrics.
-        """
-        algo = self.algorithm
+    def _micro_step(self, samples: list[TrainSample], shard: TrainShard, weight: float):
+        """Forward and backward one micro-batch, adding its share of the batch loss's gradient
+        (`weight` 0: the dummy an empty micro-batch runs). Returns the detached (old_logprobs,
+        entropy, ref_logprobs | None), [micro-batch, longest completion]."""
         device = self.engine.device
-        self.engine.train()
-        chunks = self._micro_batches(batch.samples)
-        collected: dict[str, list[torch.Tensor]] = {"old": [], "mask": [], "entropy": [], "ref": []}
-        offset = 0
-        for k, chunk in enumerate(chunks):
-            rows = slice(offset, offset + len(chunk))
-            offset += len(chunk)
-            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-            new_logprobs, mask, entropy = self._logprobs(chunk, batch.temperature)
-            # One optimizer step per batch, so the weights at the start of the step are the ones
-            # being trained: π_old is π_θ detached, from the same forward pass (ρ = 1 here).
-            old_logprobs = new_logprobs.detach()
-            ref = self._reference_logprobs(chunk, batch.temperature) if algo.kl_coef > 0 else None
-            loss, _ = policy_loss(
-                new_logprobs,
-                old_logprobs,
-                behaviour[rows, : mask.shape[1]].to(device),
-                ref,
-                advantages[rows].to(device),
-                mask,
-                algo,
-                denominator=denominator,
-            )
-            self.engine.backward(loss)
-            for name, value in (("old", old_logprobs), ("mask", mask), ("entropy", entropy), ("ref", ref)):
-                if value is not None:
-                    collected[name].append(F.pad(value, (0, behaviour.shape[1] - value.shape[1])).cpu())
-        return tuple(
-            torch.cat(collected[name]) if collected[name] else None
-            for name in ("old", "mask", "entropy", "ref")
+        new_logprobs, mask, entropy = self._logprobs(samples, shard.temperature)
+        # One optimizer step per batch, so the weights at the start of the step are the ones
+        # being trained: π_old is π_θ detached, from the same forward pass (ρ = 1 here).
+        old_logprobs = new_logprobs.detach()
+        ref = self._reference_logprobs(samples, shard.temperature) if self.algorithm.kl_coef > 0 else None
+        loss, _ = policy_loss(
+            new_logprobs,
+            old_logprobs,
+            right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32).to(device),
+            ref,
+            torch.tensor([s.advantage for s in samples], dtype=torch.float32).to(device),
+            mask,
+            self.algorithm,
+            denominator=shard.denominator,
         )
-
-    def _skipped_stats(self, step: int, tokens: int, started: float) -> StepStats:
-        nan = math.nan
-        return StepStats(
-            step=step,
-            policy_version=self.policy_version,
-            loss=nan,
-            grad_norm=nan,
-            is_weight_mean=nan,
-            is_weight_max=nan,
-            is_truncated_fraction=nan,
-            mismatch_kl=nan,
-            clip_fraction=nan,
-            entropy=nan,
-            kl_ref=nan,
-            tokens=tokens,
-            step_seconds=time.perf_counter() - started,
-            skipped=True,
-            extra={"non_finite_inputs": 1.0},
-        )
+        self.engine.backward(loss if weight == 1.0 else loss * weight)
+        return old_logprobs, entropy, ref
 
     # ---- exported weights, output and checkpoints -------------------------------------------
+    # Under ZeRO-3 exporting gathers each parameter from its partitions, a collective: every rank
+    # calls these, and ranks other than 0 answer None.
 
     def process_id(self) -> int:
         return os.getpid()
 
-    def export_adapter(self) -> AdapterWeights:
+    def export_adapter(self) -> AdapterWeights | None:
         """The current adapter, as a copy (the live tensors keep training)."""
         from peft import get_peft_model_state_dict
 
@@ -295,47 +247,75 @@ class Learner(WeightsSender):
                 "learner.lora is false: this learner trains full weights and has no adapter; "
                 "export_full_weights (sync.payload: full) gives its policy"
             )
-        # A no-op except under ZeRO-3, where each parameter is gathered from its partitions.
+        # A no-op except under ZeRO-3.
         with self.deepspeed.zero.GatheredParameters(self.trainable):
+            if self.rank != 0:
+                return None
             tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         return AdapterWeights.create(
             version=self.policy_version, tensors=tensors, peft_config=self.peft_config()
         )
 
-    def export_full_weights(self) -> FullWeights:
+    def export_full_weights(self) -> FullWeights | None:
         """The current policy as full weights under checkpoint names, in the model's dtype, for a
         full-weight sync: the trained weights, or for a LoRA the base with the adapter merged in."""
         adapter = self.export_adapter() if self.lora else None
         with self.deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            if self.rank != 0:
+                return None
             weights = {name: p.detach() for name, p in base_parameters(self.model).items()}
             return FullWeights.create(
                 self.policy_version, adapter.merged_into(weights) if adapter else weights
             )
 
+    def export_policy(self, payload: str) -> tuple[int, AdapterWeights | FullWeights | None]:
+        """(policy_version, the weights in the sync payload `payload`: lora or full). Called with
+        Ray's num_returns=2, so a caller can check the small version for errors and pass the
+        weights' ref on without fetching them."""
+        weights = self.export_full_weights() if payload == "full" else self.export_adapter()
+        return self.policy_version, weights
+
     def peft_config(self) -> dict[str, Any]:
         """The LoraConfig as JSON-able data (sets as sorted lists), incl. base_model_name_or_path."""
         return json.loads(json.dumps(self.model.peft_config["default"].to_dict(), default=sorted))
 
-    def save_adapter(self, directory: str | Path) -> Path:
-        return self.export_adapter().save_pretrained(directory)
+    def save_adapter(self, directory: str | Path) -> Path | None:
+        adapter = self.export_adapter()
+        return adapter.save_pretrained(directory) if adapter is not None else None
 
-    def save_policy(self, directory: str | Path) -> Path:
+    def save_policy(self, directory: str | Path) -> Path | None:
         """The job's output: the adapter (peft format), or with learner.lora false the whole model
         as a Hugging Face model directory (tokenizer files copied from the base model's)."""
         if self.lora:
             return self.save_adapter(directory)
-        return save_model_directory(
-            self.model, self.export_full_weights().tensors, self.model_path, directory
+        weights = self.export_full_weights()
+        if weights is None:
+            return None
+        return save_model_directory(self.model, weights.tensors, self.model_path, directory)
+
+    def write_checkpoint(self, directory: str | Path) -> None:
+        """Optimizer state, policy_version and the trained weights (a LoRA's adapter, or every
+        weight) into `directory`, which every rank of the group writes its part of."""
+        # A LoRA checkpoint leaves the frozen base out and keeps a peft copy of the adapter too.
+        extra = (lambda into: self.save_adapter(into / "adapter")) if self.lora else None
+        write_engine_checkpoint(
+            self.engine,
+            directory,
+            self.policy_version,
+            self.world_size,
+            exclude_frozen=self.lora,
+            extra=extra,
         )
 
     def save_checkpoint(self, directory: str | Path) -> Path:
-        """Optimizer state, policy_version and the trained weights (a LoRA's adapter, or every
-        weight), written next to `directory`, then renamed."""
-        # A LoRA checkpoint leaves the frozen base out and keeps a peft copy of the adapter too.
-        extra = (lambda staging: self.save_adapter(staging / "adapter")) if self.lora else None
-        return save_engine_checkpoint(
-            self.engine, directory, self.policy_version, exclude_frozen=self.lora, extra=extra
-        )
+        """`write_checkpoint` alone: into a directory next to `directory`, then renamed."""
+        with staged(directory) as staging:
+            self.write_checkpoint(staging)
+        return Path(directory)
 
-    def load_checkpoint(self, directory: str | Path) -> None:
-        self.policy_version = load_engine_checkpoint(self.engine, directory, strict=not self.lora)
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore a checkpoint (every rank of the group that wrote it); returns its policy version."""
+        self.policy_version = load_engine_checkpoint(
+            self.engine, directory, self.world_size, strict=not self.lora
+        )
+        return self.policy_version

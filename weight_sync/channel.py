@@ -72,12 +72,20 @@ class WeightSyncChannel:
         return cls(transport, learner, sync.payload, sync.max_refetches)
 
     def export(self) -> ray.ObjectRef:
-        """The learner's current policy in this channel's payload (an adapter or full weights)."""
+        """The sending learner's current policy in this channel's payload (an adapter or full
+        weights). A learner group exports through its own `export`, which waits for every rank."""
         if self.learner is None:
             raise ValueError("this channel was made without a learner; export from the learner directly")
-        if self.payload == "full":
-            return self.learner.export_full_weights.remote()
-        return self.learner.export_adapter.remote()
+        _, weights = self.learner.export_policy.options(num_returns=2).remote(self.payload)
+        return weights
+
+    def replace_sender(self, learner) -> None:
+        """Send from `learner` from now on (a restarted learner group's rank 0): the transport
+        forgets the old one's state, e.g. a broadcast group it was rank 0 of."""
+        self.learner = learner
+        if hasattr(self.transport, "learner"):
+            self.transport.learner = learner
+        self.transport.reset()
 
     def publish(self, version: int, weights_ref: ray.ObjectRef, workers: list) -> SyncResult:
         """Send version `version` (an ObjectRef of AdapterWeights or FullWeights) to every worker

@@ -15,8 +15,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-
 from services.config import JobConfig
 
 log = logging.getLogger("rft.checkpoints")
@@ -41,7 +39,7 @@ def save_checkpoint(cfg: JobConfig, run_dir: Path, learner, state: DriverState) 
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-step_{state.step}"
     shutil.rmtree(staging, ignore_errors=True)
-    ray.get(learner.save_checkpoint.remote(str(staging / "learner")))
+    learner.save_checkpoint(staging / "learner")
     (staging / DRIVER_STATE).write_text(json.dumps(state.__dict__, indent=2))
     target = root / f"step_{state.step}"
     shutil.rmtree(target, ignore_errors=True)
@@ -66,16 +64,29 @@ def restore(run_dir: Path, learner) -> DriverState:
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
     _, latest = found[-1]
     state = DriverState(**json.loads((latest / DRIVER_STATE).read_text()))
-    ray.get(learner.load_checkpoint.remote(str(latest / "learner")))
-    samples_log = run_dir / "samples.jsonl"
-    if samples_log.is_file():
-        kept = [
-            line
-            for line in samples_log.read_text().splitlines(keepends=True)
-            if json.loads(line)["step"] <= state.step
-        ]
-        staging = samples_log.with_name(".samples.jsonl.tmp")
-        staging.write_text("".join(kept))
-        os.replace(staging, samples_log)
+    learner.load_checkpoint(latest / "learner")
+    drop_samples_after(run_dir, state.step)
     log.info("resumed from %s (step %d, policy version %d)", latest, state.step, state.policy_version)
     return state
+
+
+def roll_back(run_dir: Path, learner, base_heldout: dict) -> DriverState:
+    """After the learner group restarted: the newest checkpoint, or with none yet the start of
+    the run (the fresh group holds the initial weights)."""
+    if checkpoints(run_dir):
+        return restore(run_dir, learner)
+    drop_samples_after(run_dir, 0)
+    return DriverState(base_heldout=base_heldout)
+
+
+def drop_samples_after(run_dir: Path, step: int) -> None:
+    """Keep samples.jsonl's records of steps up to `step` (atomically rewritten)."""
+    samples_log = run_dir / "samples.jsonl"
+    if not samples_log.is_file():
+        return
+    kept = [
+        line for line in samples_log.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step
+    ]
+    staging = samples_log.with_name(".samples.jsonl.tmp")
+    staging.write_text("".join(kept))
+    os.replace(staging, samples_log)

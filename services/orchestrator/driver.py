@@ -10,6 +10,9 @@
   publish        the new version over the weight-sync channel to every rollout worker
   record         driver state, samples.jsonl, metrics (assembled in `records.step_metrics`),
                  held-out evaluation and checkpoints when due
+A learner rank that dies or hangs fails the step (`LearnerFailedError`); the learner group is
+restarted and the run rolled back to its last checkpoint, replaying the steps after it from the
+scored-rollout stream (`recover_learner`).
 The components never call the driver; it wires them up in `run_job` and drives them from here.
 """
 
@@ -18,17 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Protocol
 
-import ray
-
+from learner.group import LearnerFailedError
 from learner.interface import StepStats
 from rollout_workers.interface import SamplingSettings
 from services.config import JobConfig, dump_config
 from services.jobs.registry import JobRegistry, open_registry
 from services.orchestrator.batch import build_batch, step_requests
-from services.orchestrator.checkpoints import DriverState, restore, save_checkpoint
+from services.orchestrator.checkpoints import DriverState, restore, roll_back, save_checkpoint
 from services.orchestrator.data import PromptOrder
 from services.orchestrator.evaluation import eval_requests, format_summary, greedy_settings, summarize
 from services.orchestrator.metrics import RunMetrics
@@ -109,25 +110,31 @@ class Orchestrator:
         self.skipped_in_a_row = 0
         self.replaced_before = self.reissued_before = 0
         self.last_heldout: dict[str, float] = {}
+        self.progress: StepProgress | None = None  # the terminal's bar, while `run` runs
 
     def run(self, resume: bool) -> dict:
-        """The main loop: one learner step (and one policy version, unless skipped) per iteration."""
+        """The main loop: one learner step (and one policy version, unless skipped) per iteration.
+        A learner rank that fails rolls the run back to its last checkpoint (`recover_learner`)."""
         self.start(resume)
-        with (
-            (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log,
-            StepProgress(self.cfg.steps, self.state.step) as progress,
-        ):
-            for step in range(self.state.step, self.cfg.steps):
-                for ahead in self.unsubmitted_steps(through=step + self.cfg.sync.max_staleness):
-                    self.scale_fleet()  # `rft scale` takes effect before a step's prompts go out
-                    self.submit(ahead)
-                record = self.collect_and_grade(step)
-                record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
-                record.stats = self.train(record)
-                record.sync = self.publish(record.stats)
-                self.record(record, samples_log, progress)
-                self.checkpoint_if_due()
-        return self.finish()
+        with StepProgress(self.cfg.steps, self.state.step) as self.progress:
+            while True:
+                try:
+                    if self.finished:
+                        return self.finish()
+                    self.step(self.state.step)
+                except LearnerFailedError as failure:
+                    self.recover_learner(failure)
+
+    def step(self, step: int) -> None:
+        for ahead in self.unsubmitted_steps(through=step + self.cfg.sync.max_staleness):
+            self.scale_fleet()  # `rft scale` takes effect before a step's prompts go out
+            self.submit(ahead)
+        record = self.collect_and_grade(step)
+        record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
+        record.stats = self.train(record)
+        record.sync = self.publish(record.stats)
+        self.record(record)
+        self.checkpoint_if_due()
 
     # ---- the steps ------------------------------------------------------------------------
 
@@ -137,7 +144,7 @@ class Orchestrator:
         if resume:
             self.state = restore(self.cfg.run_dir, self.actors.learner)
             if self.state.policy_version > 0:
-                self.actors.rollouts.publish(self.state.policy_version, self.actors.channel.export())
+                self.actors.rollouts.publish(self.state.policy_version, self.export())
         elif self.cfg.eval.at_start and self.inputs.heldout_items:
             self.state.base_heldout = self.evaluate()
             print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
@@ -148,13 +155,17 @@ class Orchestrator:
                     "heldout_reward_mean": self.state.base_heldout["reward_mean"],
                 },
             )
+        self.take_backlog()
+        self.order.cursor = self.state.data_cursor
+        self.submitted = self.state.step - 1
+
+    def take_backlog(self) -> None:
+        """The scored rollouts in the stream of steps not trained yet (as of the last checkpoint)."""
         self.backlog = {
             step: scored for step, scored in self.stream.unacknowledged().items() if step >= self.state.step
         }
         if self.backlog:
-            log.info("resuming with the scored rollouts of steps %s from the stream", sorted(self.backlog))
-        self.order.cursor = self.state.data_cursor
-        self.submitted = self.state.step - 1
+            log.info("taking the scored rollouts of steps %s from the stream", sorted(self.backlog))
 
     def unsubmitted_steps(self, through: int) -> range:
         """Steps up to `through` whose prompts are not out yet. Called before training step s
@@ -195,7 +206,8 @@ class Orchestrator:
             self.state.policy_version,
             scored,
             replayed,
-            generation_seconds=last_group_at - self.submitted_at.pop(step),
+            # A step replayed after a learner restart was submitted (and its time taken) before.
+            generation_seconds=last_group_at - self.submitted_at.pop(step, last_group_at),
             reward_seconds=time.perf_counter() - last_group_at,
         )
 
@@ -203,7 +215,7 @@ class Orchestrator:
         """One learner step on the batch (none when it is empty)."""
         if not record.built.batch.samples:
             return None
-        stats = ray.get(self.actors.learner.train_step.remote(record.built.batch))
+        stats = self.actors.learner.train_step(record.built.batch)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if stats.skipped else 0
         limit = self.cfg.learner.max_consecutive_skipped_steps
         if self.skipped_in_a_row >= limit:
@@ -217,14 +229,17 @@ class Orchestrator:
         return stats
 
     def publish(self, stats: StepStats | None) -> SyncResult | None:
-        """Send a new version to every rollout worker (and wait until each serves it)."""
+        """Send a new version to every rollout worker (and wait until each serves it). After a
+        learner restart, the versions a replay trains again are not sent: the workers serve them
+        already (the replay retrains the same batches in the same order)."""
         if stats is None or stats.policy_version <= self.state.policy_version:
             return None
-        sync = self.actors.rollouts.publish(stats.policy_version, self.actors.channel.export())
         self.state.policy_version = stats.policy_version
-        return sync
+        if stats.policy_version <= self.actors.channel.version:
+            return None
+        return self.actors.rollouts.publish(stats.policy_version, self.export())
 
-    def record(self, record: StepRecord, samples_log, progress: StepProgress) -> None:
+    def record(self, record: StepRecord) -> None:
         """The step is done: driver state, samples.jsonl, evaluation when due, metrics, registry."""
         rollouts = self.actors.rollouts
         record.rollout_workers = len(rollouts.workers)
@@ -238,7 +253,8 @@ class Orchestrator:
             self.order.cursor - self.cfg.prompts_per_step * ahead,
         )
         self.state.samples_trained += len(record.trained_ids)
-        write_samples(samples_log, record)
+        with (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log:  # rewritten on roll-back
+            write_samples(samples_log, record)
         if self.inputs.heldout_items and (self.state.step % self.cfg.eval.every_steps == 0 or self.finished):
             record.heldout = self.last_heldout = self.evaluate()
         assembled = step_metrics(self.cfg, record, self.state.policy_version)
@@ -254,17 +270,40 @@ class Orchestrator:
         self.registry.update_progress(
             self.cfg.name, self.state.step, self.state.policy_version, assembled.values, assembled.workers
         )
-        progress.update(assembled.values)
+        self.progress.update(assembled.values)
 
     def checkpoint_if_due(self) -> None:
         if self.state.step % self.cfg.checkpoint.every_steps == 0 or self.finished:
             save_checkpoint(self.cfg, self.cfg.run_dir, self.actors.learner, self.state)
             self.stream.acknowledge(before_step=self.state.step)  # trained and now on disk
 
+    def recover_learner(self, failure: LearnerFailedError) -> None:
+        """A learner rank failed and the group is down: start it again (at most
+        learner.max_restarts times), restore the last checkpoint into it, and take the scored
+        rollouts of the steps after it from the stream. The prompts and rollouts already out (the
+        data cursor, the steps submitted ahead) stand, so every sample is trained exactly once."""
+        limit = self.cfg.learner.max_restarts
+        if self.actors.learner.restarts >= limit:
+            raise LearnerFailedError(
+                failure.rank,
+                f"{failure.cause}; the learner group was restarted {self.actors.learner.restarts} time(s) "
+                f"already (learner.max_restarts={limit}), so the job stops here. rft run --resume "
+                "continues it from the last checkpoint",
+                failure.during,
+            ) from failure
+        log.warning("%s: restarting the learner group from the last checkpoint", failure)
+        self.actors.learner.restart()
+        self.actors.channel.replace_sender(self.actors.learner.sender)
+        self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state.base_heldout)
+        self.take_backlog()
+        self.skipped_in_a_row = 0
+        self.metrics.learner_restarted(self.state.step, str(failure))
+        self.progress.rewind(self.state.step)
+
     def finish(self) -> dict:
         """The job's output (a peft adapter, or with full weights a whole model directory) and summary."""
         output = "adapter" if self.cfg.learner.lora else "model"
-        output_dir = Path(ray.get(self.actors.learner.save_policy.remote(str(self.cfg.run_dir / output))))
+        output_dir = self.actors.learner.save_policy(self.cfg.run_dir / output)
         summary = {
             "job": self.cfg.name,
             "steps": self.state.step,
@@ -283,6 +322,9 @@ class Orchestrator:
     @property
     def finished(self) -> bool:
         return self.state.step == self.cfg.steps
+
+    def export(self):
+        return self.actors.learner.export(self.cfg.sync.payload)
 
     def evaluate(self) -> dict[str, float]:
         """Greedy completions of the held-out items, graded: accuracy, reward, components."""

@@ -58,6 +58,7 @@ GAUGES = {
 WORKER_GAUGES = {
     "weight_sync_worker_seconds": "last sync: publish until this rollout worker served the new version",
     "weight_sync_pause_seconds": "last sync: how long it kept this rollout worker from generating",
+    "learner_rank_step_seconds": "last step: this learner rank's own time in it (worker learner-<rank>)",
 }
 # Counters: totals over the run. Name -> help text.
 COUNTERS = {
@@ -69,6 +70,7 @@ COUNTERS = {
     "requests_reissued": "generation requests re-issued because their rollout worker died",
     "rollouts_replayed": "scored rollouts a resumed job took from the stream instead of generating again",
     "rollouts_scored": "rollouts the reward workers scored (the denominator of the grader error rate)",
+    "learner_restarts": "times the learner group was restarted after a rank died or hung",
 }
 
 log = logging.getLogger("rft.metrics")
@@ -178,6 +180,14 @@ class RunMetrics:
         line.update({name: by_worker for name, by_worker in (per_worker or {}).items() if by_worker})
         if staleness:
             line["staleness_histogram"] = {str(lag): staleness.count(lag) for lag in sorted(set(staleness))}
+        self._write(line)
+
+    def learner_restarted(self, step: int, reason: str) -> None:
+        """Count a learner-group restart; metrics.jsonl gets a line with the reason."""
+        self._counters["learner_restarts"].labels(self.job).inc()
+        self._write({"step": step, "time": time.time(), "learner_restart": reason})
+
+    def _write(self, line: dict) -> None:
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()
 

@@ -51,3 +51,7 @@ class StepProgress:
         self._progress.console.print(
             f"step {int(values.get('step', 0))}: " + "  ".join(shown), highlight=False
         )
+
+    def rewind(self, completed: int) -> None:
+        """Back to `completed` steps (the run was rolled back to a checkpoint)."""
+        self._progress.update(self._task, completed=completed)

@@ -79,16 +79,17 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
         reward_seconds=record.reward_seconds,
         staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
     )
+    per_worker = {}
     if record.stats is not None:
         values.update({k: v for k, v in record.stats.__dict__.items() if isinstance(v, (int, float))})
         values["learner_step_seconds"] = record.stats.step_seconds
-    per_worker = {}
+        per_worker["learner_rank_step_seconds"] = {
+            f"learner-{rank}": seconds for rank, seconds in enumerate(record.stats.rank_seconds)
+        }
     if record.sync is not None:
         values["weight_sync_seconds"] = record.sync.load_seconds
-        per_worker = {
-            "weight_sync_worker_seconds": record.sync.worker_seconds,
-            "weight_sync_pause_seconds": record.sync.pause_seconds,
-        }
+        per_worker["weight_sync_worker_seconds"] = record.sync.worker_seconds
+        per_worker["weight_sync_pause_seconds"] = record.sync.pause_seconds
     values.update(step=record.step + 1, policy_version=policy_version)
     if record.heldout:
         values.update(
@@ -109,7 +110,11 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
         values,
         counts,
         hack_rates(cfg.reward.grader, scored),
-        workers={"rollout": record.rollout_workers, "reward": cfg.reward.num_workers, "learner": 1},
+        workers={
+            "rollout": record.rollout_workers,
+            "reward": cfg.reward.num_workers,
+            "learner": cfg.learner.num_ranks,
+        },
         staleness=lags if trained else None,
         per_worker=per_worker,
     )

@@ -8,10 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.actor import ActorHandle
-
 from core.model_store import resolve_model_path
 from core.telemetry import TARGETS_DIRNAME, MetricsContext
+from learner.group import LearnerGroup
 from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
 from reward_workers.redaction import url_password
@@ -81,7 +80,7 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = actor_env(heavy_actors=1 + cfg.rollout.num_workers)
+    env = actor_env(heavy_actors=cfg.learner.num_ranks + cfg.rollout.num_workers)
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
     else:
@@ -95,18 +94,17 @@ def init_ray(cfg: JobConfig) -> None:
 
 @dataclass
 class Actors:
-    learner: ActorHandle  # of learner.learner.Learner
+    learner: LearnerGroup
     rollouts: RolloutScheduler  # the rollout workers, behind the scheduler that keeps them alive
     reward_pool: RewardPool
     channel: WeightSyncChannel
     metrics: MetricsContext
 
     def shutdown(self) -> None:
-        import ray
 
         self.reward_pool.shutdown()
         self.rollouts.shutdown()
-        ray.kill(self.learner)
+        self.learner.shutdown()
         self.metrics.forget_all()
 
 
@@ -148,16 +146,14 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsCon
 def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     import ray
 
-    from learner.learner import Learner
-
     init_ray(cfg)
     metrics = metrics_context(cfg)
-    learner = (
-        ray.remote(Learner)
-        .options(name=f"{cfg.name}-learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus)
-        .remote(str(inputs.model_path), metrics=metrics, **cfg.learner_kwargs())
+    learner = LearnerGroup(
+        str(inputs.model_path), cfg.learner, cfg.learner_kwargs(), name=f"{cfg.name}-learner", metrics=metrics
     )
-    channel = WeightSyncChannel.from_config(cfg.sync, learner, default_file_dir=str(cfg.run_dir / "weights"))
+    channel = WeightSyncChannel.from_config(
+        cfg.sync, learner.sender, default_file_dir=str(cfg.run_dir / "weights")
+    )
     rollouts = RolloutScheduler(
         rollout_worker_factory(cfg, inputs.model_path, metrics),
         channel,
@@ -168,7 +164,8 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
     actors = Actors(learner, rollouts, reward_pool, channel, metrics)
     engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
     log.info(
-        "actors up: learner, %d rollout workers (%s), %d reward workers",
+        "actors up: %d learner rank(s), %d rollout workers (%s), %d reward workers",
+        cfg.learner.num_ranks,
         len(engines),
         ", ".join(engines),
         cfg.reward.num_workers,
