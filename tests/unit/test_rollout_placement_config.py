@@ -52,7 +52,9 @@ def test_make_engine_hands_the_memory_share_to_the_vllm_engine(monkeypatch):
     fake = types.ModuleType("rollout_workers.vllm_engine")
     fake.VLLMEngine = StandInVLLMEngine
     monkeypatch.setitem(sys.modules, "rollout_workers.vllm_engine", fake)
-    spec = EngineSpec("model-dir", "bfloat16", LoraShape(rank=16, alpha=32, target_modules=("q_proj",)), max_model_len=128)
+    spec = EngineSpec(
+        "model-dir", "bfloat16", LoraShape(rank=16, alpha=32, target_modules=("q_proj",)), max_model_len=128
+    )
     engine = make_engine(RolloutConfig(engine="vllm", vllm_gpu_memory_utilization=0.35), spec)
     assert isinstance(engine, StandInVLLMEngine)
     assert built["gpu_memory_utilization"] == 0.35
