@@ -38,7 +38,7 @@ mkdir -p "$OUT_DIR"
 exec > >(tee -a "$OUT_DIR/$JOB.log") 2>&1
 record() { tee -a "$RESULTS"; }  # a section of the results file, echoed
 
-echo "== gpu-check $JOB ($(date -u +%FT%TZ), $(hostname))" | record
+echo "== gpu-check $JOB ($(date -u +%FT%TZ), $(uname -n))" | record
 
 # ---- the GPU, before spending minutes on an install
 if [ "$DRY_RUN" = 1 ]; then
