@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 ARCH := $(shell uname -s)-$(shell uname -m)
 DEMO_NAME ?= arithmetic-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test test-fast lint model setup redis-server prometheus clean-venv
+.PHONY: demo test test-fast lint model setup redis-server prometheus clean-venv gpu-check
 
 setup: $(INSTALLED) redis-server prometheus
 
@@ -52,6 +52,12 @@ test-fast: model redis-server prometheus
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# On a machine with an NVIDIA GPU (PyPI reachable): its own .venv-gpu with the official CUDA vLLM,
+# the demo job for 10 steps on the GPU, then rollout tokens/s, weight-sync ms, learner step seconds
+# and held-out before/after (also in runs/gpu-check/). GPU_CHECK_DRY_RUN=1: see bench/gpu_check.sh.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

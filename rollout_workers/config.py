@@ -24,6 +24,13 @@ class RolloutConfig(Section):
     vllm_merge_adapter: bool = True
     num_cpus_per_worker: float = Field(default=0, ge=0)
     num_gpus_per_worker: float = Field(default=0, ge=0)
+    # Ray custom resources each rollout worker asks for (e.g. {"rollout_node": 1}): the way to pin
+    # rollout workers to nodes started with `ray start --resources=...`, apart from the learner's.
+    resources: dict[str, float] = {}
+    # vLLM on GPU: the share of the device's memory this engine may claim; vLLM refuses to start
+    # when less than this share is free. Lower it when the learner shares the GPU (fractional
+    # num_gpus_per_worker). Not used on CPU, where vllm_kv_cache_gib sizes the cache.
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ def make_engine(rollout: RolloutConfig, spec: EngineSpec) -> InferenceEngine:
                 spec.lora,
                 kv_cache_gib=rollout.vllm_kv_cache_gib,
                 merge_adapter=rollout.vllm_merge_adapter,
+                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
                 max_model_len=spec.max_model_len,
             )
     from .hf_engine import HFEngine

@@ -57,6 +57,7 @@ class VLLMEngine:
         kv_cache_gib: int,
         max_model_len: int,
         merge_adapter: bool = True,
+        gpu_memory_utilization: float = 0.9,
     ):
         max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.rank), None)
         if max_lora_rank is None:
@@ -76,6 +77,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             **lora_serving,
             **_cpu_scheduling(max_model_len),
+            **_gpu_memory(gpu_memory_utilization),
         )
         # The untouched base weights every version is merged into (merging into the served,
         # already-merged weights would accumulate rounding error version after version).
@@ -188,6 +190,15 @@ def _load_checkpoint(model_path: str | Path, dtype: torch.dtype) -> dict:
         for file in files
         for name, tensor in load_file(str(file)).items()
     }
+
+
+def _gpu_memory(utilization: float) -> dict:
+    """On a GPU, the share of device memory vLLM may claim: it checks at start-up that this much
+    is free even when `kv_cache_memory_bytes` sizes the KV cache, so a rollout worker sharing the
+    device with the learner must ask for less than the default 0.9. On CPU: nothing (unchanged)."""
+    if current_platform.is_cpu():
+        return {}
+    return {"gpu_memory_utilization": utilization}
 
 
 def _cpu_scheduling(max_model_len: int) -> dict:

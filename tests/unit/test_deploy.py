@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from core.telemetry import ADVERTISE_HOST_ENV, TARGETS_DIRNAME, advertised_host
-from services.config import JobConfig, MetricsConfig
+from services.config import JobConfig, MetricsConfig, load_config
 from services.orchestrator.metrics import TARGETS_FILE, RunMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,6 +313,137 @@ def test_kuberay_manifests_are_consistent():
     command = job["spec"]["entrypoint"].split()
     assert command[:2] == ["rft", "run"] and (ROOT / command[2]).is_file()
     assert "--address" in command and "metrics.host=0.0.0.0" in command
+
+
+# ---------------------------------------------------------------- 2 GPU nodes: learner + rollout
+
+GPU_IMAGE = "rft-gpu:{version}"
+
+
+def job_overrides(command: list[str]) -> dict[str, object]:
+    """`-o key=value` pairs of an `rft run` command line, values parsed as YAML like load_config does."""
+    pairs = [command[i + 1] for i, arg in enumerate(command) if arg == "-o"]
+    return {key: yaml.safe_load(value) for key, _, value in (p.partition("=") for p in pairs)}
+
+
+def custom_resources(group: dict) -> dict[str, float]:
+    """The custom resources a KubeRay group's `ray start --resources` advertises (a quoted JSON string)."""
+    return json.loads(json.loads(group["rayStartParams"]["resources"]))
+
+
+def gpu_2node_manifests() -> tuple[dict, dict, list[str]]:
+    cluster = load_yaml(DEPLOY / "kuberay/raycluster-gpu-2node.yaml")
+    job = load_yaml(DEPLOY / "kuberay/rayjob-gpu-2node.yaml")
+    return cluster, job, shlex.split(job["spec"]["entrypoint"])
+
+
+def test_gpu_2node_kuberay_cluster_and_job_agree():
+    cluster, job, command = gpu_2node_manifests()
+    claim = load_yaml(DEPLOY / "kuberay/runs-pvc.yaml")
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert cluster["spec"]["rayVersion"] == version("ray")
+    assert job["spec"]["clusterSelector"].items() <= cluster["metadata"]["labels"].items()
+    head = cluster["spec"]["headGroupSpec"]
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"learner", "rollout"} and head["rayStartParams"]["num-gpus"] == "0"
+    templates = [head["template"]] + [g["template"] for g in groups.values()]
+    containers = [c for t in templates for c in t["spec"]["containers"]]
+    containers += job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert {c["image"] for c in containers} == {GPU_IMAGE.format(version=project_version())}
+    for template in templates:  # every node, learner ranks included, writes the same run directory
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in template["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        mounts = {m["mountPath"] for c in template["spec"]["containers"] for m in c["volumeMounts"]}
+        assert (
+            claims == {claim["metadata"]["name"]}
+            and f"/app/{JobConfig.model_fields['run_root'].default}" in mounts
+        )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    assert command[:3] == ["rft", "run", "examples/arithmetic.yaml"] and (ROOT / command[2]).is_file()
+    overrides = job_overrides(command)
+    assert overrides["sync.transport"] == "broadcast" and overrides["rollout.engine"] == "vllm"
+    # Each kind of actor asks only for its own node's resource, and the node holds all of them.
+    for group, section, count_key, gpus_key in (
+        ("learner", "learner", "learner.num_ranks", "learner.num_gpus"),
+        ("rollout", "rollout", "rollout.num_workers", "rollout.num_gpus_per_worker"),
+    ):
+        offered = custom_resources(groups[group])
+        asked = overrides[f"{section}.resources"]
+        count = overrides[count_key]
+        assert set(asked) == set(offered), group
+        assert all(
+            count * share <= groups[group]["replicas"] * offered[name] for name, share in asked.items()
+        )
+        node_gpus = groups[group]["template"]["spec"]["containers"][0]["resources"]["limits"][
+            "nvidia.com/gpu"
+        ]
+        # whole GPUs each: NCCL refuses two ranks of the broadcast group on one device
+        assert (
+            overrides[gpus_key] == 1 and count * overrides[gpus_key] <= groups[group]["replicas"] * node_gpus
+        )
+    other = {name for g in groups.values() for name in custom_resources(g)}
+    assert len(other) == len(groups), "the two groups must advertise different resources"
+
+
+def test_gpu_2node_job_overrides_validate():
+    from learner.config import LearnerConfig
+
+    if "num_ranks" not in LearnerConfig.model_fields:
+        pytest.skip("learner.num_ranks/placement/resources come with the multi-rank learner (not merged yet)")
+    _, _, command = gpu_2node_manifests()
+    overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "-o"]
+    cfg = load_config(ROOT / command[2], overrides)
+    assert cfg.learner.num_ranks == 2 and cfg.learner.resources == {"learner_node": 0.5}
+    assert cfg.rollout.resources == {"rollout_node": 0.5}
+
+
+def test_gpu_2node_rollout_overrides_validate():
+    """The rollout half of the job's overrides, which this checkout's config already has."""
+    _, _, command = gpu_2node_manifests()
+    overrides = [
+        command[i + 1]
+        for i, arg in enumerate(command)
+        if arg == "-o" and command[i + 1].startswith("rollout.")
+    ]
+    cfg = load_config(ROOT / command[2], overrides)
+    assert cfg.rollout.resources == {"rollout_node": 0.5} and cfg.rollout.num_gpus_per_worker == 1
+
+
+def test_gpu_2node_compose_override():
+    base = compose()["services"]
+    override = load_yaml(DEPLOY / "compose/gpu-2node.yml")["services"]
+    nodes = {name: override[name] for name in ("learner-node", "rollout-node")}
+    image = GPU_IMAGE.format(version=project_version())
+    head_port = next(a for a in base["ray-head"]["command"] if a.startswith("--port="))
+    assert head_port in override["ray-head"]["command"]
+    devices = []
+    for name, node in nodes.items():
+        assert node["image"] == image and (ROOT / node["build"]["dockerfile"]).is_file(), name
+        assert f"--address=ray-head:{head_port.split('=')[1]}" in node["command"], name
+        resources = json.loads(
+            next(a for a in node["command"] if a.startswith("--resources=")).split("=", 1)[1]
+        )
+        assert list(resources) == [name.replace("-", "_")], name
+        assert bind_mounts(node) == bind_mounts(base["ray-head"]) == {"/app/runs": "./runs"}, name
+        assert node["environment"]["RAY_AUTH_TOKEN"] == base["ray-head"]["environment"]["RAY_AUTH_TOKEN"]
+        (reservation,) = node["deploy"]["resources"]["reservations"]["devices"]
+        assert reservation["driver"] == "nvidia" and "gpu" in reservation["capabilities"]
+        devices += reservation["device_ids"]
+    assert len(devices) == len(set(devices)), "learner and rollout nodes must not share a GPU"
+    assert {override[n]["image"] for n in ("ray-head", "ray-worker")} == {image}
+
+
+def test_gpu_image_installs_like_gpu_check():
+    dockerfile = (DEPLOY / "gpu.Dockerfile").read_text()
+    assert re.search(r"^COPY \. /app$", dockerfile, re.MULTILINE)
+    install = re.search(r"^RUN (deploy/\S+) ", dockerfile, re.MULTILINE).group(1)
+    assert (ROOT / install).stat().st_mode & 0o111, f"{install} must be executable"
+    assert install in (ROOT / "bench/gpu_check.sh").read_text()
+    assert "DS_ACCELERATOR" not in dockerfile.replace("No DS_ACCELERATOR", "")
 
 
 # ---------------------------------------------------------------- the targets file RunMetrics writes
