@@ -54,12 +54,10 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
 
 
 def actor_env(heavy_actors: int = 2) -> dict[str, str]:
-    """Environment every actor process gets: offline hub, CPU DeepSpeed when there is no GPU, and
-    the cores shared out among the processes that compute at the same time (the learner and the
-    rollout workers): oversubscribed OpenMP threads spin against each other, which measured
-    ~10x slower here than one thread each."""
-    import torch
-
+    """Environment every actor process gets: offline hub, and the cores shared out among the
+    processes that compute at the same time (the learner ranks and the rollout workers):
+    oversubscribed OpenMP threads spin against each other, which measured ~10x slower here than
+    one thread each. (DeepSpeed's accelerator is chosen by each learner rank on its own node.)"""
     threads = max(1, (os.cpu_count() or 1) // max(1, heavy_actors))
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -67,8 +65,6 @@ def actor_env(heavy_actors: int = 2) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
     }
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
     for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -133,6 +129,7 @@ def rollout_worker_factory(cfg: JobConfig, model_path: Path, metrics: MetricsCon
                 name=f"{cfg.name}-{worker_id}",
                 num_cpus=cfg.rollout.num_cpus_per_worker,
                 num_gpus=cfg.rollout.num_gpus_per_worker,
+                resources=cfg.rollout.resources,
                 # Threads: streams, weight loads and pings reach the worker while its engine loop runs.
                 max_concurrency=WORKER_THREADS,
             )
