@@ -11,7 +11,6 @@ import signal
 
 import pytest
 import ray
-import torch
 
 from learner.checkpoint import CheckpointWorldError
 from learner.group import LearnerFailedError, LearnerGroup
