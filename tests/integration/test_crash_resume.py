@@ -11,6 +11,7 @@ import signal
 import pytest
 import ray
 
+from learner.group import LearnerFailedError
 from services.jobs.registry import SUCCEEDED, open_registry
 from services.orchestrator.driver import TrainingDivergedError
 from tests.integration.test_self_healing import (
@@ -26,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 def kill_learner() -> None:
-    """SIGKILL the learner's process and wait until Ray has noticed, so the step about to be
-    trained fails for certain."""
-    learner = ray.get_actor("e2e-learner")
+    """SIGKILL the learner's process (its one rank) and wait until Ray has noticed, so the step
+    about to be trained fails for certain."""
+    learner = ray.get_actor("e2e-learner-0")
     os.kill(ray.get(learner.process_id.remote()), signal.SIGKILL)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(learner.process_id.remote())
@@ -37,9 +38,15 @@ def kill_learner() -> None:
 def test_learner_killed_mid_run_then_resumed_trains_each_sample_once(tmp_path, tiny_model_dir):
     every_step = ["checkpoint.every_steps=1", "checkpoint.keep_last=10"]
     # Call 3 comes after step index 2's rollouts were collected: they are scored and appended to
-    # the stream, and then the learner is gone when they are to be trained.
-    with pytest.raises(ray.exceptions.RayActorError):
-        run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}, actions={3: kill_learner}), every_step)
+    # the stream, and then the learner is gone when they are to be trained. No restarts allowed:
+    # the job stops (a restart within the job: tests/integration/test_learner_group.py).
+    with pytest.raises(LearnerFailedError, match="learner rank 0 died"):
+        run(
+            tmp_path,
+            tiny_model_dir,
+            ScriptedControl(sizes={}, actions={3: kill_learner}),
+            [*every_step, "learner.max_restarts=0"],
+        )
     run_dir = tmp_path / "runs" / "e2e"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_1", "step_2"]
 
