@@ -90,11 +90,8 @@ OVERRIDES=(
   "eval.every_steps=$STEPS"        # held-out eval only before step 1 and after the last
   "checkpoint.every_steps=$STEPS"  # one checkpoint, at the end
   "metrics.port=0"                 # any free port: another job may hold 9400
+  "learner.num_ranks=1"            # the learner group on one GPU (nccl)
 )
-# learner.num_ranks comes with the multi-rank learner; 1 is its default, so without it nothing changes.
-if PYTHONPATH=. "$PY" -c 'import sys; from learner.config import LearnerConfig; sys.exit("num_ranks" not in LearnerConfig.model_fields)'; then
-  OVERRIDES+=("learner.num_ranks=1")
-fi
 { echo "-- job: examples/arithmetic.yaml on $GPUS GPU(s), transport $TRANSPORT"; printf '  -o %s\n' "${OVERRIDES[@]}"; } | record
 
 # The overrides must name real fields before anything is spent on them (the same check as rft run's).

@@ -83,7 +83,11 @@ class LearnerGroup:
                 f"{settings.placement}) did not fit the Ray cluster within learner.timeout_s="
                 f"{self.timeout_s:g} s; cluster resources: {ray.cluster_resources()}"
             )
-        self.ranks = self._start_ranks()
+        try:
+            self.ranks = self._start_ranks()
+        except BaseException:
+            remove_placement_group(self.placement)
+            raise
 
     # ---- the learner's interface -------------------------------------------------------------
 
@@ -136,8 +140,7 @@ class LearnerGroup:
     def restart(self) -> None:
         """Tear the ranks down and start a fresh world (weights as at start: restore a checkpoint)."""
         self._kill_ranks()
-        self.restarts += 1
-        self.policy_version = 0
+        self.ranks, self.restarts, self.policy_version = [], self.restarts + 1, 0
         self.ranks = self._start_ranks()
 
     def shutdown(self) -> None:
@@ -171,7 +174,7 @@ class LearnerGroup:
             for rank in range(self.num_ranks)
         ]
         self.ranks = ranks
-        self._call_all("process_id")  # every rank constructed: the world has formed
+        self._wait([rank.process_id.remote() for rank in ranks], "start-up")  # the world has formed
         log.info("learner group up: %d rank(s) at %s:%d", self.num_ranks, address, port)
         return ranks
 
@@ -218,14 +221,14 @@ class LearnerGroup:
     def _diagnose(self, errors: dict[int, BaseException], late: list[int], during: str) -> LearnerFailedError:
         dead = [r for r, e in errors.items() if isinstance(e, ray.exceptions.RayActorError)]
         if dead:
-            return LearnerFailedError(dead[0], f"died: {_first_line(errors[dead[0]])}", during)
+            return LearnerFailedError(dead[0], f"died: {_summary(errors[dead[0]])}", during)
         if late:
             silent = self._not_answering(late)
             if silent:
                 return LearnerFailedError(silent[0], f"did not answer within {self.timeout_s:g} s", during)
         if errors:
             rank = min(errors)
-            return LearnerFailedError(rank, f"raised {_first_line(errors[rank])}", during)
+            return LearnerFailedError(rank, f"raised {_summary(errors[rank])}", during)
         return LearnerFailedError(
             late[0],
             f"answers pings but did not finish within learner.timeout_s={self.timeout_s:g} s "
@@ -242,7 +245,11 @@ class LearnerGroup:
         return sorted(set(pings.values()) - {pings[ref] for ref in answered})
 
 
-def _first_line(error: BaseException) -> str:
+def _summary(error: BaseException) -> str:
+    """One line: the exception's type, its message's first line and, where the message goes on
+    (Ray's report of an actor that died in its constructor ends with the constructor's error),
+    its last line."""
     cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the rank's own exception
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"[:500]
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(cause).__name__}: {text}"[:600]

@@ -176,7 +176,17 @@ PANELS = [
                         f"increase(rft_rollout_workers_replaced_total{JOB}[15m])",
                         "{{job}} rollout workers replaced (15 min)",
                     ),
+                    (
+                        f"increase(rft_learner_restarts_total{JOB}[15m])",
+                        "{{job}} learner group restarts (15 min)",
+                    ),
                 ],
+                "timeseries",
+            ),
+            (
+                "Learner ranks",
+                "s",
+                [(f"rft_learner_rank_step_seconds{JOB}", "{{job}} {{worker}} step")],
                 "timeseries",
             ),
         ],

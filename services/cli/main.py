@@ -68,11 +68,13 @@ def run(
         inputs = prepare_inputs(cfg)
     except USER_ERRORS as e:
         fail(str(e))
+    from learner.checkpoint import CheckpointWorldError
+    from learner.group import LearnerFailedError
     from services.orchestrator.driver import TrainingDivergedError
 
     try:
         summary = run_job(cfg, inputs, resume=resume is not None)
-    except TrainingDivergedError as e:
+    except (TrainingDivergedError, CheckpointWorldError, LearnerFailedError) as e:
         fail(str(e))
     base, final = summary["heldout_base"], summary["heldout_final"]
     if base and final:

@@ -282,22 +282,27 @@ class Orchestrator:
         learner.max_restarts times), restore the last checkpoint into it, and take the scored
         rollouts of the steps after it from the stream. The prompts and rollouts already out (the
         data cursor, the steps submitted ahead) stand, so every sample is trained exactly once."""
-        limit = self.cfg.learner.max_restarts
-        if self.actors.learner.restarts >= limit:
-            raise LearnerFailedError(
-                failure.rank,
-                f"{failure.cause}; the learner group was restarted {self.actors.learner.restarts} time(s) "
-                f"already (learner.max_restarts={limit}), so the job stops here. rft run --resume "
-                "continues it from the last checkpoint",
-                failure.during,
-            ) from failure
-        log.warning("%s: restarting the learner group from the last checkpoint", failure)
-        self.actors.learner.restart()
+        while True:
+            limit = self.cfg.learner.max_restarts
+            if self.actors.learner.restarts >= limit:
+                raise LearnerFailedError(
+                    failure.rank,
+                    f"{failure.cause}; the learner group was restarted {self.actors.learner.restarts} "
+                    f"time(s) already (learner.max_restarts={limit}), so the job stops here. "
+                    "rft run --resume continues it from the last checkpoint",
+                    failure.during,
+                ) from failure
+            log.warning("%s: restarting the learner group from the last checkpoint", failure)
+            self.metrics.learner_restarted(self.state.step, str(failure))
+            try:
+                self.actors.learner.restart()
+                self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state.base_heldout)
+                break
+            except LearnerFailedError as again:  # failed while starting or restoring: once more
+                failure = again
         self.actors.channel.replace_sender(self.actors.learner.sender)
-        self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state.base_heldout)
         self.take_backlog()
         self.skipped_in_a_row = 0
-        self.metrics.learner_restarted(self.state.step, str(failure))
         self.progress.rewind(self.state.step)
 
     def finish(self) -> dict:

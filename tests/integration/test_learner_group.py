@@ -8,14 +8,16 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import ray
 
-from learner.checkpoint import CheckpointWorldError
 from learner.group import LearnerFailedError, LearnerGroup
 from learner.interface import TrainBatch
-from learner.shards import assign_to_ranks, plan_shards
+from learner.shards import plan_shards
+from tests.integration.test_e2e import check_run, rft, write_job
 from tests.integration.test_learner import TEMPERATURE, job_config, make_samples
 from tests.integration.test_self_healing import (
     PROMPTS_PER_STEP,
@@ -74,43 +76,32 @@ def test_two_ranks_take_the_same_steps_as_one(local_ray, tiny_model_dir, zero_st
         assert len(two.rank_seconds) == 2 and len(one.rank_seconds) == 1
 
 
-def test_batch_is_split_by_tokens_not_by_count():
-    samples = make_samples([0.0] * 6)  # sample i has 9 + 5i tokens
-    ranks = assign_to_ranks(samples, 2)
-    tokens = [sum(len(samples[i].prompt_ids) + len(samples[i].completion_ids) for i in r) for r in ranks]
-    assert sorted(i for r in ranks for i in r) == list(range(6))  # each sample on exactly one rank
-    assert abs(tokens[0] - tokens[1]) <= 5, (ranks, tokens)
-    assert [r == sorted(r) for r in ranks] == [True, True]  # batch order kept within a rank
-
-
 # ---- jobs -------------------------------------------------------------------------------------
 
-TWO_RANKS = ["learner.num_ranks=2", "learner.timeout_s=120"]
 
+def test_rft_run_with_two_ranks_trains_and_resumes(tmp_path, tiny_model_dir):
+    config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=1)
+    rft("run", str(config), "-o", "learner.num_ranks=2", "-o", "learner.timeout_s=120")
+    run_dir = tmp_path / "runs" / "e2e"
+    records = check_run(run_dir, steps=2)
+    assert all(r["learner_rank_step_seconds"].keys() == {"learner-0", "learner-1"} for r in records)
+    assert all(r["workers"]["learner"] == 2 for r in records)
+    world = run_dir / "checkpoints" / "step_2" / "learner" / "learner_world.json"
+    assert json.loads(world.read_text()) == {"num_ranks": 2}
 
-def test_job_with_two_ranks_trains_and_resumes(tmp_path, tiny_model_dir):
-    cfg, inputs, records, metrics = run(
-        tmp_path,
-        tiny_model_dir,
-        ScriptedControl(sizes={}),
-        [*TWO_RANKS, "checkpoint.every_steps=1", "steps=3"],
+    refused = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", "--resume", str(run_dir), "-o", "learner.num_ranks=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    steps = [m for m in metrics if "learner_rank_step_seconds" in m]
-    assert [m["step"] for m in steps] == [1, 2, 3]
-    assert all(m["learner_rank_step_seconds"].keys() == {"learner-0", "learner-1"} for m in steps)
-    assert all(m["workers"]["learner"] == 2 and m["samples_trained_count"] > 0 for m in steps)
-    run_dir = cfg.run_dir
-    assert json.loads(
-        (run_dir / "checkpoints" / "step_3" / "learner" / "learner_world.json").read_text()
-    ) == {"num_ranks": 2}
+    assert refused.returncode != 0
+    assert "written by 2 learner rank(s); this job has learner.num_ranks=1" in refused.stdout + refused.stderr
 
-    with pytest.raises(CheckpointWorldError, match=r"written by 2 learner rank\(s\).*learner.num_ranks=2"):
-        run(tmp_path, tiny_model_dir, ScriptedControl(sizes={}), ["steps=4"], resume=True)
-    _, _, _, metrics = run(
-        tmp_path, tiny_model_dir, ScriptedControl(sizes={}), [*TWO_RANKS, "steps=4"], resume=True
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["policy_version"] == 4 and (run_dir / "adapter").is_dir()
+    rft("run", "--resume", str(run_dir), "-o", "steps=3")  # the run's own config: 2 ranks
+    check_run(run_dir, steps=3)
+    state = json.loads((run_dir / "checkpoints" / "step_3" / "driver_state.json").read_text())
+    assert state["data_cursor"] == 3 * 2 and state["policy_version"] == 3
 
 
 def learner_rank(rank: int):

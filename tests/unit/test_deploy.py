@@ -390,10 +390,6 @@ def test_gpu_2node_kuberay_cluster_and_job_agree():
 
 
 def test_gpu_2node_job_overrides_validate():
-    from learner.config import LearnerConfig
-
-    if "num_ranks" not in LearnerConfig.model_fields:
-        pytest.skip("learner.num_ranks/placement/resources come with the multi-rank learner (not merged yet)")
     _, _, command = gpu_2node_manifests()
     overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "-o"]
     cfg = load_config(ROOT / command[2], overrides)
