@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from learner.checkpoint import check_checkpoint_world
 from services.config import JobConfig
 
 log = logging.getLogger("rft.checkpoints")
@@ -54,6 +55,15 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     return sorted((int(p.name.split("_")[1]), p) for p in root.glob("step_*") if (p / DRIVER_STATE).is_file())
+
+
+def check_resumable(run_dir: Path, num_ranks: int) -> None:
+    """Before anything starts (or the run's config.yaml is rewritten): the newest checkpoint
+    exists and was written by `num_ranks` learner ranks."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir / 'checkpoints'}")
+    check_checkpoint_world(found[-1][1] / "learner", num_ranks)
 
 
 def restore(run_dir: Path, learner) -> DriverState:

@@ -29,7 +29,13 @@ from rollout_workers.interface import SamplingSettings
 from services.config import JobConfig, dump_config
 from services.jobs.registry import JobRegistry, open_registry
 from services.orchestrator.batch import build_batch, step_requests
-from services.orchestrator.checkpoints import DriverState, restore, roll_back, save_checkpoint
+from services.orchestrator.checkpoints import (
+    DriverState,
+    check_resumable,
+    restore,
+    roll_back,
+    save_checkpoint,
+)
 from services.orchestrator.data import PromptOrder
 from services.orchestrator.evaluation import eval_requests, format_summary, greedy_settings, summarize
 from services.orchestrator.metrics import RunMetrics
@@ -68,6 +74,8 @@ def run_job(
     cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None
 ) -> dict:
     """Run (or with `resume`, continue) the job; returns the summary also written to summary.json."""
+    if resume:
+        check_resumable(cfg.run_dir, cfg.learner.num_ranks)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
     registry = open_registry(cfg.run_root, cfg.cluster.redis_url)
