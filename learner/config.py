@@ -14,10 +14,18 @@ class AlgorithmConfig(Section):
     scale_by_std: bool = True  # False = Dr. GRPO (advantage = r - mean)
     advantage_eps: float = 1e-6
     skip_zero_signal_groups: bool = True
-    # PPO-clip bounds. With one optimizer step per batch the ratio π_θ/π_old is 1 at every token,
-    # so the clip never binds (clip_fraction is 0) until several optimizer steps per batch exist.
+    # ppo_clip: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A). cispo (MiniMax-M1): -sg(clip(ρ, 1-ε_low,
+    # 1+ε_high))·A·log π_θ, so a clipped token still passes gradient, only with a bounded weight.
+    loss: Literal["ppo_clip", "cispo"] = "ppo_clip"
+    # token: ρ_t = π_θ/π_old per token. sequence (GSPO): one ratio per sequence, the geometric mean
+    # exp(mean_t log ρ_t), clipped per sequence (GSPO's bounds are ~1e-3, far tighter than PPO's).
+    ratio_level: Literal["token", "sequence"] = "token"
+    # The clip bounds. With one optimizer step per batch (ppo_epochs = mini_batches = 1) the ratio
+    # is 1 everywhere and the clip never binds; with more, π_old is the weights at the step's start.
     clip_eps_low: float = Field(default=0.2, ge=0)
     clip_eps_high: float = Field(default=0.28, ge=0)
+    ppo_epochs: int = Field(default=1, ge=1)  # passes over the batch per learner step
+    mini_batches: int = Field(default=1, ge=1)  # optimizer steps per pass (the batch split in order)
     tis_mode: Literal["token_truncate", "sequence_truncate", "sequence_mask", "off"] = "token_truncate"
     tis_cap: float = Field(default=2.0, gt=0)
     tis_mask_low: float = Field(default=0.5, gt=0)

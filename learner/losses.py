@@ -79,7 +79,10 @@ def policy_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped, importance-weighted policy-gradient loss plus β·k3 to the reference.
 
-    Per token: L_t = -w_t · min(ρ_t A, clip(ρ_t, 1-ε_low, 1+ε_high) A) + β·k3, ρ_t = exp(π_θ - π_old).
+    Per token, with ρ the ratio π_θ/π_old (`cfg.ratio_level`: token: ρ_t = exp(π_θ,t - π_old,t);
+    sequence, GSPO: ρ_i = exp(mean_t (π_θ - π_old)) for every token of sequence i):
+      ppo_clip: L_t = -w_t · min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) + β·k3
+      cispo:    L_t = -w_t · sg(clip(ρ, 1-ε_low, 1+ε_high)) · A · π_θ,t + β·k3
     token_mean:    Σ_{i,t} L / (number of valid tokens)
     sequence_mean: Σ_i (mean_t L_i) / (number of sequences)
     Sequences dropped by sequence_mask contribute 0 but still count in the denominator, so the
@@ -89,19 +92,30 @@ def policy_loss(
 
     Metrics (over valid tokens): is_weight_mean/max; is_truncated_fraction = tokens whose weight hit
     the cap (sequence_mask: fraction of sequences dropped); mismatch_kl = k3 estimate of
-    KL(μ || π_old) on the sampled tokens; clip_fraction = tokens where the clipped branch is the
-    minimum (its gradient is zero); kl_ref = k3 estimate of KL(π_θ || π_ref) (0 without ref).
+    KL(μ || π_old) on the sampled tokens; clip_fraction = tokens where the clip acts (ppo_clip:
+    the clipped branch is the minimum, its gradient zero; cispo: ρ outside the bounds, its weight
+    capped); kl_ref = k3 estimate of KL(π_θ || π_ref) (0 without ref).
     """
     mask = mask.bool()
     weights, keep = importance_weights(old_logprobs, behaviour_logprobs, mask, cfg)
     trained = mask & keep[:, None]
     old_logprobs = old_logprobs.detach()
 
-    ratio = torch.exp(new_logprobs - old_logprobs)
+    log_ratio = torch.where(mask, new_logprobs - old_logprobs, 0.0)
+    if cfg.ratio_level == "sequence":
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(
+            log_ratio
+        )
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None].to(ratio.dtype)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv
-    per_token = -weights * torch.minimum(unclipped, clipped)
+    bounded = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
+    if cfg.loss == "cispo":
+        per_token = -weights * bounded.detach() * adv * new_logprobs
+        clip_active = bounded != ratio
+    else:
+        unclipped, clipped = ratio * adv, bounded * adv
+        per_token = -weights * torch.minimum(unclipped, clipped)
+        clip_active = clipped < unclipped
     kl_ref = None
     if ref_logprobs is not None:
         kl_ref = k3(ref_logprobs.detach() - new_logprobs)
@@ -128,7 +142,7 @@ def policy_loss(
             "is_weight_max": weights[mask].max().item() if mask.any() else 0.0,
             "is_truncated_fraction": truncated,
             "mismatch_kl": _token_mean(k3(torch.where(mask, old_logprobs - behaviour_logprobs, 0.0)), mask),
-            "clip_fraction": _token_mean(clipped < unclipped, mask),
+            "clip_fraction": _token_mean(clip_active, mask),
             "kl_ref": _token_mean(kl_ref, mask) if kl_ref is not None else 0.0,
         }
     return loss, metrics

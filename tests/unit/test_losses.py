@@ -34,12 +34,16 @@ def reference(new, old, mu, ref, adv, lengths, cfg):
         if cfg.tis_mode in ("token_truncate", "sequence_truncate"):
             truncated += [1.0 if r >= cfg.tis_cap else 0.0 for r in raw]
         token_losses = []
+        sequence_log_ratio = sum(new[i][t] - old[i][t] for t in range(n)) / n  # GSPO
         for t in range(n):
-            rho = math.exp(new[i][t] - old[i][t])
+            rho = math.exp(sequence_log_ratio if cfg.ratio_level == "sequence" else new[i][t] - old[i][t])
             rho_clipped = min(max(rho, 1 - cfg.clip_eps_low), 1 + cfg.clip_eps_high)
-            surrogate = min(rho * adv[i], rho_clipped * adv[i])
-            clipped.append(1.0 if rho_clipped * adv[i] < rho * adv[i] else 0.0)
-            loss = -weights[t] * surrogate
+            if cfg.loss == "cispo":  # the clipped ratio is a constant weight on log π_θ
+                loss = -weights[t] * rho_clipped * adv[i] * new[i][t]
+                clipped.append(1.0 if rho_clipped != rho else 0.0)
+            else:
+                loss = -weights[t] * min(rho * adv[i], rho_clipped * adv[i])
+                clipped.append(1.0 if rho_clipped * adv[i] < rho * adv[i] else 0.0)
             if ref is not None:
                 d = ref[i][t] - new[i][t]
                 kl_ref.append(math.exp(d) - d - 1)
@@ -85,13 +89,28 @@ CONFIGS = [
     for mode in ("token_truncate", "sequence_truncate", "sequence_mask", "off")
     for agg in ("token_mean", "sequence_mean")
     for kl in (0.0, 0.1)
+] + [
+    # GSPO (one ratio per sequence) and CISPO (the clipped ratio as a detached weight), each
+    # with both aggregations, a KL term and TIS; a sequence's ratio varies less than a token's,
+    # so its clip is tighter (GSPO's own is ~1e-3).
+    dict(loss=loss, ratio_level=level, tis_mode="token_truncate", loss_aggregation=agg, kl_coef=0.1)
+    | ({"clip_eps_low": 0.05, "clip_eps_high": 0.05} if level == "sequence" else {})
+    for loss, level in (("ppo_clip", "sequence"), ("cispo", "token"), ("cispo", "sequence"))
+    for agg in ("token_mean", "sequence_mean")
 ]
 
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_policy_loss_matches_reference(overrides):
     cfg = AlgorithmConfig(
-        clip_eps_low=0.2, clip_eps_high=0.28, tis_cap=2.0, tis_mask_low=0.7, tis_mask_high=1.4, **overrides
+        **{
+            "clip_eps_low": 0.2,
+            "clip_eps_high": 0.28,
+            "tis_cap": 2.0,
+            "tis_mask_low": 0.7,
+            "tis_mask_high": 1.4,
+        }
+        | overrides
     )
     new, old, mu, ref, adv, mask = make_inputs(seed=0)
     use_ref = cfg.kl_coef > 0
@@ -116,6 +135,12 @@ def test_policy_loss_matches_reference(overrides):
     def reference_loss_at(new_lists):
         return reference(new_lists, *lists[1:3], lists[3] if use_ref else None, lists[4], LENGTHS, cfg)[0]
 
+    if cfg.loss == "cispo":
+        # The stop-gradient has no finite-difference counterpart: with ρ̂ = sg(clip(ρ)) the
+        # gradient is -w·ρ̂·A (+ β·dk3) per token, over the aggregation's denominator.
+        expected = cispo_gradient(*lists[:4], lists[4], cfg, use_ref)
+        assert torch.allclose(new_param.grad, expected, rtol=1e-10, atol=1e-12)
+        return
     h = 1e-6
     for i, n in enumerate(LENGTHS):
         for t in range(WIDTH):
@@ -127,6 +152,27 @@ def test_policy_loss_matches_reference(overrides):
             minus[i][t] -= h
             numeric = (reference_loss_at(plus) - reference_loss_at(minus)) / (2 * h)
             assert new_param.grad[i, t].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+def cispo_gradient(new, old, mu, ref, adv, cfg, use_ref) -> torch.Tensor:
+    """d loss / d π_θ for CISPO, token by token, from the reference's weights."""
+    grad = torch.zeros(len(LENGTHS), WIDTH, dtype=torch.float64)
+    for i, n in enumerate(LENGTHS):
+        log_ratios = [old[i][t] - mu[i][t] for t in range(n)]
+        if cfg.tis_mode == "token_truncate":
+            weights = [min(math.exp(x), cfg.tis_cap) for x in log_ratios]
+        else:
+            raise AssertionError("the CISPO configs use token_truncate")
+        scale = 1 / sum(LENGTHS) if cfg.loss_aggregation == "token_mean" else 1 / (n * len(LENGTHS))
+        sequence_log_ratio = sum(new[i][t] - old[i][t] for t in range(n)) / n
+        for t in range(n):
+            rho = math.exp(sequence_log_ratio if cfg.ratio_level == "sequence" else new[i][t] - old[i][t])
+            rho_clipped = min(max(rho, 1 - cfg.clip_eps_low), 1 + cfg.clip_eps_high)
+            g = -weights[t] * rho_clipped * adv[i]
+            if use_ref:
+                g += cfg.kl_coef * (1 - math.exp(ref[i][t] - new[i][t]))  # d k3(ref - new) / d new
+            grad[i, t] = g * scale
+    return grad
 
 
 def test_policy_loss_float32_and_denominator():
