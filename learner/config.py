@@ -47,7 +47,10 @@ class LearnerConfig(Section):
     learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
-    micro_batch_size: int = Field(default=16, ge=1)
+    micro_batch_size: int = Field(default=16, ge=1)  # rows per micro-batch (at most, with a budget)
+    # Micro-batches by padded tokens (rows x longest row), rows sorted by length so padding stays
+    # small; None = micro_batch_size rows at a time in batch order.
+    max_tokens_per_micro_batch: int | None = Field(default=None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
     max_consecutive_skipped_steps: int = Field(default=3, ge=1)

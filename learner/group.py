@@ -97,15 +97,16 @@ class LearnerGroup:
         return self.ranks[0]
 
     def train_step(self, batch: TrainBatch) -> StepStats:
-        started = time.perf_counter()
+        started, version_before = time.perf_counter(), self.policy_version
         if not check_batch(batch):
             log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
             return skipped_stats(batch, self.policy_version, time.perf_counter() - started)
-        shards = plan_shards(batch, self.num_ranks, self.settings.micro_batch_size, self.algorithm)
+        shards = plan_shards(batch, self.num_ranks, self.settings, self.algorithm)
         results = self._wait(
             [rank.train_shard.remote(shard) for rank, shard in zip(self.ranks, shards)], "train_shard"
         )
-        stats = merge_results(batch, shards, results, self.algorithm, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        stats = merge_results(batch, shards, results, self.algorithm, seconds, version_before)
         self.policy_version = stats.policy_version
         return stats
 

@@ -39,4 +39,5 @@ class StepStats:
     step_seconds: float
     skipped: bool = False  # non-finite loss/grad: step skipped, adapter unchanged
     rank_seconds: list[float] = field(default_factory=list)  # each learner rank's own time in the step
+    padding_fraction: float = 0.0  # share of the tokens the forward passes computed that were padding
     extra: dict[str, float] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
 from learner.shards import (
     DUMMY_SAMPLE,
+    MiniBatchShard,
     ShardResult,
     TrainShard,
     check_batch,
@@ -157,79 +158,134 @@ class Learner(WeightsSender):
     # ---- training --------------------------------------------------------------------------
 
     def train_step(self, batch: TrainBatch) -> StepStats:
-        """One optimizer step on the whole batch, alone (a group splits it: `learner/group.py`);
+        """One learner step on the whole batch, alone (a group splits it: `learner/group.py`);
         skipped, weights unchanged, on non-finite numbers."""
         if self.world_size != 1:
             raise RuntimeError("train_step trains alone; a learner group trains through train_shard")
-        started = time.perf_counter()
+        started, version_before = time.perf_counter(), self.policy_version
         if not check_batch(batch):
             log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
             return skipped_stats(batch, self.policy_version, time.perf_counter() - started)
-        [shard] = plan_shards(batch, 1, self.settings.micro_batch_size, self.algorithm)
+        [shard] = plan_shards(batch, 1, self.settings, self.algorithm)
         result = self.train_shard(shard)
-        return merge_results(batch, [shard], [result], self.algorithm, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return merge_results(batch, [shard], [result], self.algorithm, seconds, version_before)
 
     def train_shard(self, shard: TrainShard) -> ShardResult:
-        """Forward and backward this rank's micro-batches, then the optimizer step (DeepSpeed
-        all-reduces the gradients across the ranks; it skips a step whose gradient norm is not
-        finite, on every rank alike, and zeroes the gradients)."""
+        """This rank's part of a learner step: `shard.epochs` passes over its mini-batches, one
+        optimizer step each (DeepSpeed all-reduces the gradients across the ranks; it skips a
+        step whose gradient norm is not finite, on every rank alike, and zeroes the gradients).
+        With more than one update, π_old is a snapshot taken first (one no-grad forward)."""
         started = time.perf_counter()
-        self.engine.train()
-        outputs: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": []}
-        for k, samples in enumerate(shard.micro_batches):
-            self.engine.set_gradient_accumulation_boundary(k == len(shard.micro_batches) - 1)
-            old, entropy, ref = self._micro_step(
-                samples or [DUMMY_SAMPLE], shard, weight=1.0 if samples else 0.0
-            )
-            for row, sample in enumerate(samples):
-                length = len(sample.completion_ids)
-                outputs["old"].append(old[row, :length].cpu())
-                outputs["entropy"].append(entropy[row, :length].cpu())
-                if ref is not None:
-                    outputs["ref"].append(ref[row, :length].cpu())
-        self.engine.step()
-        skipped = not self.engine.was_step_applied()
-        if not skipped:
-            self.policy_version += 1
-        seconds = time.perf_counter() - started
-        if self.metrics:
-            tokens = sum(len(s.completion_ids) for micro in shard.micro_batches for s in micro)
-            self.metrics.add("skipped_steps" if skipped else "steps")
-            self.metrics.add("train_seconds", seconds)
-            self.metrics.add("trained_tokens", 0 if skipped else tokens)
-            self.metrics.set("policy_version", self.policy_version)
-        return ShardResult(
+        snapshot = shard.updates > 1
+        result = ShardResult(
             policy_version=self.policy_version,
-            skipped=skipped,
-            grad_norm=float(self.engine.get_global_grad_norm()),
-            seconds=seconds,
-            old_logprobs=outputs["old"],
-            entropy=outputs["entropy"],
-            ref_logprobs=outputs["ref"] if self.algorithm.kl_coef > 0 else None,
+            applied=[],
+            grad_norms=[],
+            seconds=0.0,
+            old_logprobs=self._snapshot(shard) if snapshot else {},
+            entropy={},
+            new_logprobs=[],
+            ref_logprobs={} if self.algorithm.kl_coef > 0 else None,
         )
+        for epoch in range(shard.epochs):
+            for mini in shard.mini_batches:
+                self._update(mini, shard.temperature, result, first_pass=epoch == 0, snapshot=snapshot)
+        trained = any(result.applied)
+        if trained:
+            self.policy_version += 1  # one version per learner step, however many updates it took
+        result.policy_version, result.seconds = self.policy_version, time.perf_counter() - started
+        if self.metrics:
+            tokens = sum(
+                len(s.completion_ids) for mini in shard.mini_batches for m in mini.micro_batches for s in m
+            )
+            self.metrics.add("steps" if trained else "skipped_steps")
+            self.metrics.add("train_seconds", result.seconds)
+            self.metrics.add("trained_tokens", tokens if trained else 0)
+            self.metrics.set("policy_version", self.policy_version)
+        return result
 
-    def _micro_step(self, samples: list[TrainSample], shard: TrainShard, weight: float):
-        """Forward and backward one micro-batch, adding its share of the batch loss's gradient
-        (`weight` 0: the dummy an empty micro-batch runs). Returns the detached (old_logprobs,
-        entropy, ref_logprobs | None), [micro-batch, longest completion]."""
+    def _update(
+        self, mini: MiniBatchShard, temperature: float, result: ShardResult, first_pass: bool, snapshot: bool
+    ) -> None:
+        """Forward and backward the mini-batch's micro-batches, then one optimizer step. Records
+        π_θ per sample; on the first pass also the entropy, π_ref and (without a snapshot) π_old."""
+        self.engine.train()
+        new: dict[int, torch.Tensor] = {}
+        positions = iter(mini.sample_indices)
+        for k, samples in enumerate(mini.micro_batches):
+            self.engine.set_gradient_accumulation_boundary(k == len(mini.micro_batches) - 1)
+            rows = [next(positions) for _ in samples]
+            old = [result.old_logprobs[i] for i in rows] if snapshot else None
+            ref = [result.ref_logprobs[i] for i in rows] if result.ref_logprobs and not first_pass else None
+            computed = self._micro_step(samples, temperature, mini.denominator, old, ref, first_pass)
+            for row, (logprobs, entropy, ref_row) in zip(rows, computed):
+                new[row] = logprobs
+                if first_pass:
+                    result.old_logprobs.setdefault(row, logprobs)
+                    result.entropy[row] = entropy
+                    if ref_row is not None:
+                        result.ref_logprobs[row] = ref_row
+        self.engine.step()
+        result.applied.append(self.engine.was_step_applied())
+        result.grad_norms.append(float(self.engine.get_global_grad_norm()))
+        result.new_logprobs.append(new)
+
+    def _micro_step(self, samples, temperature, denominator, old_rows, ref_rows, first_pass):
+        """Forward and backward one micro-batch, adding its share of the mini-batch loss's
+        gradient; an empty one runs the dummy with zero weight (the ranks' collectives stay in
+        step, so it makes the same forward passes a real one makes). π_old is `old_rows` (a
+        snapshot) or, with one update per step, π_θ detached from the same forward (ρ = 1); π_ref
+        is computed on the first pass, then `ref_rows`. Returns per sample (π_θ, entropy,
+        π_ref | None), detached, on CPU."""
+        weight = 1.0 if samples else 0.0
+        samples = samples or [DUMMY_SAMPLE]
         device = self.engine.device
-        new_logprobs, mask, entropy = self._logprobs(samples, shard.temperature)
-        # One optimizer step per batch, so the weights at the start of the step are the ones
-        # being trained: π_old is π_θ detached, from the same forward pass (ρ = 1 here).
-        old_logprobs = new_logprobs.detach()
-        ref = self._reference_logprobs(samples, shard.temperature) if self.algorithm.kl_coef > 0 else None
+        new_logprobs, mask, entropy = self._logprobs(samples, temperature)
+        width = mask.shape[1]
+        old = _padded(old_rows, width, device) if old_rows else new_logprobs.detach()
+        ref = None
+        if self.algorithm.kl_coef > 0:
+            if first_pass:
+                ref = self._reference_logprobs(samples, temperature)
+            else:  # cached (a dummy's is never used: its weight is 0)
+                ref = _padded(ref_rows, width, device) if ref_rows else new_logprobs.detach()
         loss, _ = policy_loss(
             new_logprobs,
-            old_logprobs,
+            old,
             right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32).to(device),
             ref,
             torch.tensor([s.advantage for s in samples], dtype=torch.float32).to(device),
             mask,
             self.algorithm,
-            denominator=shard.denominator,
+            denominator=denominator,
         )
         self.engine.backward(loss if weight == 1.0 else loss * weight)
-        return old_logprobs, entropy, ref
+        if not weight:
+            return []
+        detached = new_logprobs.detach().float().cpu()
+        return [
+            (
+                detached[i, : len(s.completion_ids)],
+                entropy[i, : len(s.completion_ids)].float().cpu(),
+                ref[i, : len(s.completion_ids)].float().cpu() if ref is not None else None,
+            )
+            for i, s in enumerate(samples)
+        ]
+
+    @torch.no_grad()
+    def _snapshot(self, shard: TrainShard) -> dict[int, torch.Tensor]:
+        """π_old of every sample of the shard, before its first update: one no-grad forward per
+        micro-batch (the dummy included: under ZeRO-3 a forward gathers weights, a collective)."""
+        self.engine.eval()
+        old = {}
+        for mini in shard.mini_batches:
+            positions = iter(mini.sample_indices)
+            for samples in mini.micro_batches:
+                logprobs, _, _ = self._logprobs(samples or [DUMMY_SAMPLE], shard.temperature)
+                for i, sample in enumerate(samples):
+                    old[next(positions)] = logprobs[i, : len(sample.completion_ids)].float().cpu()
+        return old
 
     # ---- exported weights, output and checkpoints -------------------------------------------
     # Under ZeRO-3 exporting gathers each parameter from its partitions, a collective: every rank
@@ -319,3 +375,7 @@ class Learner(WeightsSender):
             self.engine, directory, self.world_size, strict=not self.lora
         )
         return self.policy_version
+
+
+def _padded(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows]).to(device)

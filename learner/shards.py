@@ -1,17 +1,20 @@
-"""Data parallelism over the learner's ranks: how one TrainBatch is split into a `TrainShard` per
-rank (`plan_shards`), and how the ranks' `ShardResult`s become the step's `StepStats`
-(`merge_results`).
+"""How one learner step's TrainBatch is cut up (`plan_shards`), and how the ranks' results become
+the step's StepStats (`merge_results`).
 
-A batch is split by tokens, not by count: each sample's cost is its prompt + completion length
-(what a forward/backward pass costs), and the longest go first to the rank with the fewest
-tokens so far. Each rank keeps its samples in batch order and cuts them into micro-batches of
-`micro_batch_size`. Every rank then runs the same number of micro-batches, because ZeRO's
-gradient reduction (and ZeRO-3's parameter gathers) are collectives each rank must join: a rank
-with fewer runs empty ones, a one-token dummy forward/backward with zero weight.
+A step is `algorithm.ppo_epochs` passes over the batch, each of `algorithm.mini_batches`
+optimizer steps (the batch split in order into that many parts). Each mini-batch is split across
+the ranks by tokens, not by count: a sample's cost is its prompt + completion length (what a
+forward/backward costs), and the longest go first to the rank with the fewest tokens so far.
+Each rank cuts its share into micro-batches: sorted by length and filled up to
+`learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set, else
+in batch order, `learner.micro_batch_size` at a time. Every rank runs the same number of
+micro-batches per mini-batch, because ZeRO's gradient reduction (and ZeRO-3's parameter
+gathers) are collectives each rank must join: a rank with fewer runs empty ones, a one-token
+dummy forward/backward with zero weight.
 
-The batch loss is a token mean (or sequence mean) over the whole batch; DeepSpeed averages the
-ranks' gradients, so each rank divides its share by (batch denominator / world size), and the
-sum over ranks is the one-rank gradient.
+A mini-batch's loss is a token mean (or sequence mean) over the mini-batch; DeepSpeed averages
+the ranks' gradients, so each rank divides its share by (mini-batch denominator / world size),
+and the sum over ranks is the one-rank gradient.
 """
 
 from __future__ import annotations
@@ -22,35 +25,49 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.config import AlgorithmConfig
+from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import right_pad
-from learner.losses import policy_loss
+from learner.losses import k3, policy_loss
+
+
+@dataclass
+class MiniBatchShard:
+    """One rank's part of one optimizer step."""
+
+    sample_indices: list[int]  # positions in the batch of its samples
+    micro_batches: list[list[TrainSample]]  # an empty one = the dummy (see module docstring)
+    denominator: float  # of the loss: the mini-batch's token (or sequence) count over the world size
 
 
 @dataclass
 class TrainShard:
-    """One rank's part of a step."""
+    """One rank's part of a learner step: `epochs` passes over its mini-batch shards."""
 
     step: int
-    sample_indices: list[int]  # positions in the batch of the samples below, in order
-    micro_batches: list[list[TrainSample]]  # an empty one = the dummy (see module docstring)
     temperature: float
-    denominator: float  # of the loss: the batch's token (or sequence) count over the world size
+    epochs: int
+    mini_batches: list[MiniBatchShard]
+
+    @property
+    def updates(self) -> int:
+        return self.epochs * len(self.mini_batches)
 
 
 @dataclass
 class ShardResult:
-    """What a rank reports for its shard: the step's outcome and, per sample of the shard in
-    order, detached per-token numbers (completion length) for the step's metrics."""
+    """What a rank reports for its shard, per sample keyed by batch position, detached and of
+    completion length: π_old, the entropy, π_ref (with a KL term), and for each update (epoch by
+    mini-batch, in order) π_θ of that mini-batch's samples as the update saw them."""
 
     policy_version: int  # after the step
-    skipped: bool  # DeepSpeed skipped the optimizer step (non-finite gradient)
-    grad_norm: float
+    applied: list[bool]  # per update: DeepSpeed took the optimizer step (its gradient was finite)
+    grad_norms: list[float]
     seconds: float
-    old_logprobs: list[Tensor]
-    entropy: list[Tensor]
-    ref_logprobs: list[Tensor] | None = None  # with a KL term only
+    old_logprobs: dict[int, Tensor]
+    entropy: dict[int, Tensor]
+    new_logprobs: list[dict[int, Tensor]]
+    ref_logprobs: dict[int, Tensor] | None = None
 
 
 def sample_cost(sample: TrainSample) -> int:
@@ -58,13 +75,42 @@ def sample_cost(sample: TrainSample) -> int:
 
 
 def assign_to_ranks(samples: list[TrainSample], num_ranks: int) -> list[list[int]]:
-    """The batch positions each rank trains, balanced by tokens; each rank's in batch order."""
+    """The positions each rank trains, balanced by tokens; each rank's in batch order."""
     loads, assigned = [0] * num_ranks, [[] for _ in range(num_ranks)]
     for index in sorted(range(len(samples)), key=lambda i: (-sample_cost(samples[i]), i)):
         rank = min(range(num_ranks), key=lambda r: (loads[r], r))
         loads[rank] += sample_cost(samples[index])
         assigned[rank].append(index)
     return [sorted(indices) for indices in assigned]
+
+
+def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[list[TrainSample]]:
+    """A rank's samples as micro-batches: by padded-token budget (sorted by length, so rows of
+    similar length share one), or `micro_batch_size` at a time in order. Each sample exactly once."""
+    budget, size = settings.max_tokens_per_micro_batch, settings.micro_batch_size
+    if budget is None:
+        return [samples[i : i + size] for i in range(0, len(samples), size)]
+    batches: list[list[TrainSample]] = []
+    for sample in sorted(samples, key=sample_cost, reverse=True):
+        current = batches[-1] if batches else None
+        # Longest first: a row joining a micro-batch is never longer than its first row.
+        if current and len(current) < size and (len(current) + 1) * sample_cost(current[0]) <= budget:
+            current.append(sample)
+        else:
+            batches.append([sample])
+    return batches
+
+
+def padding_fraction(shards: list[TrainShard]) -> float:
+    """Share of the tokens the forward passes compute that are right-padding."""
+    real = padded = 0
+    for shard in shards:
+        for mini in shard.mini_batches:
+            for micro in mini.micro_batches:
+                if micro:
+                    real += sum(sample_cost(s) for s in micro)
+                    padded += len(micro) * max(sample_cost(s) for s in micro)
+    return 1 - real / padded if padded else 0.0
 
 
 def check_batch(batch: TrainBatch) -> bool:
@@ -83,20 +129,32 @@ def check_batch(batch: TrainBatch) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def mini_batch_ranges(num_samples: int, mini_batches: int) -> list[range]:
+    """The batch split in order into `mini_batches` parts of near-equal count (none empty)."""
+    parts = min(mini_batches, num_samples)
+    bounds = [round(k * num_samples / parts) for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
 def plan_shards(
-    batch: TrainBatch, num_ranks: int, micro_batch_size: int, algorithm: AlgorithmConfig
+    batch: TrainBatch, num_ranks: int, settings: LearnerConfig, algorithm: AlgorithmConfig
 ) -> list[TrainShard]:
-    samples = batch.samples
-    tokens = sum(len(s.completion_ids) for s in samples)
-    denominator = tokens if algorithm.loss_aggregation == "token_mean" else len(samples)
-    shards = []
-    for indices in assign_to_ranks(samples, num_ranks):
-        mine = [samples[i] for i in indices]
-        micro = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-        shards.append(TrainShard(batch.step, indices, micro, batch.temperature, denominator / num_ranks))
-    most = max(len(shard.micro_batches) for shard in shards)
-    for shard in shards:
-        shard.micro_batches += [[] for _ in range(most - len(shard.micro_batches))]
+    shards = [TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, []) for _ in range(num_ranks)]
+    for positions in mini_batch_ranges(len(batch.samples), algorithm.mini_batches):
+        samples = [batch.samples[i] for i in positions]
+        tokens = sum(len(s.completion_ids) for s in samples)
+        denominator = (tokens if algorithm.loss_aggregation == "token_mean" else len(samples)) / num_ranks
+        parts = []
+        for indices in assign_to_ranks(samples, num_ranks):
+            mine = [samples[i] for i in indices]
+            position_of = {id(s): positions[i] for i, s in zip(indices, mine)}
+            micro = micro_batches(mine, settings)
+            ordered = [position_of[id(s)] for m in micro for s in m]
+            parts.append(MiniBatchShard(ordered, micro, denominator))
+        most = max(len(part.micro_batches) for part in parts)
+        for shard, part in zip(shards, parts):
+            part.micro_batches += [[] for _ in range(most - len(part.micro_batches))]
+            shard.mini_batches.append(part)
     return shards
 
 
@@ -106,44 +164,89 @@ def merge_results(
     results: list[ShardResult],
     algorithm: AlgorithmConfig,
     seconds: float,
+    version_before: int,
 ) -> StepStats:
-    """The step's StepStats from every rank's result, as one rank would have reported them: the
-    metrics come from one detached `policy_loss` over the whole batch, in batch order."""
-    versions = {r.policy_version for r in results}
-    if len(versions) != 1 or len({r.skipped for r in results}) != 1:
+    """The step's StepStats from every rank's result, as one rank would report them. Numbers
+    about π_old (importance weights, mismatch KL, entropy, KL to π_ref) come from one detached
+    `policy_loss` over the whole batch in batch order; the loss and the clip fraction from each
+    update's π_θ (with one update, π_θ = π_old: ratio 1, clip 0)."""
+    if len({r.policy_version for r in results}) != 1 or len({tuple(r.applied) for r in results}) != 1:
         raise RuntimeError(f"step {batch.step}: the learner ranks disagree on the step: {results}")
-    per_sample: dict[str, list[Tensor | None]] = {
-        name: [None] * len(batch.samples) for name in ("old", "entropy", "ref")
-    }
-    for shard, result in zip(shards, results):
-        for position, index in enumerate(shard.sample_indices):
-            per_sample["old"][index] = result.old_logprobs[position]
-            per_sample["entropy"][index] = result.entropy[position]
-            if result.ref_logprobs is not None:
-                per_sample["ref"][index] = result.ref_logprobs[position]
-    behaviour = right_pad([s.behaviour_logprobs for s in batch.samples], 0.0, torch.float32)
-    width = behaviour.shape[1]
-    old, entropy = (_stack(per_sample[name], width) for name in ("old", "entropy"))
-    ref = _stack(per_sample["ref"], width) if algorithm.kl_coef > 0 else None
-    lengths = torch.tensor([len(s.completion_ids) for s in batch.samples])
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    advantages = torch.tensor([s.advantage for s in batch.samples], dtype=torch.float32)
-    loss, metrics = policy_loss(old, old, behaviour, ref, advantages, mask, algorithm)
+    merged = {name: {} for name in ("old", "entropy", "ref")}
+    for result in results:
+        merged["old"].update(result.old_logprobs)
+        merged["entropy"].update(result.entropy)
+        merged["ref"].update(result.ref_logprobs or {})
+    everyone = range(len(batch.samples))
+    inputs = _loss_inputs(batch, everyone, merged["old"], merged["ref"] if algorithm.kl_coef > 0 else None)
+    loss, metrics = policy_loss(inputs[0], *inputs, algorithm)
+    entropy = _stack([merged["entropy"][i] for i in everyone], inputs[-1].shape[1])
+    losses, clipped = [loss.item()], []
+    if shards[0].updates > 1:
+        losses, clipped = _update_losses(batch, shards, results, merged, algorithm)
+        metrics["clip_fraction"] = sum(c * n for c, n in clipped) / sum(n for _, n in clipped)
+    applied_norms = [g for g, ok in zip(results[0].grad_norms, results[0].applied) if ok]
     return StepStats(
         step=batch.step,
         policy_version=results[0].policy_version,
-        loss=loss.item(),
-        grad_norm=results[0].grad_norm,
-        entropy=entropy[mask].mean().item(),
-        tokens=int(lengths.sum()),
+        loss=sum(losses) / len(losses),
+        grad_norm=sum(applied_norms) / len(applied_norms) if applied_norms else math.nan,
+        entropy=entropy[inputs[-1]].mean().item(),
+        tokens=int(inputs[-1].sum()),
         step_seconds=seconds,
-        skipped=results[0].skipped,
+        skipped=not any(results[0].applied),
         rank_seconds=[r.seconds for r in results],
+        padding_fraction=padding_fraction(shards),
+        extra=mismatch_by_lag(batch, inputs[0], inputs[1], inputs[-1], version_before),
         **metrics,
     )
 
 
-def _stack(rows: list[Tensor | None], width: int) -> Tensor:
+def _update_losses(batch, shards, results, merged, algorithm) -> tuple[list[float], list[tuple[float, int]]]:
+    """Each update's loss and (clip fraction, tokens), recomputed from its π_θ."""
+    losses, clipped = [], []
+    ranges = mini_batch_ranges(len(batch.samples), algorithm.mini_batches)
+    for update in range(shards[0].updates):
+        positions = ranges[update % len(ranges)]
+        new = {}
+        for result in results:
+            new.update(result.new_logprobs[update])
+        old, *rest = _loss_inputs(
+            batch, positions, merged["old"], merged["ref"] if algorithm.kl_coef > 0 else None
+        )
+        new_logprobs = _stack([new[i] for i in positions], old.shape[1])
+        loss, metrics = policy_loss(new_logprobs, old, *rest, algorithm)
+        losses.append(loss.item())
+        clipped.append((metrics["clip_fraction"], int(rest[-1].sum())))
+    return losses, clipped
+
+
+def _loss_inputs(batch: TrainBatch, positions, old: dict, ref: dict | None):
+    """(π_old, μ, π_ref | None, advantages, mask) of the samples at `positions`, right-padded."""
+    samples = [batch.samples[i] for i in positions]
+    behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
+    width = behaviour.shape[1]
+    lengths = torch.tensor([len(s.completion_ids) for s in samples])
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    old_logprobs = _stack([old[i] for i in positions], width)
+    ref_logprobs = _stack([ref[i] for i in positions], width) if ref is not None else None
+    return old_logprobs, behaviour, ref_logprobs, advantages, mask
+
+
+def mismatch_by_lag(batch: TrainBatch, old: Tensor, behaviour: Tensor, mask: Tensor, version: int) -> dict:
+    """KL(μ || π_old) (k3, token mean) over the samples of each staleness lag, as
+    `mismatch_kl_lag<k>`: how much of the engine/learner gap is staleness rather than numerics."""
+    lags = torch.tensor([version - s.policy_version for s in batch.samples])
+    per_token = torch.where(mask, k3(old.double() - behaviour.double()), 0.0)
+    out = {}
+    for lag in sorted(set(lags.tolist())):
+        rows = lags == lag
+        out[f"mismatch_kl_lag{lag}"] = per_token[rows].sum().item() / max(int(mask[rows].sum()), 1)
+    return out
+
+
+def _stack(rows: list[Tensor], width: int) -> Tensor:
     return torch.stack([torch.nn.functional.pad(row.float(), (0, width - row.shape[0])) for row in rows])
 
 

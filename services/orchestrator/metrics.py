@@ -36,9 +36,10 @@ GAUGES = {
     "is_weight_max": "max truncated importance weight",
     "is_truncated_fraction": "share of tokens (or sequences) whose importance ratio was truncated",
     "mismatch_kl": "KL between the engine's sampling distribution and the learner's (sampled tokens)",
-    "clip_fraction": "share of tokens where the PPO clip was active (always 0 for now: one optimizer step "
-    "per batch makes the ratio 1)",
+    "clip_fraction": "share of tokens where the clip was active, over the step's updates (0 with one "
+    "optimizer step per batch: algorithm.ppo_epochs = mini_batches = 1 makes the ratio 1)",
     "entropy": "mean per-token entropy of the policy on the step's completions",
+    "padding_fraction": "share of the tokens the learner's forward passes computed that were padding",
     "kl_ref": "KL to the reference (adapter disabled)",
     "grad_norm": "gradient norm before clipping",
     "loss": "policy loss",

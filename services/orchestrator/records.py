@@ -83,6 +83,7 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
     if record.stats is not None:
         values.update({k: v for k, v in record.stats.__dict__.items() if isinstance(v, (int, float))})
         values["learner_step_seconds"] = record.stats.step_seconds
+        values.update(record.stats.extra)  # e.g. mismatch_kl_lag<k>
         per_worker["learner_rank_step_seconds"] = {
             f"learner-{rank}": seconds for rank, seconds in enumerate(record.stats.rank_seconds)
         }

@@ -17,13 +17,13 @@ from services.config import JobConfig
 TEMPERATURE = 0.7
 
 
-def job_config(dtype: str = "bfloat16", kl_coef: float = 0.0, **learner) -> JobConfig:
+def job_config(dtype: str = "bfloat16", kl_coef: float = 0.0, algorithm=None, **learner) -> JobConfig:
     learner = {"learning_rate": 1e-2, "micro_batch_size": 2, **learner}
     return JobConfig(
         data={"train": "unused.jsonl"},
         reward={"grader": {"source": "unused.py"}},
         model={"dtype": dtype},
-        algorithm={"kl_coef": kl_coef},
+        algorithm={"kl_coef": kl_coef, **(algorithm or {})},
         learner=learner,
     )
 
@@ -260,3 +260,44 @@ def test_other_zero_stages_train_and_export(tiny_model_dir, stage):
 def test_zero_stage_0_float32_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="zero_stage"):
         Learner(str(tiny_model_dir), **job_config("float32", zero_stage=0).learner_kwargs())
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"loss": "ppo_clip", "ratio_level": "token"},
+        {"loss": "cispo", "ratio_level": "token"},
+        {"loss": "ppo_clip", "ratio_level": "sequence", "clip_eps_low": 0.02, "clip_eps_high": 0.02},
+    ],
+    ids=["ppo_clip", "cispo", "gspo"],
+)
+def test_two_epochs_make_the_clip_bind_and_the_loss_matches_float64(tiny_model_dir, algorithm):
+    """ppo_epochs 2: the second pass trains against the snapshot π_old, so ρ != 1 and the clip
+    acts. Its loss, recomputed in float64 from π_θ after the first update (a twin learner that
+    took one step), matches what the learner reports (the mean over its two updates)."""
+    from tests.unit.test_losses import reference
+
+    samples = make_samples([1.0, -1.0, 0.5, -0.5, 2.0])
+    batch = TrainBatch(step=0, samples=samples, temperature=TEMPERATURE)
+    two_epochs = job_config("float32", learning_rate=5e-2, algorithm={"ppo_epochs": 2, **algorithm})
+    learner = Learner(str(tiny_model_dir), **two_epochs.learner_kwargs())
+    on_policy(learner, samples)
+    for s in samples:  # off-policy behaviour (so the importance weights are not all 1)
+        s.behaviour_logprobs = [x - 0.05 * (t % 3) for t, x in enumerate(s.behaviour_logprobs)]
+    old = learner.score(samples, TEMPERATURE)
+    stats = learner.train_step(batch)
+    assert stats.policy_version == 1 and not stats.skipped  # one version for the two updates
+
+    twin = Learner(
+        str(tiny_model_dir), **job_config("float32", learning_rate=5e-2, algorithm=algorithm).learner_kwargs()
+    )
+    twin.train_step(batch)  # the same first update
+    after_first = twin.score(samples, TEMPERATURE)
+    cfg = two_epochs.algorithm
+    lists = dict(old=old, mu=[s.behaviour_logprobs for s in samples], adv=[s.advantage for s in samples])
+    lengths = [len(s.completion_ids) for s in samples]
+    first_loss, _ = reference(old, old, lists["mu"], None, lists["adv"], lengths, cfg)
+    second_loss, second = reference(after_first, old, lists["mu"], None, lists["adv"], lengths, cfg)
+    assert second["clip_fraction"] > 0
+    assert stats.clip_fraction == pytest.approx(second["clip_fraction"] / 2, abs=1e-6)
+    assert stats.loss == pytest.approx((first_loss + second_loss) / 2, rel=1e-4, abs=1e-6)
