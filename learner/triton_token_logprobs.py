@@ -56,6 +56,7 @@ def sampled_token_logprobs_kernel(
     WITH_ENTROPY: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     ROUND_TO_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -88,8 +89,7 @@ def sampled_token_logprobs_kernel(
             if UPCAST_DOT:
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
-            # "ieee": fp32 inputs must not silently become tf32 (torch's fp32 matmul default is not tf32)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if ROUND_TO_BF16:
             # round to nearest even on the bits, as torch does: the interpreter's fp32 -> bf16 cast
             # truncates (triton 3.9), so .to(tl.bfloat16) would differ between CPU and GPU
@@ -158,8 +158,12 @@ def fused_forward(
         WITH_ENTROPY=with_entropy,
         UPCAST_DOT=bool(knobs.runtime.interpret),
         ROUND_TO_BF16=hidden.dtype == torch.bfloat16,
+        # fp32 operands must not silently become tf32 (torch's fp32 matmul is not tf32 by default);
+        # for 16-bit operands the setting does not apply
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or knobs.runtime.interpret else "tf32",
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_H=block_h,
+        num_warps=8,  # a [64, 128] fp32 tile and its temporaries: 4 warps would spill registers
     )
     return logprobs, logsumexp, entropy

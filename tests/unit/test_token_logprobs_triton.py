@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -135,3 +136,31 @@ def test_signs_logprobs_nonpositive_and_entropy_between_zero_and_log_vocab(probe
 def test_one_token_without_entropy_and_a_bad_target(probe):
     assert probe["one_token"]["error"] < 1e-5 and probe["one_token"]["entropy"] == "None"
     assert probe["out_of_range_is_nan"]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernel, not the interpreter)"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_on_cuda_matches_the_torch_backend(dtype):
+    from learner.token_logprobs import sampled_token_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(300, 96, generator=generator)).to("cuda", dtype).requires_grad_()
+    weight = (torch.randn(1000, 96, generator=generator) * 0.1).to("cuda", dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (300,), generator=generator).cuda()
+    fused = sampled_token_logprobs(hidden, weight, targets, 0.7, chunk_tokens=128, backend="auto")
+    chunked = sampled_token_logprobs(hidden, weight, targets, 0.7, chunk_tokens=128, backend="torch")
+    # fp32: other summation orders only. bf16: cuBLAS and the kernel both round fp32 sums to bf16
+    # logits, but a sum that lands on the other side of a rounding boundary moves one logit by one
+    # ulp (1/32 at |logit| < 4 here), a logprob by up to ulp / temperature; such flips are rare.
+    atol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    for ours, ref in zip(fused, chunked):
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
+        assert (ours - ref).abs().mean() < atol / 20
+    assert (fused[0] <= 0).all() and (fused[1] >= 0).all() and (fused[1] <= math.log(1000) + 1e-5).all()
+    grads = torch.autograd.grad(fused[0].sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad(chunked[0].sum(), (hidden, weight))
+    for grad, ref in zip(grads, ref_grads):  # the same chunked backward, from the kernel's logsumexp
+        tolerance = dict(atol=1e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.float(), ref.float(), **tolerance)
