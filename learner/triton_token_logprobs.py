@@ -73,16 +73,17 @@ def sampled_token_logprobs_kernel(
         cols = vocab_start + tl.arange(0, BLOCK_V)
         col_mask = cols < vocab_size
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        # int64 offsets: V * H passes 2**31 for large vocabularies (256k x 8192)
         for h_start in range(0, hidden_size, BLOCK_H):
             ks = h_start + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
             h = tl.load(
-                hidden_ptr + rows[:, None] * stride_hidden + ks[None, :],
+                hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden + ks[None, :],
                 mask=row_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
             w = tl.load(
-                weight_ptr + cols[:, None] * stride_weight + ks[None, :],
+                weight_ptr + cols.to(tl.int64)[:, None] * stride_weight + ks[None, :],
                 mask=col_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
