@@ -51,6 +51,10 @@ class LearnerConfig(Section):
     # Micro-batches by padded tokens (rows x longest row), rows sorted by length so padding stays
     # small; None = micro_batch_size rows at a time in batch order.
     max_tokens_per_micro_batch: int | None = Field(default=None, ge=1)
+    # Log-probs of the sampled tokens this many tokens at a time straight from the LM head, never
+    # the [tokens, vocab] logits (learner/token_logprobs.py); None = the model's full logits.
+    # Falls back to the full logits where the head is not a plain linear map, and under ZeRO-3.
+    logprob_chunk_tokens: int | None = Field(default=128, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
     max_consecutive_skipped_steps: int = Field(default=3, ge=1)

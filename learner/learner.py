@@ -130,18 +130,19 @@ class Learner(WeightsSender):
         size = self.settings.micro_batch_size
         return [samples[i : i + size] for i in range(0, len(samples), size)]
 
-    def _logprobs(self, samples: list[TrainSample], temperature: float):
+    def _logprobs(self, samples: list[TrainSample], temperature: float, model=None):
         return completion_logprobs(
-            self.engine, [(s.prompt_ids, s.completion_ids) for s in samples], temperature
+            model or self.engine,
+            [(s.prompt_ids, s.completion_ids) for s in samples],
+            temperature,
+            chunk_tokens=self.settings.logprob_chunk_tokens,
         )
 
     @torch.no_grad()
     def _reference_logprobs(self, samples: list[TrainSample], temperature: float) -> torch.Tensor:
         """Log-probs under π_ref, the base model."""
         if self.reference is not None:
-            return completion_logprobs(
-                self.reference, [(s.prompt_ids, s.completion_ids) for s in samples], temperature
-            )[0]
+            return self._logprobs(samples, temperature, model=self.reference)[0]
         with self.model.disable_adapter():  # the same weights with the adapter switched off
             return self._logprobs(samples, temperature)[0]
 
