@@ -166,7 +166,9 @@ def head_memory(batch, config, chunk: int) -> float:
     from learner.config import LearnerConfig
     from learner.shards import micro_batches
 
-    first = micro_batches(batch.samples, LearnerConfig(micro_batch_size=16))[0]
+    first = micro_batches(batch.samples, LearnerConfig(micro_batch_size=16, max_tokens_per_micro_batch=None))[
+        0
+    ]
     tokens = len(first) * (max(sample_length(s) for s in first) - min(len(s.prompt_ids) for s in first) + 1)
     peaks = {
         v: head_peak_kib(v, tokens, config.hidden_size, config.vocab_size, chunk)
@@ -187,7 +189,6 @@ def learner_rates(model_path: str, batch, args, tokens: int) -> dict[str, float]
     settings = {
         "old": {"micro_batch_size": 16, "max_tokens_per_micro_batch": None, "logprob_chunk_tokens": None},
         "new": {
-            "micro_batch_size": 64,
             "max_tokens_per_micro_batch": args.budget,
             "logprob_chunk_tokens": args.chunk,
         },

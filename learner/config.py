@@ -47,10 +47,10 @@ class LearnerConfig(Section):
     learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
-    micro_batch_size: int = Field(default=16, ge=1)  # rows per micro-batch (at most, with a budget)
     # Micro-batches by padded tokens (rows x longest row), rows sorted by length so padding stays
-    # small; None = micro_batch_size rows at a time in batch order.
-    max_tokens_per_micro_batch: int | None = Field(default=None, ge=1)
+    # small. None = micro_batch_size rows at a time in batch order (the split before budgets).
+    max_tokens_per_micro_batch: int | None = Field(default=2048, ge=1)
+    micro_batch_size: int = Field(default=16, ge=1)  # rows per micro-batch without a token budget
     # Log-probs of the sampled tokens this many tokens at a time straight from the LM head, never
     # the [tokens, vocab] logits (learner/token_logprobs.py); None = the model's full logits.
     # Falls back to the full logits where the head is not a plain linear map, and under ZeRO-3.

@@ -6,9 +6,9 @@ optimizer steps (the batch split in order into that many parts). Each mini-batch
 the ranks by tokens, not by count: a sample's cost is its prompt + completion length (what a
 forward/backward costs), and the longest go first to the rank with the fewest tokens so far.
 Each rank cuts its share into micro-batches: sorted by length and filled up to
-`learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set, else
-in batch order, `learner.micro_batch_size` at a time. Every rank runs the same number of
-micro-batches per mini-batch, because ZeRO's gradient reduction (and ZeRO-3's parameter
+`learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set,
+else in batch order, `learner.micro_batch_size` at a time (the old split, kept for comparison).
+Every rank runs the same number of micro-batches per mini-batch, because ZeRO's gradient reduction (and ZeRO-3's parameter
 gathers) are collectives each rank must join: a rank with fewer runs empty ones, a one-token
 dummy forward/backward with zero weight.
 
@@ -86,7 +86,8 @@ def assign_to_ranks(samples: list[TrainSample], num_ranks: int) -> list[list[int
 
 def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[list[TrainSample]]:
     """A rank's samples as micro-batches: by padded-token budget (sorted by length, so rows of
-    similar length share one), or `micro_batch_size` at a time in order. Each sample exactly once."""
+    similar length share one; any number of rows), or without a budget `micro_batch_size` at a
+    time in batch order. Each sample exactly once."""
     budget, size = settings.max_tokens_per_micro_batch, settings.micro_batch_size
     if budget is None:
         return [samples[i : i + size] for i in range(0, len(samples), size)]
@@ -94,7 +95,7 @@ def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[l
     for sample in sorted(samples, key=sample_cost, reverse=True):
         current = batches[-1] if batches else None
         # Longest first: a row joining a micro-batch is never longer than its first row.
-        if current and len(current) < size and (len(current) + 1) * sample_cost(current[0]) <= budget:
+        if current and (len(current) + 1) * sample_cost(current[0]) <= budget:
             current.append(sample)
         else:
             batches.append([sample])

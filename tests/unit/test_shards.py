@@ -20,7 +20,7 @@ from learner.shards import (
 )
 
 
-def rows(micro_batch_size: int, budget: int | None = None) -> LearnerConfig:
+def rows(micro_batch_size: int = 16, budget: int | None = None) -> LearnerConfig:
     return LearnerConfig(micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=budget)
 
 
