@@ -8,9 +8,9 @@ forward/backward costs), and the longest go first to the rank with the fewest to
 Each rank cuts its share into micro-batches: sorted by length and filled up to
 `learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set,
 else in batch order, `learner.micro_batch_size` at a time (the old split, kept for comparison).
-Every rank runs the same number of micro-batches per mini-batch, because ZeRO's gradient reduction (and ZeRO-3's parameter
-gathers) are collectives each rank must join: a rank with fewer runs empty ones, a one-token
-dummy forward/backward with zero weight.
+Every rank runs the same number of micro-batches per mini-batch, because ZeRO's gradient
+reduction (and ZeRO-3's parameter gathers) are collectives each rank must join: a rank with
+fewer runs empty ones, a one-token dummy forward/backward with zero weight.
 
 A mini-batch's loss is a token mean (or sequence mean) over the mini-batch; DeepSpeed averages
 the ranks' gradients, so each rank divides its share by (mini-batch denominator / world size),
