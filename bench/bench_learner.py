@@ -6,8 +6,8 @@ One demo-shaped batch (the demo's prompts, tokenized as the job does; completion
 the demo's fall: 40 % at the 48-token cap, the rest 1-47), three measurements:
 
 1. Peak memory of the log-prob head alone (hidden states -> log-probs + entropy of the sampled
-   tokens, forward and backward) for one micro-batch's worth of tokens, in a fresh process each,
-   as the peak RSS above the inputs: the full logits + fp32 log_softmax vs
+   tokens, forward and backward) for one old micro-batch's worth of tokens: glibc's heap in use,
+   read after every torch op, above the inputs; the full logits + fp32 log_softmax vs
    `learner/token_logprobs.py` (chunked).
 2. Learner steps (LoRA r16 bf16, DeepSpeed ZeRO-2, one process, every core), the old settings
    (16 rows per micro-batch in batch order, full logits) and the new (micro-batches by a padded
@@ -24,11 +24,9 @@ Prints `peak memory ratio chunked/naive: X`, `learner tokens/s ratio new/old: X`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,41 +55,55 @@ def demo_batch(samples: int, model_path: str):
     return TrainBatch(0, rows, temperature=0.7)
 
 
-# ---- 1. the log-prob head's peak memory, one fresh process per variant -------------------------
-
-HEAD_PROBE = """
-import json, resource, sys, torch
-sys.path.insert(0, {root!r})
-from learner.token_logprobs import sampled_token_logprobs
-tokens, hidden_size, vocab, variant = {tokens}, {hidden}, {vocab}, {variant!r}
-torch.manual_seed(0)
-# In place: no temporaries whose freed pages would hide the op's own peak below the baseline.
-hidden = torch.empty(tokens, hidden_size, dtype=torch.bfloat16).normal_().requires_grad_(True)
-weight = torch.empty(vocab, hidden_size, dtype=torch.bfloat16).normal_().mul_(hidden_size**-0.5)
-targets = torch.randint(0, vocab, (tokens,))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if variant == "naive":
-    logprobs_all = torch.log_softmax((hidden @ weight.T).float() / 0.7, dim=-1)
-    logprobs = logprobs_all.gather(-1, targets[:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)
-else:
-    logprobs, entropy = sampled_token_logprobs(hidden, weight, targets, 0.7, chunk_tokens={chunk})
-logprobs.sum().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_kib": peak - before}}))
-"""
+# ---- 1. the log-prob head's peak memory ---------------------------------------------------------
 
 
-def head_peak_kib(variant: str, tokens: int, hidden: int, vocab: int, chunk: int) -> int:
-    code = HEAD_PROBE.format(
-        root=str(ROOT), tokens=tokens, hidden=hidden, vocab=vocab, variant=variant, chunk=chunk
-    )
-    # Large blocks straight from mmap: freed ones go back to the OS, so the peak RSS is the peak
-    # of what was alive, not of what malloc kept.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+def heap_bytes() -> int:
+    """Bytes glibc's malloc has handed out now (arenas + mmapped blocks): torch's CPU tensors."""
+    import ctypes
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
+            + ("uordblks", "fordblks", "keepcost")
+        ]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def head_peak_bytes(variant: str, tokens: int, hidden_size: int, vocab: int, chunk: int) -> int:
+    """Peak heap above the inputs over the head's forward and backward, read after every torch op."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from learner.token_logprobs import sampled_token_logprobs
+
+    class PeakHeap(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, heap_bytes())
+            return out
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16) * hidden_size**-0.5
+    targets = torch.randint(0, vocab, (tokens,))
+    probe = PeakHeap()
+    probe.peak = base = heap_bytes()
+    with probe:
+        if variant == "naive":  # what learner/logprobs.py does with the model's logits
+            logprobs_all = torch.log_softmax((hidden @ weight.T).float() / 0.7, dim=-1)
+            logprobs = logprobs_all.gather(-1, targets[:, None]).squeeze(-1)
+            with torch.no_grad():
+                -(logprobs_all.exp() * logprobs_all).sum(-1)
+        else:
+            logprobs, _ = sampled_token_logprobs(hidden, weight, targets, 0.7, chunk_tokens=chunk)
+        logprobs.sum().backward()
+    return probe.peak - base
 
 
 # ---- 2. learner steps, old vs new settings -------------------------------------------------------
@@ -166,17 +178,17 @@ def head_memory(batch, config, chunk: int) -> float:
     from learner.config import LearnerConfig
     from learner.shards import micro_batches
 
-    first = micro_batches(batch.samples, LearnerConfig(micro_batch_size=16, max_tokens_per_micro_batch=None))[
-        0
-    ]
+    old_split = LearnerConfig(micro_batch_size=16, max_tokens_per_micro_batch=None)
+    first = micro_batches(batch.samples, old_split)[0]
     tokens = len(first) * (max(sample_length(s) for s in first) - min(len(s.prompt_ids) for s in first) + 1)
     peaks = {
-        v: head_peak_kib(v, tokens, config.hidden_size, config.vocab_size, chunk)
+        v: head_peak_bytes(v, tokens, config.hidden_size, config.vocab_size, chunk)
         for v in ("naive", "chunked")
     }
     print(
         f"log-prob head, {tokens} tokens x {config.vocab_size} vocab, peak above the inputs: "
-        f"naive {peaks['naive'] / 1024:.0f} MiB, chunked ({chunk} a chunk) {peaks['chunked'] / 1024:.0f} MiB"
+        f"naive {peaks['naive'] / 2**20:.0f} MiB, "
+        f"chunked ({chunk} a chunk) {peaks['chunked'] / 2**20:.0f} MiB"
     )
     return peaks["chunked"] / peaks["naive"]
 
