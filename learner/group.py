@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MIN_BUNDLE_CPU = 0.01
 PING_TIMEOUT_S = 10.0  # how long a rank that is still working has to answer a ping
 GRACE_S = 10.0  # after one rank fails, how long the others have to report (a dead peer's error)
+START_ATTEMPTS = 3  # a port found free can be taken before rank 0 listens on it (seen in CI)
 
 
 class LearnerFailedError(RuntimeError):
@@ -71,6 +72,7 @@ class LearnerGroup:
         self.algorithm = learner_kwargs["algorithm"]
         self.policy_version = 0  # as the ranks report it after each step
         self.restarts = 0
+        self.starts = 0  # start attempts (restarts and retries on a lost port)
         self.ranks: list = []
         bundle = {"CPU": settings.num_cpus or MIN_BUNDLE_CPU, "GPU": settings.num_gpus, **settings.resources}
         self.placement = placement_group(
@@ -149,12 +151,26 @@ class LearnerGroup:
         remove_placement_group(self.placement)
 
     def _start_ranks(self) -> list:
+        """Start every rank; again on a fresh port (at most START_ATTEMPTS times) when rank 0 lost
+        the port found free to another process before it could listen on it."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return self._try_start_ranks()
+            except LearnerFailedError as failure:
+                if attempt == START_ATTEMPTS or "address already in use" not in failure.cause:
+                    raise
+                self._kill_ranks()
+                log.warning("%s; starting the learner ranks again on another port", failure)
+        raise AssertionError("unreachable")
+
+    def _try_start_ranks(self) -> list:
         from learner.learner import Learner
 
         address, port = self._wait(
             [_rendezvous_address.options(scheduling_strategy=self._bundle(0)).remote()], "rendezvous"
         )[0]
-        suffix = f"-restart{self.restarts}" if self.restarts else ""
+        self.starts += 1  # names must be new: a killed actor's may not be free yet
+        suffix = f"-start{self.starts}" if self.starts > 1 else ""
         ranks = [
             ray.remote(Learner)
             .options(

@@ -180,3 +180,40 @@ def test_restarts_are_bounded_then_the_job_names_the_rank(tmp_path, tiny_model_d
             ScriptedControl(sizes={}, actions={2: kill_rank_1}),
             ["learner.num_ranks=2", "learner.max_restarts=0"],
         )
+
+
+def test_a_rendezvous_port_taken_in_between_is_retried_not_a_restart(local_ray, tiny_model_dir, monkeypatch):
+    """Rank 0 must listen on the port found free; another process may take it first (seen in CI
+    on a restart). Here a real listening socket holds the first port handed out."""
+    import socket
+
+    import learner.group as group_module
+
+    real = group_module._rendezvous_address
+    held = socket.socket()
+    held.bind((ray.util.get_node_ip_address(), 0))
+    held.listen()
+    handed_out = []
+
+    class FirstPortTaken:  # what `_rendezvous_address.options(...).remote()` returns, once taken
+        def options(self, **options):
+            return self
+
+        def remote(self):
+            if not handed_out:
+                handed_out.append(held.getsockname())
+                return ray.put(held.getsockname())
+            return real.options(
+                scheduling_strategy=group_module.PlacementGroupSchedulingStrategy(group.placement, 0)
+            ).remote()
+
+    monkeypatch.setattr(group_module, "_rendezvous_address", FirstPortTaken())
+    cfg = job_config("float32", timeout_s=120)
+    group = LearnerGroup.__new__(LearnerGroup)  # the placement group is needed inside remote()
+    try:
+        group.__init__(str(tiny_model_dir), cfg.learner, cfg.learner_kwargs(), name="port-taken")
+        assert handed_out and group.restarts == 0 and group.starts == 2
+        assert group.train_step(batch(0, [1.0, -1.0])).policy_version == 1
+    finally:
+        held.close()
+        group.shutdown()
