@@ -31,7 +31,7 @@ from learner.checkpoint import check_checkpoint_world, staged
 from learner.config import LearnerConfig
 from learner.distributed import WorldSpec
 from learner.interface import StepStats, TrainBatch
-from learner.shards import check_batch, merge_results, plan_shards, skipped_stats
+from learner.shards import train_batch
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +99,12 @@ class LearnerGroup:
         return self.ranks[0]
 
     def train_step(self, batch: TrainBatch) -> StepStats:
-        started, version_before = time.perf_counter(), self.policy_version
-        if not check_batch(batch):
-            log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
-            return skipped_stats(batch, self.policy_version, time.perf_counter() - started)
-        shards = plan_shards(batch, self.num_ranks, self.settings, self.algorithm)
-        results = self._wait(
-            [rank.train_shard.remote(shard) for rank, shard in zip(self.ranks, shards)], "train_shard"
+        def on_every_rank(shards):
+            return self._wait([r.train_shard.remote(s) for r, s in zip(self.ranks, shards)], "train_shard")
+
+        stats = train_batch(
+            batch, self.num_ranks, self.settings, self.algorithm, self.policy_version, on_every_rank
         )
-        seconds = time.perf_counter() - started
-        stats = merge_results(batch, shards, results, self.algorithm, seconds, version_before)
         self.policy_version = stats.policy_version
         return stats
 
@@ -135,9 +131,6 @@ class LearnerGroup:
     def save_policy(self, directory: str | Path) -> Path:
         return Path(self._call_all("save_policy", str(directory))[0])
 
-    def rank_pids(self) -> list[int]:
-        return self._call_all("process_id")
-
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def restart(self) -> None:
@@ -158,8 +151,7 @@ class LearnerGroup:
                 return self._try_start_ranks()
             except LearnerFailedError as failure:
                 if attempt == START_ATTEMPTS or "address already in use" not in failure.cause:
-                    raise
-                self._kill_ranks()
+                    raise  # (_wait has killed the ranks of the failed attempt either way)
                 log.warning("%s; starting the learner ranks again on another port", failure)
         raise AssertionError("unreachable")
 

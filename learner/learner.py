@@ -25,16 +25,7 @@ from learner.distributed import WorldSpec, init_distributed
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
-from learner.shards import (
-    DUMMY_SAMPLE,
-    MiniBatchShard,
-    ShardResult,
-    TrainShard,
-    check_batch,
-    merge_results,
-    plan_shards,
-    skipped_stats,
-)
+from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard, train_batch
 from weight_sync.adapter import AdapterWeights
 from weight_sync.endpoints import WeightsSender
 from weight_sync.full_weights import FullWeights, base_parameters
@@ -163,14 +154,14 @@ class Learner(WeightsSender):
         skipped, weights unchanged, on non-finite numbers."""
         if self.world_size != 1:
             raise RuntimeError("train_step trains alone; a learner group trains through train_shard")
-        started, version_before = time.perf_counter(), self.policy_version
-        if not check_batch(batch):
-            log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
-            return skipped_stats(batch, self.policy_version, time.perf_counter() - started)
-        [shard] = plan_shards(batch, 1, self.settings, self.algorithm)
-        result = self.train_shard(shard)
-        seconds = time.perf_counter() - started
-        return merge_results(batch, [shard], [result], self.algorithm, seconds, version_before)
+        return train_batch(
+            batch,
+            1,
+            self.settings,
+            self.algorithm,
+            self.policy_version,
+            lambda shards: [self.train_shard(shard) for shard in shards],
+        )
 
     def train_shard(self, shard: TrainShard) -> ShardResult:
         """This rank's part of a learner step: `shard.epochs` passes over its mini-batches, one

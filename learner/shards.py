@@ -19,8 +19,11 @@ and the sum over ranks is the one-rank gradient.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +32,8 @@ from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import right_pad
 from learner.losses import k3, policy_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,6 +162,26 @@ def plan_shards(
             part.micro_batches += [[] for _ in range(most - len(part.micro_batches))]
             shard.mini_batches.append(part)
     return shards
+
+
+def train_batch(
+    batch: TrainBatch,
+    num_ranks: int,
+    settings: LearnerConfig,
+    algorithm: AlgorithmConfig,
+    policy_version: int,
+    run_shards: Callable[[list[TrainShard]], list[ShardResult]],
+) -> StepStats:
+    """One learner step as every learner runs it: check the batch (skipped, weights unchanged,
+    on non-finite inputs), plan a shard per rank, `run_shards` (one result per shard, in rank
+    order), merge. `policy_version`: the learner's before the step."""
+    started = time.perf_counter()
+    if not check_batch(batch):
+        log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
+        return skipped_stats(batch, policy_version, time.perf_counter() - started)
+    shards = plan_shards(batch, num_ranks, settings, algorithm)
+    results = run_shards(shards)
+    return merge_results(batch, shards, results, algorithm, time.perf_counter() - started, policy_version)
 
 
 def merge_results(
