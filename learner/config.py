@@ -56,6 +56,10 @@ class LearnerConfig(Section):
     # Falls back to the full logits where the head is not a plain linear map, and under ZeRO-3.
     logprob_chunk_tokens: int | None = Field(default=128, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # torch threads per rank. fixed: the node's cores shared out among the learner ranks and the
+    # rollout workers (OMP_NUM_THREADS). follow_free: at least that, plus the cores the other
+    # processes leave idle, re-measured before every micro-batch (learner/threads.py).
+    threads: Literal["fixed", "follow_free"] = "fixed"
     # A non-finite loss/gradient skips the step (adapter kept); this many in a row stop the job.
     max_consecutive_skipped_steps: int = Field(default=3, ge=1)
     # Data-parallel ranks: one Ray actor each, in one placement group, one torch.distributed world

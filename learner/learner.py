@@ -26,6 +26,7 @@ from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
 from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard, train_batch
+from learner.threads import ThreadGovernor
 from weight_sync.adapter import AdapterWeights
 from weight_sync.endpoints import WeightsSender
 from weight_sync.full_weights import FullWeights, base_parameters
@@ -63,6 +64,7 @@ class Learner(WeightsSender):
         self.rank, self.world_size = (world.rank, world.world_size) if world else (0, 1)
         self.settings, self.algorithm = learner, algorithm
         self.policy_version = 0
+        self.threads = ThreadGovernor(learner.threads)
         self.metrics = metrics and ComponentMetrics(
             metrics,
             "learner",
@@ -187,6 +189,7 @@ class Learner(WeightsSender):
         if trained:
             self.policy_version += 1  # one version per learner step, however many updates it took
         result.policy_version, result.seconds = self.policy_version, time.perf_counter() - started
+        result.mean_threads = self.threads.mean_threads()
         if self.metrics:
             tokens = sum(
                 len(s.completion_ids) for mini in shard.mini_batches for m in mini.micro_batches for s in m
@@ -230,6 +233,7 @@ class Learner(WeightsSender):
         snapshot) or, with one update per step, π_θ detached from the same forward (ρ = 1); π_ref
         is computed on the first pass, then `ref_rows`. Returns per sample (π_θ, entropy,
         π_ref | None), detached, on CPU."""
+        self.threads.adjust()
         weight = 1.0 if samples else 0.0
         samples = samples or [DUMMY_SAMPLE]
         device = self.engine.device
@@ -274,6 +278,7 @@ class Learner(WeightsSender):
         for mini in shard.mini_batches:
             positions = iter(mini.sample_indices)
             for samples in mini.micro_batches:
+                self.threads.adjust()
                 logprobs, _, _ = self._logprobs(samples or [DUMMY_SAMPLE], shard.temperature)
                 for i, sample in enumerate(samples):
                     old[next(positions)] = logprobs[i, : len(sample.completion_ids)].float().cpu()

@@ -73,6 +73,7 @@ class ShardResult:
     entropy: dict[int, Tensor]
     new_logprobs: list[dict[int, Tensor]]
     ref_logprobs: dict[int, Tensor] | None = None
+    mean_threads: float = 0.0  # torch threads the rank used, time-weighted (learner/threads.py)
 
 
 def sample_cost(sample: TrainSample) -> int:
@@ -223,7 +224,10 @@ def merge_results(
         skipped=not any(results[0].applied),
         rank_seconds=[r.seconds for r in results],
         padding_fraction=padding_fraction(shards),
-        extra=mismatch_by_lag(batch, inputs[0], inputs[1], inputs[-1], version_before),
+        extra={
+            **mismatch_by_lag(batch, inputs[0], inputs[1], inputs[-1], version_before),
+            "learner_threads": sum(r.mean_threads for r in results) / len(results),
+        },
         **metrics,
     )
 
