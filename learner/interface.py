@@ -13,6 +13,8 @@ class TrainSample:
     behaviour_logprobs: list[float]  # μ_t from the inference engine
     advantage: float
     policy_version: int  # version that generated it
+    loss_mask: list[int] | None = None  # per completion token: 1 = sampled by the policy; None = all
+    token_checksum: str | None = None  # core/tokens.py over prompt + completion ids, from the worker
 
 
 @dataclass

@@ -17,8 +17,9 @@ class ScoredRollout:
     diagnostics: list[str] = field(default_factory=list)  # e.g. failing test names and stack traces
 
     def grading_record(self) -> dict:
-        """The sample and how it was graded, as JSON-able data (samples.jsonl, `rft eval/grade`)."""
-        return {
+        """The sample and how it was graded, as JSON-able data (samples.jsonl, `rft eval/grade`);
+        an episode's record also has its turns (messages, each model turn's policy version)."""
+        record = {
             "sample_id": self.rollout.sample_id,
             "text": self.rollout.text,
             "reward": self.reward,
@@ -27,3 +28,7 @@ class ScoredRollout:
             "hack_flags": self.hack_flags,
             "diagnostics": self.diagnostics,
         }
+        if self.rollout.turns is not None:
+            record["finish_reason"] = self.rollout.finish_reason
+            record["turns"] = self.rollout.turns
+        return record

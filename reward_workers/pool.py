@@ -30,23 +30,39 @@ SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def grader_sample(rollout: Rollout) -> dict:
-    """What grade(sample, item) receives as `sample` (the OpenAI RFT grader convention)."""
-    return {"output_text": rollout.text, "finish_reason": rollout.finish_reason}
+    """What grade(sample, item) receives as `sample` (the OpenAI RFT grader convention); an
+    episode's `output_text` is its last assistant message, and its messages are in `turns`."""
+    sample = {"output_text": rollout.text, "finish_reason": rollout.finish_reason}
+    if rollout.turns is not None:
+        sample["turns"] = rollout.turns
+    return sample
 
 
 def score_with(sandbox: GraderSandbox, rollouts: list[Rollout], items: list[dict]) -> list[ScoredRollout]:
     results = sandbox.grade([grader_sample(r) for r in rollouts], items)
-    return [
-        ScoredRollout(
-            rollout=r,
-            reward=g.reward,
-            components=g.components,
-            grader_error=g.error,
-            hack_flags=g.hack_flags,
-            diagnostics=g.diagnostics,
-        )
-        for r, g in zip(rollouts, results)
-    ]
+    return [_scored(r, g) for r, g in zip(rollouts, results)]
+
+
+def _scored(rollout: Rollout, grade) -> ScoredRollout:
+    """The grader's score, plus an episode's environment reward; an episode that failed before
+    the model acted (or on an error of the worker's) scores 0 with the reason."""
+    scored = ScoredRollout(
+        rollout=rollout,
+        reward=grade.reward,
+        components=grade.components,
+        grader_error=grade.error,
+        hack_flags=grade.hack_flags,
+        diagnostics=grade.diagnostics,
+    )
+    if rollout.turns is None:
+        return scored
+    scored.components = {**scored.components, "environment": rollout.environment_reward}
+    scored.reward += rollout.environment_reward
+    if rollout.error:
+        scored.diagnostics = [f"episode: {rollout.error}", *scored.diagnostics]
+        if rollout.finish_reason == "error" or not any(rollout.loss_mask or []):
+            scored.reward, scored.grader_error = 0.0, f"episode failed: {rollout.error}"
+    return scored
 
 
 def hack_rates(grader: GraderConfig, scored: list[ScoredRollout]) -> dict[str, float]:

@@ -16,6 +16,7 @@ class GenerationRequest:
     prompt_id: str
     sample_index: int
     prompt_ids: list[int]
+    item: dict | None = None  # the dataset item, for an environment's reset (multi-turn jobs)
 
     @property
     def sample_id(self) -> str:
@@ -50,8 +51,16 @@ class Rollout:
     behaviour_logprobs: list[float]
     policy_version: int
     finish_reason: str
-    text: str
+    text: str  # the completion; of an episode, its last assistant message (what graders score)
     worker_id: str = ""
+    # Episodes (docs/agentic.md): completion_ids hold model and observation tokens interleaved;
+    # loss_mask 1 = sampled by the policy (None = every token, a single turn).
+    loss_mask: list[int] | None = None
+    turns: list[dict] | None = None  # the episode's messages, for logs and graders
+    turn_versions: list[int] | None = None  # the policy version of each model turn
+    environment_reward: float = 0.0  # the environment's per-turn rewards, summed
+    token_checksum: str | None = None  # core/tokens.py, over prompt_ids + completion_ids
+    error: str | None = None  # why the episode ended early on an error
 
     @property
     def sample_id(self) -> str:

@@ -22,8 +22,9 @@ def step_requests(cfg: JobConfig, inputs: JobInputs, order: PromptOrder) -> list
     requests = []
     for index in order.take(cfg.prompts_per_step):
         item = inputs.train_items[index]
+        episode_item = item if cfg.rollout.environment else None  # what its reset receives
         requests += [
-            GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]])
+            GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]], episode_item)
             for k in range(cfg.rollout.samples_per_prompt)
         ]
     return requests
@@ -55,6 +56,8 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
             if policy_version - r.policy_version > cfg.sync.max_staleness:
                 stale += 1
                 continue
+            if r.loss_mask is not None and not any(r.loss_mask):
+                continue  # an episode that failed before the model acted: scored, nothing to train
             samples.append(
                 TrainSample(
                     r.sample_id,
@@ -63,6 +66,8 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
                     r.behaviour_logprobs,
                     advantage,
                     r.policy_version,
+                    loss_mask=r.loss_mask,
+                    token_checksum=r.token_checksum,
                 )
             )
     return BuiltBatch(
