@@ -31,6 +31,12 @@ class RolloutConfig(Section):
     # when less than this share is free. Lower it when the learner shares the GPU (fractional
     # num_gpus_per_worker). Not used on CPU, where vllm_kv_cache_gib sizes the cache.
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # Multi-turn episodes (docs/agentic.md): the environment spec ({type: python|tools, path, ...});
+    # None = one completion per prompt.
+    environment: dict | None = None
+    max_turns: int = Field(default=8, ge=1)  # model turns per episode
+    max_episode_tokens: int = Field(default=2048, ge=1)  # model + observation tokens after the prompt
+    max_tool_output_tokens: int = Field(default=256, ge=1)  # per observation message, cut beyond
 
 
 @dataclass(frozen=True)

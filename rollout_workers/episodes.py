@@ -47,6 +47,29 @@ class EpisodeCompletion(Completion):
     token_checksum: str = ""
 
 
+class EpisodeFactory:
+    """A worker's episodes: one sandboxed environment (its sessions) and one renderer for all."""
+
+    def __init__(self, rollout, model_path: str):
+        from transformers import AutoTokenizer
+
+        from .environments.client import EnvironmentClient
+
+        self.environment = EnvironmentClient(rollout.environment, rollout)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.renderer = ChatRenderer(tokenizer, self.environment.describe(), name=model_path)
+        self.limits = EpisodeLimits(
+            rollout.max_turns, rollout.max_episode_tokens, rollout.max_tool_output_tokens
+        )
+
+    def for_batch(self, max_new_tokens: int):
+        """What the engine loop calls for each request of a batch: its new Episode."""
+        return lambda request: Episode(request, self.environment, self.renderer, self.limits, max_new_tokens)
+
+    def close(self) -> None:
+        self.environment.close()
+
+
 def item_messages(item: dict) -> list[dict]:
     if item.get("messages") is not None:
         return list(item["messages"])

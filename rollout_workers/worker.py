@@ -20,6 +20,7 @@ from weight_sync.full_weights import FullWeights
 from .config import EngineSpec, RolloutConfig
 from .engine_loop import END, EngineLoop, Finished
 from .engines import make_engine
+from .episodes import EpisodeCompletion, EpisodeFactory
 from .interface import GenerationRequest, Rollout, SamplingSettings
 
 
@@ -62,13 +63,16 @@ class RolloutWorker(WeightsReceiver):
             lambda: make_engine(rollout, engine), served_version=lambda: self.version, on_step=self._count
         )
         self.engine = self.loop.engine  # used on the loop thread only
+        # Multi-turn jobs: every request is an episode with the sandboxed environment.
+        self.episodes = EpisodeFactory(rollout, engine.model_path) if rollout.environment else None
 
     def generate_stream(
         self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0
     ):
         """Yield each prompt's group of rollouts as soon as all its samples are done (a Ray
         streaming generator). Generation starts once the worker serves `min_version` or newer."""
-        batch = self.loop.submit(requests, sampling, min_version)
+        episode = self.episodes.for_batch(sampling.max_new_tokens) if self.episodes else None
+        batch = self.loop.submit(requests, sampling, min_version, episode)
         while (group := batch.groups.get()) is not END:
             if isinstance(group, Exception):
                 raise group
@@ -84,6 +88,24 @@ class RolloutWorker(WeightsReceiver):
         return [rollouts[request.sample_id] for request in requests]
 
     def _rollout(self, request: GenerationRequest, completion, version: int) -> Rollout:
+        if isinstance(completion, EpisodeCompletion):
+            return Rollout(
+                prompt_id=request.prompt_id,
+                sample_index=request.sample_index,
+                prompt_ids=completion.prompt_ids,
+                completion_ids=completion.completion_ids,
+                behaviour_logprobs=completion.behaviour_logprobs,
+                policy_version=version,
+                finish_reason=completion.finish_reason,
+                text=completion.text,
+                worker_id=self.worker_id,
+                loss_mask=completion.loss_mask,
+                turns=completion.turns,
+                turn_versions=completion.turn_versions,
+                environment_reward=completion.environment_reward,
+                token_checksum=completion.token_checksum,
+                error=completion.error,
+            )
         return Rollout(
             prompt_id=request.prompt_id,
             sample_index=request.sample_index,
@@ -145,6 +167,8 @@ class RolloutWorker(WeightsReceiver):
     def close(self) -> None:
         """Stop the engine loop, so the engine can be freed (actors simply exit instead)."""
         self.loop.close()
+        if self.episodes:
+            self.episodes.close()
 
     def running_requests(self) -> int:
         """Requests in the engine now (started, not finished)."""

@@ -343,7 +343,11 @@ class Orchestrator:
         """Greedy completions of the held-out items, graded: accuracy, reward, components."""
         sampling = greedy_settings(self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens)
         self.actors.rollouts.submit(
-            "eval", eval_requests(self.inputs.heldout_items, self.inputs.prompt_ids), sampling
+            "eval",
+            eval_requests(
+                self.inputs.heldout_items, self.inputs.prompt_ids, episodes=bool(self.cfg.rollout.environment)
+            ),
+            sampling,
         )
         rollouts = self.actors.rollouts.collect("eval")
         return summarize(self.actors.reward_pool.score(rollouts, self.inputs.items_by_id))

@@ -15,10 +15,12 @@ def greedy_settings(max_new_tokens: int) -> SamplingSettings:
     return SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
 
 
-def eval_requests(items: list[dict], prompt_ids: dict[str, list[int]]) -> list[GenerationRequest]:
+def eval_requests(
+    items: list[dict], prompt_ids: dict[str, list[int]], episodes: bool = False
+) -> list[GenerationRequest]:
+    """One greedy request per item; with `episodes` each carries its item (the environment's reset)."""
     return [
-        GenerationRequest(prompt_id=item["id"], sample_index=0, prompt_ids=prompt_ids[item["id"]])
-        for item in items
+        GenerationRequest(item["id"], 0, prompt_ids[item["id"]], item if episodes else None) for item in items
     ]
 
 
@@ -38,7 +40,19 @@ def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
         "count": n,
     }
     summary.update({f"component_{name}": total / n for name, total in sorted(component_sums.items())})
+    episodes = [s.rollout.turns for s in scored if s.rollout.turns is not None]
+    if episodes:  # multi-turn: how the model used the environment
+        summary["tool_calls_per_episode"] = sum(_tool_calls(t) for t in episodes) / len(episodes)
+        summary["turns_per_episode"] = sum(_model_turns(t) for t in episodes) / len(episodes)
     return summary
+
+
+def _tool_calls(turns: list[dict]) -> int:
+    return sum(turn["role"] == "tool" for turn in turns)
+
+
+def _model_turns(turns: list[dict]) -> int:
+    return sum(turn["role"] == "assistant" and "policy_version" in turn for turn in turns)
 
 
 def format_summary(summary: dict[str, float]) -> str:
@@ -46,5 +60,7 @@ def format_summary(summary: dict[str, float]) -> str:
     parts += [
         f"{k.removeprefix('component_')} {v:.3f}" for k, v in summary.items() if k.startswith("component_")
     ]
+    if "tool_calls_per_episode" in summary:
+        parts.append(f"tool calls/episode {summary['tool_calls_per_episode']:.2f}")
     parts.append(f"grader errors {summary['grader_error_rate']:.3f}")
     return f"n={summary['count']}: " + ", ".join(parts)
