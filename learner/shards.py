@@ -8,6 +8,8 @@ forward/backward costs), and the longest go first to the rank with the fewest to
 Each rank cuts its share into micro-batches: sorted by length and filled up to
 `learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set,
 else in batch order, `learner.micro_batch_size` at a time (the old split, kept for comparison).
+With `learner.pack_sequences` a micro-batch is one packed row instead: samples end to end, up to
+the budget in tokens, first-fit decreasing (learner/logprobs.py `RowLayout`).
 Every rank runs the same number of micro-batches per mini-batch, because ZeRO's gradient
 reduction (and ZeRO-3's parameter gathers) are collectives each rank must join: a rank with
 fewer runs empty ones, a one-token dummy forward/backward with zero weight.
@@ -53,6 +55,7 @@ class TrainShard:
     temperature: float
     epochs: int
     mini_batches: list[MiniBatchShard]
+    packed: bool = False  # each micro-batch is one packed row (learner.pack_sequences)
 
     @property
     def updates(self) -> int:
@@ -96,6 +99,8 @@ def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[l
     budget, size = settings.max_tokens_per_micro_batch, settings.micro_batch_size
     if budget is None:
         return [samples[i : i + size] for i in range(0, len(samples), size)]
+    if settings.pack_sequences:
+        return packed_rows(samples, budget)
     batches: list[list[TrainSample]] = []
     for sample in sorted(samples, key=sample_cost, reverse=True):
         current = batches[-1] if batches else None
@@ -107,15 +112,34 @@ def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[l
     return batches
 
 
+def packed_rows(samples: list[TrainSample], budget: int) -> list[list[TrainSample]]:
+    """The samples as rows of at most `budget` tokens end to end, first-fit decreasing: longest
+    first, each into the first row with room (a sample over the budget: a row of its own)."""
+    rows: list[list[TrainSample]] = []
+    room: list[int] = []
+    for sample in sorted(samples, key=sample_cost, reverse=True):
+        cost = sample_cost(sample)
+        row = next((k for k, free in enumerate(room) if cost <= free), None)
+        if row is None:
+            rows.append([sample])
+            room.append(budget - cost)
+        else:
+            rows[row].append(sample)
+            room[row] -= cost
+    return rows
+
+
 def padding_fraction(shards: list[TrainShard]) -> float:
-    """Share of the tokens the forward passes compute that are right-padding."""
+    """Share of the tokens the forward passes compute that are right-padding (none in a packed
+    row: it is exactly its samples' tokens)."""
     real = padded = 0
     for shard in shards:
         for mini in shard.mini_batches:
             for micro in mini.micro_batches:
                 if micro:
-                    real += sum(sample_cost(s) for s in micro)
-                    padded += len(micro) * max(sample_cost(s) for s in micro)
+                    tokens = [sample_cost(s) for s in micro]
+                    real += sum(tokens)
+                    padded += sum(tokens) if shard.packed else len(micro) * max(tokens)
     return 1 - real / padded if padded else 0.0
 
 
@@ -145,7 +169,10 @@ def mini_batch_ranges(num_samples: int, mini_batches: int) -> list[range]:
 def plan_shards(
     batch: TrainBatch, num_ranks: int, settings: LearnerConfig, algorithm: AlgorithmConfig
 ) -> list[TrainShard]:
-    shards = [TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, []) for _ in range(num_ranks)]
+    shards = [
+        TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, [], settings.pack_sequences)
+        for _ in range(num_ranks)
+    ]
     for positions in mini_batch_ranges(len(batch.samples), algorithm.mini_batches):
         samples = [batch.samples[i] for i in positions]
         tokens = sum(len(s.completion_ids) for s in samples)
