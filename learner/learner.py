@@ -23,8 +23,9 @@ from learner.checkpoint import load_engine_checkpoint, save_model_directory, sta
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.distributed import WorldSpec, init_distributed
 from learner.interface import StepStats, TrainBatch, TrainSample
-from learner.logprobs import check_packed_attention, completion_logprobs, right_pad
+from learner.logprobs import check_packed_attention, completion_logprobs
 from learner.losses import policy_loss
+from learner.samples import loss_tensors, policy_tokens
 from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard, train_batch
 from weight_sync.adapter import AdapterWeights
 from weight_sync.endpoints import WeightsSender
@@ -194,7 +195,7 @@ class Learner(WeightsSender):
         result.policy_version, result.seconds = self.policy_version, time.perf_counter() - started
         if self.metrics:
             tokens = sum(
-                len(s.completion_ids) for mini in shard.mini_batches for m in mini.micro_batches for s in m
+                policy_tokens(s) for mini in shard.mini_batches for m in mini.micro_batches for s in m
             )
             self.metrics.add("steps" if trained else "skipped_steps")
             self.metrics.add("train_seconds", result.seconds)
@@ -232,8 +233,8 @@ class Learner(WeightsSender):
         gradient; an empty one runs the dummy with zero weight (the ranks' collectives stay in
         step, so it makes the same forward passes a real one makes). π_old is `old_rows` (a
         snapshot) or, with one update per step, π_θ detached from the same forward (ρ = 1); π_ref
-        is computed on the first pass, then `ref_rows`. Returns per sample (π_θ, entropy,
-        π_ref | None), detached, on CPU."""
+        is computed on the first pass, then `ref_rows`. The loss counts the policy's tokens only
+        (`loss_tensors`). Returns per sample (π_θ, entropy, π_ref | None), detached, on CPU."""
         weight = 1.0 if samples else 0.0
         samples = samples or [DUMMY_SAMPLE]
         device = self.engine.device
@@ -246,13 +247,14 @@ class Learner(WeightsSender):
                 ref = self._reference_logprobs(samples, shard.temperature, shard.packed)
             else:  # cached (a dummy's is never used: its weight is 0)
                 ref = _padded(ref_rows, width, device) if ref_rows else new_logprobs.detach()
+        behaviour, advantages, policy_mask = (t.to(device) for t in loss_tensors(samples, width))
         loss, _ = policy_loss(
             new_logprobs,
             old,
-            right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32).to(device),
+            behaviour,
             ref,
-            torch.tensor([s.advantage for s in samples], dtype=torch.float32).to(device),
-            mask,
+            advantages,
+            policy_mask,
             self.algorithm,
             denominator=denominator,
         )

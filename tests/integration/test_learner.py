@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import learner.learner as learner_module
-from learner.interface import TrainBatch, TrainSample
+from core.tokens import token_checksum
+from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.learner import Learner
 from learner.logprobs import completion_logprobs, right_pad
 from learner.losses import policy_loss
@@ -204,6 +206,75 @@ def test_packed_steps_equal_sorted_ones_with_epochs_and_a_reference(tiny_model_d
     # (see the test above): measured 7e-4 at one element of 2048, the rest within 1e-4.
     for name in tensors:
         torch.testing.assert_close(packed_tensors[name], tensors[name], rtol=1e-4, atol=1e-3)
+
+
+def trained(samples: list[TrainSample], model_dir, **learner) -> tuple[StepStats, dict]:
+    """One fp32 step on `samples` (behaviour log-probs as given) from the seeded initial adapter."""
+    learner = Learner(str(model_dir), **job_config("float32", **learner).learner_kwargs())
+    stats = learner.train_step(TrainBatch(step=0, samples=samples, temperature=TEMPERATURE))
+    return stats, learner.export_adapter().tensors
+
+
+def off_policy(samples: list[TrainSample]) -> list[TrainSample]:
+    for s in samples:
+        s.behaviour_logprobs = [-8.0 - 0.1 * t for t in range(len(s.completion_ids))]
+    return samples
+
+
+def test_observation_tokens_are_context_not_trained(tiny_model_dir):
+    """A loss mask of ones trains as no mask, bit for bit; observation tokens masked at the start
+    of a completion train as the same tokens moved into the prompt (the policy's tokens keep
+    their contexts and the token-mean denominator counts them alone): loss, grad norm, update."""
+    plain = off_policy(make_samples([1.0, -0.5, 0.25]))
+    ones = [dataclasses.replace(s, loss_mask=[1] * len(s.completion_ids)) for s in plain]
+    masked = [dataclasses.replace(s, loss_mask=[0] * 3 + [1] * (len(s.completion_ids) - 3)) for s in plain]
+    for s in masked:  # μ is 0.0 at observation tokens, as the rollout worker sends it
+        s.behaviour_logprobs = [0.0] * 3 + s.behaviour_logprobs[3:]
+    moved = [
+        dataclasses.replace(
+            s,
+            prompt_ids=s.prompt_ids + s.completion_ids[:3],
+            completion_ids=s.completion_ids[3:],
+            behaviour_logprobs=s.behaviour_logprobs[3:],
+        )
+        for s in plain
+    ]
+    (plain_stats, plain_tensors), (ones_stats, ones_tensors) = (
+        trained(b, tiny_model_dir) for b in (plain, ones)
+    )
+    assert plain_stats.loss == ones_stats.loss and plain_stats.grad_norm == ones_stats.grad_norm
+    assert all(torch.equal(plain_tensors[name], ones_tensors[name]) for name in plain_tensors)
+    (masked_stats, masked_tensors), (moved_stats, moved_tensors) = (
+        trained(b, tiny_model_dir) for b in (masked, moved)
+    )
+    assert masked_stats.tokens == moved_stats.tokens == plain_stats.tokens - 9
+    for name in ("loss", "grad_norm", "entropy", "mismatch_kl", "is_weight_mean"):
+        assert getattr(masked_stats, name) == pytest.approx(getattr(moved_stats, name), rel=1e-5), name
+    assert masked_stats.grad_norm != pytest.approx(plain_stats.grad_norm, rel=1e-2)  # the mask acted
+    for name in masked_tensors:
+        torch.testing.assert_close(masked_tensors[name], moved_tensors[name], rtol=1e-4, atol=1e-4)
+
+
+def test_tampered_samples_are_refused_and_counted_while_the_rest_train(tiny_model_dir):
+    samples = off_policy(make_samples([1.0, -0.5, 0.25, -1.0]))
+    for s in samples:
+        s.token_checksum = token_checksum(s.prompt_ids, s.completion_ids)
+    good = [samples[0], samples[2]]
+    tampered, bad_mask = samples[1], samples[3]
+    tampered.completion_ids = [tampered.completion_ids[0] + 1] + tampered.completion_ids[1:]
+    bad_mask.loss_mask = [1] * (len(bad_mask.completion_ids) - 1)
+    stats, tensors = trained(samples, tiny_model_dir)
+    good_stats, good_tensors = trained(good, tiny_model_dir)
+    assert stats.extra["token_mismatch_samples"] == 2 and good_stats.extra["token_mismatch_samples"] == 0
+    assert not stats.skipped and stats.tokens == good_stats.tokens == sum(len(s.completion_ids) for s in good)
+    assert stats.loss == good_stats.loss and stats.grad_norm == good_stats.grad_norm
+    assert all(torch.equal(tensors[name], good_tensors[name]) for name in tensors)
+
+    learner = Learner(str(tiny_model_dir), **job_config("float32").learner_kwargs())
+    before = learner.export_adapter().sha256
+    stats = learner.train_step(TrainBatch(step=0, samples=[tampered, bad_mask], temperature=TEMPERATURE))
+    assert stats.skipped and stats.extra["token_mismatch_samples"] == 2 and math.isnan(stats.loss)
+    assert learner.policy_version == 0 and learner.export_adapter().sha256 == before
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

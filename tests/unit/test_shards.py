@@ -9,9 +9,9 @@ import pytest
 
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import TrainBatch, TrainSample
+from learner.samples import check_batch
 from learner.shards import (
     assign_to_ranks,
-    check_batch,
     micro_batches,
     mini_batch_ranges,
     padding_fraction,
