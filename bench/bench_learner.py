@@ -10,15 +10,17 @@ the demo's fall: 40 % at the 48-token cap, the rest 1-47), three measurements:
    read after every torch op, above the inputs; the full logits + fp32 log_softmax vs
    `learner/token_logprobs.py` (chunked).
 2. Learner steps (LoRA r16 bf16, DeepSpeed ZeRO-2, one process, every core), the old settings
-   (16 rows per micro-batch in batch order, full logits) and the new (micro-batches by a padded
-   token budget, rows sorted by length, chunked log-probs), alternating, median of the repeats
-   after a warm-up step each.
+   (16 rows per micro-batch in batch order, full logits), the new (micro-batches by a padded
+   token budget, rows sorted by length, chunked log-probs) and packed (the new with
+   `learner.pack_sequences`: one row of samples end to end per micro-batch, up to the budget),
+   alternating, median of the repeats after a warm-up step each.
 3. The same tokens through a plain peft model's forward + backward without padding (all the
    batch's tokens in one stream cut into rows of 256, 8 rows a pass, the loss on the completion
    tokens): what this box can do at best with these tokens.
 
-Prints `peak memory ratio chunked/naive: X`, `learner tokens/s ratio new/old: X` and
-`learner tokens/s vs raw fwd+bwd: X` (new settings over raw).
+Prints `peak memory ratio chunked/naive: X`, `learner tokens/s ratio new/old: X`,
+`learner tokens/s ratio packed/sorted: X` (packed over new) and `learner tokens/s vs raw fwd+bwd: X`
+(new settings over raw).
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def head_memory(batch, config, chunk: int) -> float:
 
 
 def learner_rates(model_path: str, batch, args, tokens: int) -> dict[str, float]:
-    """Measurement 2: tokens/s of the old and the new settings, alternating."""
+    """Measurement 2: tokens/s of the old, the new and the packed settings, alternating."""
     from learner.config import AlgorithmConfig
     from learner.shards import padding_fraction, plan_shards
 
@@ -203,6 +205,11 @@ def learner_rates(model_path: str, batch, args, tokens: int) -> dict[str, float]
         "new": {
             "max_tokens_per_micro_batch": args.budget,
             "logprob_chunk_tokens": args.chunk,
+        },
+        "packed": {
+            "max_tokens_per_micro_batch": args.budget,
+            "logprob_chunk_tokens": args.chunk,
+            "pack_sequences": True,
         },
     }
     trainers = {name: learner(model_path, config) for name, config in settings.items()}
@@ -248,6 +255,7 @@ def main() -> None:
 
     print(f"peak memory ratio chunked/naive: {memory_ratio:.3f}")
     print(f"learner tokens/s ratio new/old: {rates['new'] / rates['old']:.2f}")
+    print(f"learner tokens/s ratio packed/sorted: {rates['packed'] / rates['new']:.2f}")
     print(f"learner tokens/s vs raw fwd+bwd: {rates['new'] / raw_rate:.2f}")
 
 

@@ -13,8 +13,12 @@ class TrainSample:
     behaviour_logprobs: list[float]  # μ_t from the inference engine
     advantage: float
     policy_version: int  # version that generated it
-    loss_mask: list[int] | None = None  # per completion token: 1 = sampled by the policy; None = all
-    token_checksum: str | None = None  # core/tokens.py over prompt + completion ids, from the worker
+    # Per completion token, multi-turn episodes (docs/agentic.md): 1 = sampled by the policy (trained),
+    # 0 = observation (context only; its behaviour log-prob is ignored). None = all ones.
+    loss_mask: list[int] | None = None
+    # core.tokens.token_checksum(prompt_ids, completion_ids) from the rollout worker; a sample
+    # whose ids no longer match is refused (learner/shards.py). None = not checked.
+    token_checksum: str | None = None
 
 
 @dataclass

@@ -23,8 +23,9 @@ from learner.checkpoint import load_engine_checkpoint, save_model_directory, sta
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.distributed import WorldSpec, init_distributed
 from learner.interface import StepStats, TrainBatch, TrainSample
-from learner.logprobs import completion_logprobs, right_pad
+from learner.logprobs import check_packed_attention, completion_logprobs
 from learner.losses import policy_loss
+from learner.samples import loss_tensors, policy_tokens
 from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard, train_batch
 from learner.threads import ThreadGovernor
 from weight_sync.adapter import AdapterWeights
@@ -80,6 +81,8 @@ class Learner(WeightsSender):
         self.model_path = model_path
         self.lora = learner.lora
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if learner.pack_sequences:
+            check_packed_attention(self.model)
         # π_ref, when the loss has a KL term: a LoRA learner switches its adapter off; a full-weight
         # learner keeps a frozen copy of the base model (one more copy of the weights in memory).
         self.reference: torch.nn.Module | None = None
@@ -123,21 +126,24 @@ class Learner(WeightsSender):
         size = self.settings.micro_batch_size
         return [samples[i : i + size] for i in range(0, len(samples), size)]
 
-    def _logprobs(self, samples: list[TrainSample], temperature: float, model=None):
+    def _logprobs(self, samples: list[TrainSample], temperature: float, packed: bool = False, model=None):
         return completion_logprobs(
             model or self.engine,
             [(s.prompt_ids, s.completion_ids) for s in samples],
             temperature,
             chunk_tokens=self.settings.logprob_chunk_tokens,
+            packed=packed,
         )
 
     @torch.no_grad()
-    def _reference_logprobs(self, samples: list[TrainSample], temperature: float) -> torch.Tensor:
+    def _reference_logprobs(
+        self, samples: list[TrainSample], temperature: float, packed: bool
+    ) -> torch.Tensor:
         """Log-probs under π_ref, the base model."""
         if self.reference is not None:
-            return self._logprobs(samples, temperature, model=self.reference)[0]
+            return self._logprobs(samples, temperature, packed, model=self.reference)[0]
         with self.model.disable_adapter():  # the same weights with the adapter switched off
-            return self._logprobs(samples, temperature)[0]
+            return self._logprobs(samples, temperature, packed)[0]
 
     @torch.no_grad()
     def score(self, samples: list[TrainSample], temperature: float) -> list[list[float]]:
@@ -184,7 +190,7 @@ class Learner(WeightsSender):
         )
         for epoch in range(shard.epochs):
             for mini in shard.mini_batches:
-                self._update(mini, shard.temperature, result, first_pass=epoch == 0, snapshot=snapshot)
+                self._update(mini, shard, result, first_pass=epoch == 0)
         trained = any(result.applied)
         if trained:
             self.policy_version += 1  # one version per learner step, however many updates it took
@@ -192,7 +198,7 @@ class Learner(WeightsSender):
         result.mean_threads = self.threads.mean_threads()
         if self.metrics:
             tokens = sum(
-                len(s.completion_ids) for mini in shard.mini_batches for m in mini.micro_batches for s in m
+                policy_tokens(s) for mini in shard.mini_batches for m in mini.micro_batches for s in m
             )
             self.metrics.add("steps" if trained else "skipped_steps")
             self.metrics.add("train_seconds", result.seconds)
@@ -200,12 +206,11 @@ class Learner(WeightsSender):
             self.metrics.set("policy_version", self.policy_version)
         return result
 
-    def _update(
-        self, mini: MiniBatchShard, temperature: float, result: ShardResult, first_pass: bool, snapshot: bool
-    ) -> None:
+    def _update(self, mini: MiniBatchShard, shard: TrainShard, result: ShardResult, first_pass: bool) -> None:
         """Forward and backward the mini-batch's micro-batches, then one optimizer step. Records
         π_θ per sample; on the first pass also the entropy, π_ref and (without a snapshot) π_old."""
         self.engine.train()
+        snapshot = shard.updates > 1
         new: dict[int, torch.Tensor] = {}
         positions = iter(mini.sample_indices)
         for k, samples in enumerate(mini.micro_batches):
@@ -213,7 +218,7 @@ class Learner(WeightsSender):
             rows = [next(positions) for _ in samples]
             old = [result.old_logprobs[i] for i in rows] if snapshot else None
             ref = [result.ref_logprobs[i] for i in rows] if result.ref_logprobs and not first_pass else None
-            computed = self._micro_step(samples, temperature, mini.denominator, old, ref, first_pass)
+            computed = self._micro_step(samples, shard, mini.denominator, old, ref, first_pass)
             for row, (logprobs, entropy, ref_row) in zip(rows, computed):
                 new[row] = logprobs
                 if first_pass:
@@ -226,33 +231,34 @@ class Learner(WeightsSender):
         result.grad_norms.append(float(self.engine.get_global_grad_norm()))
         result.new_logprobs.append(new)
 
-    def _micro_step(self, samples, temperature, denominator, old_rows, ref_rows, first_pass):
+    def _micro_step(self, samples, shard: TrainShard, denominator, old_rows, ref_rows, first_pass):
         """Forward and backward one micro-batch, adding its share of the mini-batch loss's
         gradient; an empty one runs the dummy with zero weight (the ranks' collectives stay in
         step, so it makes the same forward passes a real one makes). π_old is `old_rows` (a
         snapshot) or, with one update per step, π_θ detached from the same forward (ρ = 1); π_ref
-        is computed on the first pass, then `ref_rows`. Returns per sample (π_θ, entropy,
-        π_ref | None), detached, on CPU."""
+        is computed on the first pass, then `ref_rows`. The loss counts the policy's tokens only
+        (`loss_tensors`). Returns per sample (π_θ, entropy, π_ref | None), detached, on CPU."""
         self.threads.adjust()
         weight = 1.0 if samples else 0.0
         samples = samples or [DUMMY_SAMPLE]
         device = self.engine.device
-        new_logprobs, mask, entropy = self._logprobs(samples, temperature)
+        new_logprobs, mask, entropy = self._logprobs(samples, shard.temperature, shard.packed)
         width = mask.shape[1]
         old = _padded(old_rows, width, device) if old_rows else new_logprobs.detach()
         ref = None
         if self.algorithm.kl_coef > 0:
             if first_pass:
-                ref = self._reference_logprobs(samples, temperature)
+                ref = self._reference_logprobs(samples, shard.temperature, shard.packed)
             else:  # cached (a dummy's is never used: its weight is 0)
                 ref = _padded(ref_rows, width, device) if ref_rows else new_logprobs.detach()
+        behaviour, advantages, policy_mask = (t.to(device) for t in loss_tensors(samples, width))
         loss, _ = policy_loss(
             new_logprobs,
             old,
-            right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32).to(device),
+            behaviour,
             ref,
-            torch.tensor([s.advantage for s in samples], dtype=torch.float32).to(device),
-            mask,
+            advantages,
+            policy_mask,
             self.algorithm,
             denominator=denominator,
         )
@@ -279,7 +285,7 @@ class Learner(WeightsSender):
             positions = iter(mini.sample_indices)
             for samples in mini.micro_batches:
                 self.threads.adjust()
-                logprobs, _, _ = self._logprobs(samples or [DUMMY_SAMPLE], shard.temperature)
+                logprobs, _, _ = self._logprobs(samples or [DUMMY_SAMPLE], shard.temperature, shard.packed)
                 for i, sample in enumerate(samples):
                     old[next(positions)] = logprobs[i, : len(sample.completion_ids)].float().cpu()
         return old

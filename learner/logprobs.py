@@ -7,18 +7,75 @@ temperature instead of the policy gap.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 
-def right_pad(rows: Sequence[Sequence[float | int]], value: float | int, dtype: torch.dtype) -> Tensor:
-    """[B, max_len] tensor of the rows, padded on the right with `value`."""
-    width = max((len(r) for r in rows), default=0)
+def right_pad(
+    rows: Sequence[Sequence[float | int]], value: float | int, dtype: torch.dtype, width: int | None = None
+) -> Tensor:
+    """[B, width] tensor of the rows (width: the longest by default), padded on the right with `value`."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype).reshape(
         len(rows), width
     )
+
+
+@dataclass
+class RowLayout:
+    """Where the sequences sit in the model's input and where each completion token is predicted.
+
+    Unpacked: one right-padded row per sequence (causal attention hides the pads from every real
+    token, position ids default to 0.. in every row: no mask needed). Packed: every sequence in
+    one row, end to end, `position_ids` restarting at 0 for each; with `position_ids` and no
+    attention mask, transformers (>= 4.53, `masking_utils.find_packed_sequence_indices`) masks
+    sdpa/eager attention block-diagonally and flash-attention runs varlen (for one row only,
+    `_is_packed_sequence`): each sequence sees exactly what it sees alone.
+    """
+
+    input_ids: Tensor  # [R, L]
+    position_ids: Tensor | None  # [R, L] when packed
+    mask: Tensor  # [B, T] bool: the completion tokens, T the longest completion
+    rows: Tensor  # [N]: the row of each completion token (mask-true positions, row-major order)
+    positions: Tensor  # [N]: the position in its row whose output predicts it
+    targets: Tensor  # [N]: the token
+
+    @classmethod
+    def of(cls, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], packed: bool, device) -> RowLayout:
+        if any(len(prompt) == 0 for prompt, _ in sequences):
+            raise ValueError("every sequence needs at least one prompt token")
+        prompt_lens = torch.tensor([len(prompt) for prompt, _ in sequences], dtype=torch.long)
+        completion_lens = torch.tensor([len(completion) for _, completion in sequences], dtype=torch.long)
+        tokens = [list(p) + list(c) for p, c in sequences]
+        if packed:
+            input_ids = torch.tensor([[t for row in tokens for t in row]], dtype=torch.long)
+            position_ids = torch.cat([torch.arange(len(row)) for row in tokens])[None]
+            row_of = torch.zeros(len(sequences), dtype=torch.long)
+            start_of = torch.cumsum(prompt_lens + completion_lens, 0) - (prompt_lens + completion_lens)
+        else:
+            input_ids, position_ids = right_pad(tokens, 0, torch.long), None
+            row_of, start_of = torch.arange(len(sequences)), torch.zeros(len(sequences), dtype=torch.long)
+        targets = right_pad([c for _, c in sequences], 0, torch.long)
+        mask = torch.arange(targets.shape[1])[None, :] < completion_lens[:, None]
+        # The output at position j predicts token j+1: completion token t of sequence i is
+        # predicted at start_i + prompt_len_i - 1 + t of its row.
+        sample, step = mask.nonzero(as_tuple=True)
+        return cls(
+            input_ids=input_ids.to(device),
+            position_ids=None if position_ids is None else position_ids.to(device),
+            mask=mask.to(device),
+            rows=row_of[sample].to(device),
+            positions=(start_of[sample] + prompt_lens[sample] - 1 + step).to(device),
+            targets=targets[mask].to(device),
+        )
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[N] per-token values as [B, T], 0 at padding."""
+        zeros = torch.zeros(self.mask.shape, dtype=torch.float32, device=values.device)
+        return zeros.masked_scatter(self.mask, values.float())
 
 
 def completion_logprobs(
@@ -26,6 +83,7 @@ def completion_logprobs(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
     temperature: float,
     chunk_tokens: int | None = None,
+    packed: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One forward pass over (prompt_ids, completion_ids) pairs.
 
@@ -33,42 +91,50 @@ def completion_logprobs(
     T the longest completion; logprobs keep the graph to `model`'s parameters when grad is
     enabled, entropy (of the tempered distribution, a metric) never does. Padding holds 0.
     `model` is anything that calls like a Hugging Face causal LM and has `.device`
-    (a transformers model, a peft model, a DeepSpeed engine wrapping one).
+    (a transformers model, a peft model, a DeepSpeed engine wrapping one). `packed`: all the
+    sequences in one row (`RowLayout`); the results are those of the unpacked rows.
 
     With `chunk_tokens`, and a model whose LM head is a plain linear map (`chunkable_head`),
     the logits are never built: the backbone's hidden states at the completion positions go
     through `learner/token_logprobs.py`, `chunk_tokens` tokens at a time; otherwise the model's
-    own logits, [B, T, V], then an fp32 log_softmax over all of them.
+    own logits, then an fp32 log_softmax over the vocabulary at the completion positions.
     """
-    if any(len(prompt) == 0 for prompt, _ in sequences):
-        raise ValueError("every sequence needs at least one prompt token")
     head = chunkable_head(model) if chunk_tokens else None
+    layout = RowLayout.of(sequences, packed, head.weight.device if head is not None else model.device)
+    inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
     if head is not None:
-        return _chunked_completion_logprobs(model, head, sequences, temperature, chunk_tokens)
-    prompt_lens = torch.tensor([len(prompt) for prompt, _ in sequences])
-    completion_lens = torch.tensor([len(completion) for _, completion in sequences])
-    # Right padding: causal attention already hides the pads from every real token, and position
-    # ids start at 0 in every row, so no attention mask is needed.
-    input_ids = right_pad([list(p) + list(c) for p, c in sequences], 0, torch.long).to(model.device)
-    targets = right_pad([c for _, c in sequences], 0, torch.long).to(model.device)
-    batch_size, length = input_ids.shape
-    width = targets.shape[1]
+        from learner.token_logprobs import sampled_token_logprobs
 
-    # The logits at position j predict token j+1, so completion token t of row i is predicted at
-    # prompt_len_i - 1 + t. Only the logits from the earliest such position on are computed.
-    first = int(prompt_lens.min()) - 1
-    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=length - first).logits
-    positions = (prompt_lens[:, None] - 1 - first + torch.arange(width)[None, :]).clamp(
-        max=logits.shape[1] - 1
-    )
-    logits = logits[torch.arange(batch_size)[:, None], positions.to(logits.device)]  # [B, T, V]
-
-    all_logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    mask = (torch.arange(width)[None, :] < completion_lens[:, None]).to(model.device)
-    logprobs = all_logprobs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+        hidden = _causal_lm(model).get_decoder()(**inputs).last_hidden_state  # [R, L, H]
+        logprobs, entropy = sampled_token_logprobs(
+            hidden[layout.rows, layout.positions], head.weight, layout.targets, temperature, chunk_tokens
+        )
+        return layout.scatter(logprobs), layout.mask, layout.scatter(entropy.detach())
+    # Only the logits from the earliest predicting position on are computed.
+    length = layout.input_ids.shape[1]
+    first = int(layout.positions.min()) if len(layout.positions) else length - 1
+    logits = model(**inputs, logits_to_keep=length - first).logits
+    all_logprobs = torch.log_softmax(logits[layout.rows, layout.positions - first].float() / temperature, -1)
+    logprobs = all_logprobs.gather(-1, layout.targets[:, None]).squeeze(-1)
     with torch.no_grad():
-        entropy = -(all_logprobs.exp() * all_logprobs).sum(-1).masked_fill(~mask, 0.0)
-    return logprobs, mask, entropy
+        entropy = -(all_logprobs.exp() * all_logprobs).sum(-1)
+    return layout.scatter(logprobs), layout.mask, layout.scatter(entropy)
+
+
+# The attention implementations whose masks transformers builds from packed position ids.
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_packed_attention(model: torch.nn.Module) -> None:
+    """Raise unless `model` keeps the sequences of a packed row apart (`RowLayout`): an older
+    transformers, or another attention, would let them attend to each other silently."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as e:
+        raise ValueError("learner.pack_sequences needs transformers >= 4.53 (packed position ids)") from e
+    attention = getattr(_causal_lm(model).config, "_attn_implementation", None)
+    if attention not in PACKED_ATTENTION:
+        raise ValueError(f"learner.pack_sequences: attention {attention!r} is not one of {PACKED_ATTENTION}")
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,25 +156,3 @@ def chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     return head
-
-
-def _chunked_completion_logprobs(model, head, sequences, temperature: float, chunk_tokens: int):
-    from learner.token_logprobs import sampled_token_logprobs
-
-    lm = _causal_lm(model)
-    device = head.weight.device
-    prompt_lens = torch.tensor([len(prompt) for prompt, _ in sequences])
-    completion_lens = torch.tensor([len(completion) for _, completion in sequences])
-    input_ids = right_pad([list(p) + list(c) for p, c in sequences], 0, torch.long).to(device)
-    targets = right_pad([c for _, c in sequences], 0, torch.long).to(device)
-    width = targets.shape[1]
-    mask = (torch.arange(width)[None, :] < completion_lens[:, None]).to(device)
-    hidden = lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, H]
-    # Completion token t of row i is predicted by the hidden state at prompt_len_i - 1 + t.
-    rows, steps = mask.nonzero(as_tuple=True)
-    positions = prompt_lens.to(device)[rows] - 1 + steps
-    logprobs, entropy = sampled_token_logprobs(
-        hidden[rows, positions], head.weight, targets[rows, steps], temperature, chunk_tokens=chunk_tokens
-    )
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-    return zeros.masked_scatter(mask, logprobs), mask, zeros.masked_scatter(mask, entropy.detach())

@@ -8,13 +8,15 @@ forward/backward costs), and the longest go first to the rank with the fewest to
 Each rank cuts its share into micro-batches: sorted by length and filled up to
 `learner.max_tokens_per_micro_batch` padded tokens (rows x longest row) when that is set,
 else in batch order, `learner.micro_batch_size` at a time (the old split, kept for comparison).
+With `learner.pack_sequences` a micro-batch is one packed row instead: samples end to end, up to
+the budget in tokens, first-fit decreasing (learner/logprobs.py `RowLayout`).
 Every rank runs the same number of micro-batches per mini-batch, because ZeRO's gradient
 reduction (and ZeRO-3's parameter gathers) are collectives each rank must join: a rank with
 fewer runs empty ones, a one-token dummy forward/backward with zero weight.
 
-A mini-batch's loss is a token mean (or sequence mean) over the mini-batch; DeepSpeed averages
-the ranks' gradients, so each rank divides its share by (mini-batch denominator / world size),
-and the sum over ranks is the one-rank gradient.
+A mini-batch's loss is a token mean (over the policy's tokens: learner/samples.py) or sequence
+mean over the mini-batch; DeepSpeed averages the ranks' gradients, so each rank divides its share
+by (mini-batch denominator / world size), and the sum over ranks is the one-rank gradient.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from torch import Tensor
 
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import StepStats, TrainBatch, TrainSample
-from learner.logprobs import right_pad
 from learner.losses import k3, policy_loss
+from learner.samples import check_batch, loss_tensors, policy_tokens, refuse_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class TrainShard:
     temperature: float
     epochs: int
     mini_batches: list[MiniBatchShard]
+    packed: bool = False  # each micro-batch is one packed row (learner.pack_sequences)
 
     @property
     def updates(self) -> int:
@@ -97,6 +100,8 @@ def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[l
     budget, size = settings.max_tokens_per_micro_batch, settings.micro_batch_size
     if budget is None:
         return [samples[i : i + size] for i in range(0, len(samples), size)]
+    if settings.pack_sequences:
+        return packed_rows(samples, budget)
     batches: list[list[TrainSample]] = []
     for sample in sorted(samples, key=sample_cost, reverse=True):
         current = batches[-1] if batches else None
@@ -108,32 +113,35 @@ def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[l
     return batches
 
 
+def packed_rows(samples: list[TrainSample], budget: int) -> list[list[TrainSample]]:
+    """The samples as rows of at most `budget` tokens end to end, first-fit decreasing: longest
+    first, each into the first row with room (a sample over the budget: a row of its own)."""
+    rows: list[list[TrainSample]] = []
+    room: list[int] = []
+    for sample in sorted(samples, key=sample_cost, reverse=True):
+        cost = sample_cost(sample)
+        row = next((k for k, free in enumerate(room) if cost <= free), None)
+        if row is None:
+            rows.append([sample])
+            room.append(budget - cost)
+        else:
+            rows[row].append(sample)
+            room[row] -= cost
+    return rows
+
+
 def padding_fraction(shards: list[TrainShard]) -> float:
-    """Share of the tokens the forward passes compute that are right-padding."""
+    """Share of the tokens the forward passes compute that are right-padding (none in a packed
+    row: it is exactly its samples' tokens)."""
     real = padded = 0
     for shard in shards:
         for mini in shard.mini_batches:
             for micro in mini.micro_batches:
                 if micro:
-                    real += sum(sample_cost(s) for s in micro)
-                    padded += len(micro) * max(sample_cost(s) for s in micro)
+                    tokens = [sample_cost(s) for s in micro]
+                    real += sum(tokens)
+                    padded += sum(tokens) if shard.packed else len(micro) * max(tokens)
     return 1 - real / padded if padded else 0.0
-
-
-def check_batch(batch: TrainBatch) -> bool:
-    """Raise on a malformed batch; False when its behaviour log-probs or advantages are not
-    finite (the step is then skipped: checked here, not left to the loss, where sequence_mask
-    mode would silently drop the sample)."""
-    if not batch.samples:
-        raise ValueError(f"step {batch.step}: empty batch")
-    for s in batch.samples:
-        if len(s.behaviour_logprobs) != len(s.completion_ids):
-            raise ValueError(
-                f"sample {s.sample_id}: {len(s.behaviour_logprobs)} behaviour logprobs "
-                f"for {len(s.completion_ids)} completion tokens"
-            )
-    values = [v for s in batch.samples for v in s.behaviour_logprobs] + [s.advantage for s in batch.samples]
-    return all(math.isfinite(v) for v in values)
 
 
 def mini_batch_ranges(num_samples: int, mini_batches: int) -> list[range]:
@@ -146,10 +154,13 @@ def mini_batch_ranges(num_samples: int, mini_batches: int) -> list[range]:
 def plan_shards(
     batch: TrainBatch, num_ranks: int, settings: LearnerConfig, algorithm: AlgorithmConfig
 ) -> list[TrainShard]:
-    shards = [TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, []) for _ in range(num_ranks)]
+    shards = [
+        TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, [], settings.pack_sequences)
+        for _ in range(num_ranks)
+    ]
     for positions in mini_batch_ranges(len(batch.samples), algorithm.mini_batches):
         samples = [batch.samples[i] for i in positions]
-        tokens = sum(len(s.completion_ids) for s in samples)
+        tokens = max(sum(policy_tokens(s) for s in samples), 1)
         denominator = (tokens if algorithm.loss_aggregation == "token_mean" else len(samples)) / num_ranks
         parts = []
         for indices in assign_to_ranks(samples, num_ranks):
@@ -173,16 +184,25 @@ def train_batch(
     policy_version: int,
     run_shards: Callable[[list[TrainShard]], list[ShardResult]],
 ) -> StepStats:
-    """One learner step as every learner runs it: check the batch (skipped, weights unchanged,
-    on non-finite inputs), plan a shard per rank, `run_shards` (one result per shard, in rank
-    order), merge. `policy_version`: the learner's before the step."""
+    """One learner step as every learner runs it: drop the untrusted samples (counted in
+    `extra["token_mismatch_samples"]`), check the rest (the step skipped, weights unchanged, on
+    non-finite inputs or when every sample was refused), plan a shard per rank, `run_shards` (one
+    result per shard, in rank order), merge. `policy_version`: the learner's before the step."""
     started = time.perf_counter()
-    if not check_batch(batch):
+    trusted, refused = refuse_untrusted(batch)
+    extra = {"token_mismatch_samples": float(len(refused))}
+    if refused and not trusted.samples:
+        log.warning("step %d: every sample refused; step skipped", batch.step)
+        return skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
+    if not check_batch(trusted):
         log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
-        return skipped_stats(batch, policy_version, time.perf_counter() - started)
-    shards = plan_shards(batch, num_ranks, settings, algorithm)
+        extra["non_finite_inputs"] = 1.0
+        return skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
+    shards = plan_shards(trusted, num_ranks, settings, algorithm)
     results = run_shards(shards)
-    return merge_results(batch, shards, results, algorithm, time.perf_counter() - started, policy_version)
+    stats = merge_results(trusted, shards, results, algorithm, time.perf_counter() - started, policy_version)
+    stats.extra.update(extra)
+    return stats
 
 
 def merge_results(
@@ -254,11 +274,8 @@ def _update_losses(batch, shards, results, merged, algorithm) -> tuple[list[floa
 def _loss_inputs(batch: TrainBatch, positions, old: dict, ref: dict | None):
     """(π_old, μ, π_ref | None, advantages, mask) of the samples at `positions`, right-padded."""
     samples = [batch.samples[i] for i in positions]
-    behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32)
-    width = behaviour.shape[1]
-    lengths = torch.tensor([len(s.completion_ids) for s in samples])
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    width = max(len(s.completion_ids) for s in samples)
+    behaviour, advantages, mask = loss_tensors(samples, width)
     old_logprobs = _stack([old[i] for i in positions], width)
     ref_logprobs = _stack([ref[i] for i in positions], width) if ref is not None else None
     return old_logprobs, behaviour, ref_logprobs, advantages, mask
@@ -280,8 +297,8 @@ def _stack(rows: list[Tensor], width: int) -> Tensor:
     return torch.stack([torch.nn.functional.pad(row.float(), (0, width - row.shape[0])) for row in rows])
 
 
-def skipped_stats(batch: TrainBatch, policy_version: int, seconds: float) -> StepStats:
-    """The stats of a step skipped before any rank ran it (non-finite inputs)."""
+def skipped_stats(batch: TrainBatch, policy_version: int, seconds: float, why: dict[str, float]) -> StepStats:
+    """The stats of a step skipped before any rank ran it (`why`: non-finite inputs, refused samples)."""
     nan = math.nan
     return StepStats(
         step=batch.step,
@@ -295,10 +312,10 @@ def skipped_stats(batch: TrainBatch, policy_version: int, seconds: float) -> Ste
         clip_fraction=nan,
         entropy=nan,
         kl_ref=nan,
-        tokens=sum(len(s.completion_ids) for s in batch.samples),
+        tokens=sum(policy_tokens(s) for s in batch.samples),
         step_seconds=seconds,
         skipped=True,
-        extra={"non_finite_inputs": 1.0},
+        extra=why,
     )
 
 

@@ -30,12 +30,16 @@ from tests.integration.test_self_healing import (
 pytestmark = pytest.mark.slow
 
 
-def batch(step: int, advantages: list[float]) -> TrainBatch:
+def batch(step: int, advantages: list[float], masked: bool = False) -> TrainBatch:
     """Samples of different lengths (so the split by tokens is uneven), off-policy behaviour
-    log-probs (so the importance weights are not all 1)."""
+    log-probs (so the importance weights are not all 1); `masked`: multi-turn samples, every third
+    completion token an observation (loss_mask 0, μ 0.0)."""
     samples = make_samples(advantages, seed=step)
     for s in samples:
         s.behaviour_logprobs = [-8.0 - 0.1 * t for t in range(len(s.completion_ids))]
+        if masked:
+            s.loss_mask = [int(t % 3 != 1) for t in range(len(s.completion_ids))]
+            s.behaviour_logprobs = [x * m for x, m in zip(s.behaviour_logprobs, s.loss_mask)]
     return TrainBatch(step=step, samples=samples, temperature=TEMPERATURE)
 
 
@@ -45,15 +49,15 @@ COUNT_SPLIT = {"micro_batch_size": 2, "max_tokens_per_micro_batch": None}
 BUDGET_AND_EPOCHS = {"max_tokens_per_micro_batch": 30, "algorithm": {"ppo_epochs": 2, "mini_batches": 2}}
 
 
-def two_steps(model_dir, num_ranks: int, zero_stage: int, setup: dict):
+def two_steps(model_dir, num_ranks: int, zero_stage: int, setup: dict, masked: bool = False):
     cfg = job_config("float32", zero_stage=zero_stage, num_ranks=num_ranks, timeout_s=300, **setup)
-    name = f"g{num_ranks}z{zero_stage}{len(setup)}"
+    name = f"g{num_ranks}z{zero_stage}{len(setup)}{'m' if masked else ''}"
     group = LearnerGroup(str(model_dir), cfg.learner, cfg.learner_kwargs(), name=name)
     try:
         before = ray.get(group.export("lora"))
         stats = [
-            group.train_step(batch(0, [1.0, -1.0, 0.5, -0.5, 2.0])),
-            group.train_step(batch(1, [0.3, -2.0])),
+            group.train_step(batch(0, [1.0, -1.0, 0.5, -0.5, 2.0], masked)),
+            group.train_step(batch(1, [0.3, -2.0], masked)),
         ]
         return before, ray.get(group.export("lora")), stats
     finally:
@@ -74,8 +78,24 @@ def test_two_ranks_take_the_same_steps_as_one(local_ray, tiny_model_dir, zero_st
     assert counts[0] == counts[1] and any(
         not m for s in shards for mini in s.mini_batches for m in mini.micro_batches
     )
-    before, one_rank, one_stats = two_steps(tiny_model_dir, 1, zero_stage, setup)
-    _, two_ranks, two_stats = two_steps(tiny_model_dir, 2, zero_stage, setup)
+    assert_same_steps(
+        *two_steps(tiny_model_dir, 1, zero_stage, setup), *two_steps(tiny_model_dir, 2, zero_stage, setup)
+    )
+
+
+def test_two_ranks_train_masked_multi_turn_samples_as_one(local_ray, tiny_model_dir):
+    """Loss masks through the group: each rank's share divides by the batch's policy tokens."""
+    cfg = job_config(**COUNT_SPLIT)
+    shards = plan_shards(batch(0, [0.0] * 5, masked=True), 2, cfg.learner, cfg.algorithm)
+    policy_tokens = sum(sum(s.loss_mask) for s in batch(0, [0.0] * 5, masked=True).samples)
+    assert [s.mini_batches[0].denominator for s in shards] == [policy_tokens / 2] * 2
+    one = two_steps(tiny_model_dir, 1, 2, COUNT_SPLIT, masked=True)
+    two = two_steps(tiny_model_dir, 2, 2, COUNT_SPLIT, masked=True)
+    assert_same_steps(*one, *two)
+    assert one[2][0].tokens == policy_tokens and one[2][0].extra["token_mismatch_samples"] == 0
+
+
+def assert_same_steps(before, one_rank, one_stats, _, two_ranks, two_stats) -> None:
     assert one_rank.version == two_ranks.version == 2
     for name, tensor in one_rank.tensors.items():
         # Within 0.5 % of what the steps changed: fp32 sums in another order, amplified where

@@ -9,9 +9,9 @@ import pytest
 
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import TrainBatch, TrainSample
+from learner.samples import check_batch
 from learner.shards import (
     assign_to_ranks,
-    check_batch,
     micro_batches,
     mini_batch_ranges,
     padding_fraction,
@@ -132,3 +132,44 @@ def test_mini_batches_split_the_batch_in_order():
         parts = [s.mini_batches[m] for s in shards]
         assert sorted(i for part in parts for i in part.sample_indices) == list(positions)
         assert all(part.denominator == len(positions) / 2 for part in parts)  # the mini-batch's count
+
+
+def packing(budget: int) -> LearnerConfig:
+    return LearnerConfig(max_tokens_per_micro_batch=budget, pack_sequences=True)
+
+
+def test_packed_rows_hold_every_sample_once_within_the_budget_and_pad_nothing():
+    lengths = [(40 + (37 * i) % 61, 8 + (23 * i) % 57) for i in range(64)]
+    b = batch(lengths + [(500, 100)])  # one sample over the budget
+    rows_ = micro_batches(b.samples, packing(512))
+    ids = sorted(s.sample_id for row in rows_ for s in row)
+    assert ids == sorted(s.sample_id for s in b.samples)  # none dropped, none doubled
+    assert [s.sample_id for s in rows_[0]] == ["s64"]  # the longest, alone in its row
+    for row in rows_[1:]:
+        assert sum(sample_cost(s) for s in row) <= 512
+    total = sum(sample_cost(s) for s in b.samples[:64])
+    # First-fit decreasing needs at most 11/9 of the fewest rows possible; here it needs the fewest
+    assert len(rows_) - 1 == math.ceil(total / 512)
+    [shard] = plan_shards(b, 1, packing(512), AlgorithmConfig())
+    assert shard.packed and padding_fraction([shard]) == 0.0
+    [sorted_shard] = plan_shards(b, 1, rows(64, budget=512), AlgorithmConfig())
+    assert not sorted_shard.packed and padding_fraction([sorted_shard]) > 0.01
+
+
+def test_packed_shards_train_every_sample_once_across_ranks():
+    b = batch([(9 + 5 * i, 3 + i) for i in range(11)])
+    algorithm = AlgorithmConfig(mini_batches=2)
+    shards = plan_shards(b, 2, packing(60), algorithm)
+    for m, positions in enumerate(mini_batch_ranges(11, 2)):
+        parts = [s.mini_batches[m] for s in shards]
+        trained = [i for part in parts for i in part.sample_indices]
+        assert sorted(trained) == list(positions)
+        for part in parts:
+            flat = [s.sample_id for micro in part.micro_batches for s in micro]
+            assert flat == [f"s{i}" for i in part.sample_indices]  # positions follow the rows
+        assert len(parts[0].micro_batches) == len(parts[1].micro_batches)
+
+
+def test_packing_needs_a_token_budget():
+    with pytest.raises(ValueError, match="pack_sequences needs learner.max_tokens_per_micro_batch"):
+        LearnerConfig(max_tokens_per_micro_batch=None, pack_sequences=True)
