@@ -47,3 +47,4 @@ class StepStats:
     rank_seconds: list[float] = field(default_factory=list)  # each learner rank's own time in the step
     padding_fraction: float = 0.0  # share of the tokens the forward passes computed that were padding
     extra: dict[str, float] = field(default_factory=dict)
+    refused_sample_ids: list[str] = field(default_factory=list)  # untrusted tokens: not trained

@@ -193,7 +193,9 @@ def train_batch(
     extra = {"token_mismatch_samples": float(len(refused))}
     if refused and not trusted.samples:
         log.warning("step %d: every sample refused; step skipped", batch.step)
-        return skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
+        stats = skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
+        stats.refused_sample_ids = refused
+        return stats
     if not check_batch(trusted):
         log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
         extra["non_finite_inputs"] = 1.0
@@ -202,6 +204,7 @@ def train_batch(
     results = run_shards(shards)
     stats = merge_results(trusted, shards, results, algorithm, time.perf_counter() - started, policy_version)
     stats.extra.update(extra)
+    stats.refused_sample_ids = refused
     return stats
 
 

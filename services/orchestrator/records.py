@@ -37,10 +37,11 @@ class StepRecord:
 
     @property
     def trained_ids(self) -> set[str]:
-        """The sample ids this step trained on (none when the learner skipped the step)."""
+        """The sample ids this step trained on (none when the learner skipped the step; never one
+        the learner refused for its tokens)."""
         if self.stats is None or self.stats.skipped:
             return set()
-        return {sample.sample_id for sample in self.built.batch.samples}
+        return {sample.sample_id for sample in self.built.batch.samples} - set(self.stats.refused_sample_ids)
 
 
 @dataclass
