@@ -122,17 +122,25 @@ def evaluate(
         ..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"
     ),
     engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="per turn, with an environment"),
+    environment: Optional[Path] = typer.Option(
+        None,
+        "--environment",
+        help="multi-turn: a job config (its rollout.environment and episode limits), an "
+        "environment spec YAML, or a .py file of tool functions",
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N items"),
     output: Optional[Path] = typer.Option(None, "--output", help="write per-item results as JSONL"),
 ) -> None:
-    """Greedy accuracy and mean reward of a model (+ adapter) on a dataset, graded in the sandbox."""
-    from services.tools.offline_eval import evaluate_model
+    """Greedy accuracy and mean reward of a model (+ adapter) on a dataset, graded in the sandbox;
+    with --environment, greedy episodes."""
+    from services.tools.offline_eval import eval_rollout, evaluate_model
 
     try:
         grader_cfg = load_grader_spec(grader)
+        rollout = eval_rollout(engine, max_new_tokens, environment)
         summary = evaluate_model(
-            model, adapter, data, RewardConfig(grader=grader_cfg), engine, max_new_tokens, limit, output
+            model, adapter, data, RewardConfig(grader=grader_cfg), rollout, limit, output
         )
     except USER_ERRORS as e:
         fail(str(e))

@@ -3,9 +3,14 @@ and `rft grade` (samples already written, e.g. a run's samples.jsonl)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
+
+from core.config import ConfigError
 from core.model_store import resolve_model_path
 from learner.config import LearnerConfig
 from reward_workers.config import RewardConfig
@@ -13,9 +18,9 @@ from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates, score_locally
 from rollout_workers.config import RolloutConfig
 from rollout_workers.interface import Rollout
-from services.config import DataConfig, JobConfig, ModelConfig
+from services.config import DataConfig, JobConfig, ModelConfig, load_config
 from services.orchestrator.data import DatasetError, json_lines, load_items, prompt_token_ids
-from services.orchestrator.evaluation import greedy_settings, summarize
+from services.orchestrator.evaluation import eval_requests, greedy_settings, summarize
 
 
 def read_adapter(adapter_dir: Path):
@@ -31,8 +36,48 @@ def read_adapter(adapter_dir: Path):
     return AdapterWeights.load_pretrained(adapter_dir)
 
 
+def eval_rollout(engine: str, max_new_tokens: int, environment: Path | None = None) -> RolloutConfig:
+    """The rollout section `rft eval` generates with. `environment`: a job config (its rollout
+    section's environment and episode limits), an environment spec YAML ({type, path, ...}, the
+    path relative to it), or a .py file of tool functions (type tools)."""
+    episodes: dict = {}
+    if environment is not None:
+        if not environment.is_file():
+            raise FileNotFoundError(f"--environment: {environment} not found")
+        if environment.suffix == ".py":
+            episodes = {"environment": {"type": "tools", "path": str(environment.resolve())}}
+        else:
+            raw = yaml.safe_load(environment.read_text())
+            if isinstance(raw, dict) and "rollout" in raw:  # a job config
+                rollout = load_config(environment).rollout
+                episodes = rollout.model_dump(include=EPISODE_FIELDS, exclude_unset=False)
+            elif isinstance(raw, dict):
+                path = Path(str(raw.get("path", ""))).expanduser()
+                resolved = path if path.is_absolute() else (environment.parent / path).resolve()
+                episodes = {"environment": {**raw, "path": str(resolved)}}
+            else:
+                raise ConfigError(f"--environment {environment}: a job config or an environment spec mapping")
+    try:
+        return RolloutConfig(engine=engine, max_new_tokens=max_new_tokens, **episodes)
+    except ValidationError as e:
+        raise ConfigError(f"--environment {environment}: {e}") from None
+
+
+EPISODE_FIELDS = {
+    "environment",
+    "max_turns",
+    "max_episode_tokens",
+    "max_tool_output_tokens",
+    "environment_timeout_s",
+    "environment_errors",
+    "environment_cpu_s",
+    "environment_memory_mb",
+    "environment_allow_weak_isolation",
+}
+
+
 def eval_config(
-    model_path: Path, adapter, data: Path, reward: RewardConfig, engine: str, max_new_tokens: int
+    model_path: Path, adapter, data: Path, reward: RewardConfig, rollout: RolloutConfig
 ) -> JobConfig:
     """A job config that makes the engine serve `adapter`'s LoRA shape (or the default one)."""
     lora = LearnerConfig()
@@ -46,7 +91,7 @@ def eval_config(
         model=ModelConfig(path=str(model_path)),
         data=DataConfig(train=str(data)),
         reward=reward,
-        rollout=RolloutConfig(engine=engine, max_new_tokens=max_new_tokens),
+        rollout=rollout,
         learner=lora,
     )
 
@@ -56,39 +101,31 @@ def evaluate_model(
     adapter_dir: Path | None,
     data: Path,
     reward: RewardConfig,
-    engine: str,
-    max_new_tokens: int,
+    rollout: RolloutConfig,
     limit: int | None,
     output: Path | None,
 ) -> dict:
+    """Greedy completions (or, with `rollout.environment`, greedy episodes) of a rollout worker
+    run here, without Ray, exactly as a job's workers generate them; graded in the sandbox."""
     from transformers import AutoTokenizer
 
-    from rollout_workers.engines import make_engine  # torch: only `rft eval` needs it
+    from rollout_workers.worker import RolloutWorker  # torch: only `rft eval` needs it
 
     model_path = resolve_model_path(model)
     items = load_items(data)[:limit]
     adapter = read_adapter(adapter_dir) if adapter_dir else None
-    cfg = eval_config(model_path, adapter, data, reward, engine, max_new_tokens)
+    cfg = eval_config(model_path, adapter, data, reward, rollout)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = [prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for item in items]
-
-    inference = make_engine(cfg.rollout, cfg.engine_spec(model_path))
-    if adapter is not None:
-        inference.load_adapter(adapter)
-    completions = inference.generate(prompts, greedy_settings(max_new_tokens))
-    rollouts = [
-        Rollout(
-            item["id"],
-            0,
-            p,
-            c.completion_ids,
-            c.behaviour_logprobs,
-            int(adapter is not None),
-            c.finish_reason,
-            c.text,
-        )
-        for item, p, c in zip(items, prompts, completions)
-    ]
+    prompts = {item["id"]: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for item in items}
+    worker = RolloutWorker("eval", cfg.rollout, cfg.engine_spec(model_path))
+    try:
+        if adapter is not None:  # served as it is: its version is not the job's to check here
+            worker.loop.exclusive(lambda: worker.engine.load_adapter(adapter))
+        requests = eval_requests(items, prompts, episodes=rollout.environment is not None)
+        generated = worker.generate(requests, greedy_settings(rollout.max_new_tokens))
+    finally:
+        worker.close()
+    rollouts = [dataclasses.replace(r, policy_version=int(adapter is not None)) for r in generated]
     scored = score_locally(reward, rollouts, {item["id"]: item for item in items})
     if output:
         with output.open("w") as out:
@@ -97,7 +134,7 @@ def evaluate_model(
     return {
         "model": str(model_path),
         "adapter": str(adapter_dir) if adapter_dir else None,
-        "engine": inference.name,
+        "engine": worker.engine_name(),
         **summarize(scored),
     }
 
@@ -124,9 +161,12 @@ def load_samples(path: Path) -> list[Rollout]:
             )
         per_prompt[prompt_id] = per_prompt.get(prompt_id, -1) + 1
         sample_index = int(index) if index.isdigit() else per_prompt[prompt_id]
-        rollouts.append(
-            Rollout(prompt_id, sample_index, [], [], [], 0, sample.get("finish_reason", "stop"), text)
-        )
+        finish_reason = sample.get("finish_reason", "stop")
+        rollout = Rollout(prompt_id, sample_index, [], [], [], 0, finish_reason, text)
+        if isinstance(sample.get("turns"), list):  # an episode (a multi-turn run's samples.jsonl)
+            rollout.turns = sample["turns"]
+            rollout.environment_reward = float((sample.get("components") or {}).get("environment", 0.0))
+        rollouts.append(rollout)
     if not rollouts:
         raise DatasetError(f"{path}: no samples")
     return rollouts
