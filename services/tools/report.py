@@ -202,10 +202,27 @@ def samples_section(samples: list[dict], per_step: int) -> str:
             )
             parts.append(
                 f'<div class="sample"><p><b>{cell(sample.get("sample_id"))}</b> ({origin}) reward '
-                f"<b>{cell(sample.get('reward'))}</b>: {breakdown}</p>{notes}"
-                f"<pre>{cell(sample.get('text'))}</pre></div>"
+                f"<b>{cell(sample.get('reward'))}</b>: {breakdown}</p>{notes}{sample_body(sample)}</div>"
             )
     return "".join(parts)
+
+
+def sample_body(sample: dict) -> str:
+    """The completion; of an episode, every turn after the prompt, each labelled with its role
+    (and a model turn with its policy version)."""
+    turns = sample.get("turns")
+    if not isinstance(turns, list):
+        return f"<pre>{cell(sample.get('text'))}</pre>"
+    rows = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("role") in ("system", "user") and not rows:
+            continue  # the prompt: the same for the whole group
+        label = str(turn.get("role"))
+        if "policy_version" in turn:
+            label += f" (policy version {turn['policy_version']})"
+        rows.append(f'<p class="turn"><i>{cell(label)}</i></p><pre>{cell(turn.get("content"))}</pre>')
+    reason = f"<p>episode ended: {cell(sample.get('finish_reason'))}</p>" if "finish_reason" in sample else ""
+    return "".join(rows) + reason
 
 
 def summary_section(run_dir: Path) -> str:

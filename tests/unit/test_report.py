@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.orchestrator.metrics import RunMetrics
-from services.tools.report import pick_samples
+from services.tools.report import pick_samples, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_REWARDS = {1: 0.125, 2: 0.25, 3: 0.4375}
@@ -152,3 +152,22 @@ def test_report_names_a_bad_line_and_a_missing_run(tmp_path):
 
     result = rft("report", str(tmp_path / "runs" / "missing"))
     assert result.exit_code == 2 and "metrics.jsonl not found" in result.output
+
+
+def test_an_episode_shows_its_turns_after_the_prompt(tmp_path):
+    run_dir = tmp_path / "runs" / "agent"
+    run_dir.mkdir(parents=True)
+    turns = [
+        {"role": "system", "content": "You can use a calculator."},
+        {"role": "user", "content": "What is 12 * 7?"},
+        {"role": "assistant", "content": '<tool_call>{"name": "calculate"}</tool_call>', "policy_version": 3},
+        {"role": "tool", "name": "calculate", "content": "84 <b>"},
+        {"role": "assistant", "content": "Answer: 84", "policy_version": 3},
+    ]
+    record = {"step": 1, "sample_id": "q#0", "text": "Answer: 84", "reward": 1.0, "turns": turns}
+    (run_dir / "samples.jsonl").write_text(json.dumps({**record, "finish_reason": "stop"}) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 1.0}) + "\n")
+    page = write_report(run_dir).read_text()
+    assert "<i>assistant (policy version 3)</i>" in page and "84 &lt;b&gt;" in page
+    assert "<i>tool</i>" in page and "episode ended: stop" in page
+    assert "You can use a calculator." not in page  # the prompt is the group's, not the episode's
