@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.model_store import resolve_model_path
+from core.sandbox.redaction import url_password
 from core.telemetry import TARGETS_DIRNAME, MetricsContext
 from learner.group import LearnerGroup
 from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
-from reward_workers.redaction import url_password
 from services.config import JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.rollout_scheduler import RolloutScheduler
