@@ -195,8 +195,11 @@ class RunnerProcess:
 
     def kill(self) -> None:
         """SIGKILL the runner's whole process group (safe from any thread; stop() cleans up)."""
+        process = self._process
+        if process is None or process.returncode is not None:  # reaped: its pid may be reused
+            return
         try:
-            os.killpg(self._process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
