@@ -148,7 +148,8 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Relative data and grader paths are relative to the config file, so a job runs from anywhere."""
+    """Relative data, grader and environment paths are relative to the config file, so a job runs
+    from anywhere."""
 
     def fix(section: dict | None, key: str) -> None:
         if isinstance(section, dict) and isinstance(section.get(key), str):
@@ -160,6 +161,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     fix(data, "train")
     fix(data, "heldout")
     fix(raw.get("model"), "path")
+    fix((raw.get("rollout") or {}).get("environment"), "path")
     resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 
 

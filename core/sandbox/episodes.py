@@ -301,14 +301,13 @@ class EpisodeHost:
         self._discard(episode)
 
     def _discard(self, episode: Episode) -> None:
-        """Kill the episode's processes, close its pipes, remove its files."""
+        """Kill the episode's processes (and reap them), close its pipes, remove its files."""
         del self._episodes[episode.number]
         live = {e.pid for e in self._episodes.values()}
-        kill_trees({episode.pid} | orphans(live))
+        reaped = episode.wait_status is not None  # then its pid may be another process's by now
+        kill_trees(({episode.pid} if not reaped else set()) | orphans(live))
         for fd in episode.fds:
             if self._selector.get_map().get(fd) is not None:
                 self._selector.unregister(fd)
             os.close(fd)
-        self._wait_status(episode)
-        self._reap()  # the orphans killed with it
         shutil.rmtree(episode.workdir, ignore_errors=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 MAX_ROUNDS = 100  # of stopping newly found processes; each round stops all it finds
+REAP_TIMEOUT_S = 5.0  # for killed processes to be gone (SIGKILL waits only on uninterruptible I/O)
 
 
 def parent_pids() -> dict[int, int]:
@@ -55,8 +57,9 @@ def _signal(pids: set[int], signum: int) -> None:
 
 
 def kill_trees(roots: set[int]) -> None:
-    """SIGKILL every process of the trees under `roots`. They are stopped first, round after
-    round until a round finds none it has not stopped, so that none forks away meanwhile."""
+    """SIGKILL every process of the trees under `roots` and wait until they are gone (reaping
+    them as they become our children). They are stopped first, round after round until a round
+    finds none it has not stopped, so that none forks away meanwhile."""
     stopped: set[int] = set()
     for _ in range(MAX_ROUNDS):
         found = tree(roots | stopped, parent_pids()) - stopped
@@ -65,3 +68,17 @@ def kill_trees(roots: set[int]) -> None:
         _signal(found, signal.SIGSTOP)
         stopped |= found
     _signal(stopped | roots, signal.SIGKILL)
+    _wait_gone(stopped | roots)
+
+
+def _wait_gone(pids: set[int]) -> None:
+    """Reap the killed processes: each is ours once its parent (also killed) is gone."""
+    deadline = time.monotonic() + REAP_TIMEOUT_S
+    while pids and time.monotonic() < deadline:
+        for pid in list(pids):
+            try:
+                os.waitpid(pid, 0)
+                pids.discard(pid)
+            except ChildProcessError:  # not ours yet (its dying parent's), or reaped already
+                if not os.path.exists(f"/proc/{pid}"):
+                    pids.discard(pid)

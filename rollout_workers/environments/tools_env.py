@@ -96,8 +96,10 @@ class Tool:
             if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
                 raise ToolDefinitionError(f"tool {name}: parameter {parameter} cannot be given by name")
             default = ... if parameter.default is parameter.empty else parameter.default
-            field = Field(default, description=argument_docs.get(parameter.name))
-            fields[parameter.name] = (hints.get(parameter.name, Any), field)
+            described = (
+                {"description": argument_docs[parameter.name]} if parameter.name in argument_docs else {}
+            )
+            fields[parameter.name] = (hints.get(parameter.name, Any), Field(default, **described))
         try:
             model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
             parameters = model.model_json_schema(schema_generator=_ToolJsonSchema)
@@ -129,7 +131,7 @@ def collect_tools(module: types.ModuleType) -> dict[str, Tool]:
 
 
 def _arguments_problem(tool: str, error: ValidationError) -> str:
-    problems = [f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in error.errors()]
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in error.errors()[:10]]
     return f"invalid arguments for {tool}: {'; '.join(problems)}"
 
 

@@ -14,6 +14,7 @@ from core.telemetry import TARGETS_DIRNAME, MetricsContext
 from learner.group import LearnerGroup
 from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
+from rollout_workers.environments.client import check_environment
 from services.config import JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.rollout_scheduler import RolloutScheduler
@@ -38,6 +39,8 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
 
     model_path = resolve_model_path(cfg.model.path)
     check_grader(cfg.reward.grader)  # python grader files exist; the type can run
+    if cfg.rollout.environment is not None:  # its file exists and loads in the sandbox
+        check_environment(cfg.rollout.environment, cfg.rollout)
     train_items = load_items(cfg.data.train)
     heldout_items = load_items(cfg.data.heldout) if cfg.data.heldout else []
     if cfg.data.heldout_limit:
