@@ -19,6 +19,7 @@ from core.sandbox.namespaces import namespace_problem
 from core.sandbox.redaction import REDACTED
 from rollout_workers.config import EnvironmentSpec, RolloutConfig
 from rollout_workers.environments.client import MAX_OUTPUT_BYTES, EnvironmentClient, check_environment
+from services.config import load_config
 
 pytestmark = pytest.mark.skipif(namespace_problem() is not None, reason="no namespaces for the sandbox")
 
@@ -386,3 +387,16 @@ def test_spec_rules():
         256,
     )
     assert (config.environment_timeout_s, config.environment_errors) == (10.0, "observe")
+
+
+def test_a_job_config_resolves_the_environment_path(tmp_path):
+    write(tmp_path, TOOLS_ENV, "tools.py")
+    (tmp_path / "grader.py").write_text("def grade(sample, item):\n    return 1.0\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "data: {train: train.jsonl}\nreward: {grader: {source: grader.py}}\n"
+        "rollout: {environment: {type: tools, path: tools.py}, max_turns: 4, environment_errors: end}\n"
+    )
+    cfg = load_config(job)
+    assert cfg.rollout.environment.path == str(tmp_path / "tools.py") and cfg.rollout.max_turns == 4
+    check_environment(cfg.rollout.environment, cfg.rollout)
