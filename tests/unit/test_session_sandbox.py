@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from core.sandbox.namespaces import namespace_problem
+from core.sandbox import namespaces
+from core.sandbox.namespaces import SandboxUnavailableError, namespace_problem
+from core.sandbox.processes import parent_pids, tree
 from core.sandbox.session import SessionSandbox
 from core.sandbox.target import SandboxLimits, SandboxTarget
 from rollout_workers.config import EnvironmentSpec
@@ -199,3 +201,29 @@ def test_a_target_that_does_not_load_fails_every_open(tmp_path):
             handle, result = sandbox.open({})
             assert handle is None and result.ended
             assert f"environment {path} failed to load: SyntaxError" in result.error
+
+
+@pytest.fixture
+def no_unshare(monkeypatch, tmp_path):
+    """A PATH without `unshare`, as on a machine that lacks it (the probe result is cached)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    namespaces.namespace_problem.cache_clear()
+    yield
+    namespaces.namespace_problem.cache_clear()
+
+
+def test_without_namespaces_sessions_refuse_or_run_weakly(no_unshare, make_sandbox):
+    with pytest.raises(SandboxUnavailableError, match="cannot isolate environments.*allow_weak_isolation"):
+        make_sandbox()
+    sandbox = make_sandbox(allow_weak_isolation=True)
+    assert sandbox.protections == []
+    bystander, _ = sandbox.open({"name": "bystander"})
+    forker, _ = sandbox.open({"name": "forker"})
+    forker_pid = int(said(sandbox.call(forker, "step", step("pid"))))
+    assert said(sandbox.call(forker, "step", step("fork", children=3))) == "forked"
+    # Without a pid namespace the runner is a plain process here: its tree is on this /proc.
+    forked = tree({forker_pid}, parent_pids())
+    assert len(forked) == 1 + 3 + 1  # the daemon stays under the episode's child (a subreaper)
+    sandbox.close(forker)
+    assert not forked & parent_pids().keys()
+    assert said(sandbox.call(bystander, "step", step("count"))) == "bystander:1"
