@@ -38,7 +38,9 @@ def confine(limits: dict, workdir: str, output_fd: int, keep: tuple[int, ...], m
     for fd in sorted(keep):
         os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, limits["max_open_files"])
+    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    # The runner may hold more (a session's episodes' pipes); the child gets what the limits say.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"],) * 2)
     os.chdir(workdir)
     os.environ["TMPDIR"] = tempfile.tempdir = workdir
     resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))

@@ -156,8 +156,20 @@ class EpisodeHost:
             limit = self._limits["max_episodes"]
             self._send_error(request_id, f"too many episodes open at once (at most {limit})", ended=True)
             return
-        workdir = tempfile.mkdtemp(dir=self._scratch)
-        (request_r, request_w), (reply_r, reply_w), (output_r, output_w) = os.pipe(), os.pipe(), os.pipe()
+        fds: list[int] = []
+        workdir = None
+        try:
+            workdir = tempfile.mkdtemp(dir=self._scratch)
+            for _ in range(3):
+                fds += os.pipe()
+        except OSError as e:  # out of descriptors or of /tmp: this open fails, the others go on
+            for fd in fds:
+                os.close(fd)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            self._send_error(request_id, f"cannot start an episode: {e}", ended=True)
+            return
+        request_r, request_w, reply_r, reply_w, output_r, output_w = fds
         # RLIMIT_NPROC counts every process of the uid: in our pid namespace, all of the sandbox's.
         # (Without one, weak isolation, it counts the user's on the host, as in grade mode.)
         in_use = len(parent_pids()) if os.getpid() == 1 else 0
@@ -165,7 +177,7 @@ class EpisodeHost:
         try:
             pid = os.fork()
         except OSError as e:
-            for fd in (request_r, request_w, reply_r, reply_w, output_r, output_w):
+            for fd in fds:
                 os.close(fd)
             shutil.rmtree(workdir, ignore_errors=True)
             self._send_error(request_id, f"cannot start an episode: {e}", ended=True)

@@ -60,13 +60,15 @@ def sandbox_processes(mode: str, limits: dict) -> int:
     return 1 + children * (1 + limits["max_processes"])
 
 
-def set_runner_limits(limits: dict) -> None:
+def set_runner_limits(limits: dict, mode: str) -> None:
     """Limits that every process in the sandbox inherits. Each child adds the CPU limit and the
-    process limit (children.confine)."""
+    process limit, and lowers the open-files limit to its own (children.confine)."""
+    # Session mode: the runner holds 4 descriptors per open episode (3 pipes and a pidfd).
+    descriptors = limits["max_open_files"] + (4 * limits["max_episodes"] + 16 if mode == "session" else 0)
     for which, value in (
         (resource.RLIMIT_AS, limits["memory_mb"] * 1024 * 1024),
         (resource.RLIMIT_FSIZE, limits["max_file_bytes"]),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+        (resource.RLIMIT_NOFILE, descriptors),
         (resource.RLIMIT_CORE, 0),
     ):
         resource.setrlimit(which, (value, value))
@@ -121,7 +123,7 @@ def main() -> None:
         if config["isolated"]:
             protections = harden(config["read_only"], sandbox_processes(mode, limits), config["host_root"])
         os.chdir(scratch)
-        set_runner_limits(limits)
+        set_runner_limits(limits, mode)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on
         reply({"setup_error": f"{type(e).__name__}: {e}"})
         return

@@ -227,3 +227,11 @@ def test_without_namespaces_sessions_refuse_or_run_weakly(no_unshare, make_sandb
     sandbox.close(forker)
     assert not forked & parent_pids().keys()
     assert said(sandbox.call(bystander, "step", step("count"))) == "bystander:1"
+
+
+def test_a_hundred_episodes_open_at_once(make_sandbox):
+    sandbox = make_sandbox(max_episodes=128)  # each holds 4 of the runner's descriptors
+    episodes = [sandbox.open({"name": f"e{i}"})[0] for i in range(100)]
+    assert [said(sandbox.call(e, "step", step("count"))) for e in episodes] == [f"e{i}:1" for i in range(100)]
+    for episode in episodes:
+        sandbox.close(episode)
