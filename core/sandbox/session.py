@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.sandbox.namespaces import SandboxUnavailableError
 from core.sandbox.redaction import known_secrets, redact_json
 from core.sandbox.runner_process import (
     MAX_ERROR_CHARS,
@@ -147,9 +148,9 @@ class SessionSandbox:
 
     def open(self, item: dict, timeout_s: float | None = None) -> tuple[SessionEpisode | None, SessionResult]:
         """Start an episode for `item`: (the episode, start's initial value), or (None, the error)."""
-        connection = self._connect()
+        connection, problem = self._connect()
         if connection is None:
-            return None, SessionResult(error=self.load_error or "the sandbox is closed", ended=True)
+            return None, SessionResult(error=problem, ended=True)
         timeout_s = timeout_s or self._limits.timeout_s
         message = {"op": "open", "item": item, "timeout_s": timeout_s}
         reply = connection.request(message, timeout_s + RUNNER_GRACE_S)
@@ -181,22 +182,29 @@ class SessionSandbox:
             connection.join()
         self._isolation.clean_up()
 
-    def _connect(self) -> _Connection | None:
-        """The live runner, started anew if there is none or it died; None if it cannot load."""
+    def _connect(self) -> tuple[_Connection | None, str | None]:
+        """(the live runner, started anew if there is none or it died, or None and why not).
+        The first start's failures stand (the target does not load, or the sandbox cannot be
+        set up: raised); a replacement's cost only the open that asked for it."""
         with self._lock:
             if self._closed or self.load_error is not None:
-                return None
+                return None, self.load_error or "the sandbox is closed"
             if self._connection is None or self._connection.lost:
+                first = self._connection is None
                 process = RunnerProcess(self._target, self._limits, "session", self._isolation, self._secrets)
                 try:
                     loaded = process.start()
-                except TargetLoadError as e:
-                    self.load_error = self._redacted(str(e))[:MAX_ERROR_CHARS]
-                    return None
+                except (TargetLoadError, SandboxUnavailableError, OSError) as e:
+                    if first and not isinstance(e, TargetLoadError):
+                        raise
+                    reason = self._redacted(str(e))[:MAX_ERROR_CHARS]
+                    if first:
+                        self.load_error = reason
+                    return None, reason
                 self.protections = list(loaded.get("protections", []))
                 self.description = self._redacted(loaded.get("description"))
                 self._connection = _Connection(process)
-            return self._connection
+            return self._connection, None
 
     def _result(self, reply: dict) -> SessionResult:
         if "error" in reply:
