@@ -4,12 +4,27 @@ the job (`EngineSpec`, which the job derives from its other sections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import Section
 from weight_sync.config import LoraShape
+
+
+class EnvironmentSpec(Section):
+    """A multi-turn environment (docs/agentic.md; rollout_workers/environments/), run sandboxed."""
+
+    type: Literal["python", "tools"]
+    path: str = Field(description="the .py file: a class (python) or plain tool functions (tools)")
+    class_name: str | None = None  # python: the class (default Environment)
+    options: dict[str, Any] | None = None  # python: Environment(**options), JSON values
+
+    @model_validator(mode="after")
+    def _python_only_fields(self) -> EnvironmentSpec:
+        if self.type == "tools" and (self.class_name is not None or self.options is not None):
+            raise ValueError("class_name and options are for type python; a tools file has no class")
+        return self
 
 
 class RolloutConfig(Section):
@@ -31,12 +46,18 @@ class RolloutConfig(Section):
     # when less than this share is free. Lower it when the learner shares the GPU (fractional
     # num_gpus_per_worker). Not used on CPU, where vllm_kv_cache_gib sizes the cache.
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    # Multi-turn episodes (docs/agentic.md): the environment spec ({type: python|tools, path, ...});
-    # None = one completion per prompt.
-    environment: dict | None = None
-    max_turns: int = Field(default=8, ge=1)  # model turns per episode
-    max_episode_tokens: int = Field(default=2048, ge=1)  # model + observation tokens after the prompt
-    max_tool_output_tokens: int = Field(default=256, ge=1)  # per observation message, cut beyond
+    # Multi-turn episodes (docs/agentic.md); None = single-turn, one completion per prompt.
+    environment: EnvironmentSpec | None = None
+    max_turns: int = Field(default=8, ge=1, description="model turns per episode")
+    max_episode_tokens: int = Field(default=2048, ge=1, description="model + observation tokens")
+    max_tool_output_tokens: int = Field(default=256, ge=1, description="per observation; cut beyond")
+    environment_timeout_s: float = Field(default=10.0, gt=0, description="wall clock per reset/step")
+    # observe: a failed call gives the model an error observation; end: it ends the episode.
+    environment_errors: Literal["observe", "end"] = "observe"
+    environment_cpu_s: int = Field(default=10, ge=1, description="CPU seconds per episode")
+    environment_memory_mb: int = Field(default=1024, ge=64, description="address space per process")
+    # Refuse to run environments without the sandbox's namespaces unless the user accepts it.
+    environment_allow_weak_isolation: bool = False
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,8 @@ class JobConfig(Section):
         """What every rollout engine of this job serves; sequences hold the longest prompt plus
         the longest completion (training or evaluation)."""
         longest_completion = max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
+        if self.rollout.environment is not None:  # an episode's context: every turn and observation
+            longest_completion = max(longest_completion, self.rollout.max_episode_tokens)
         return EngineSpec(
             model_path=str(model_path),
             dtype=self.model.dtype,
@@ -148,7 +150,8 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    """Relative data and grader paths are relative to the config file, so a job runs from anywhere."""
+    """Relative data, grader and environment paths are relative to the config file, so a job runs
+    from anywhere."""
 
     def fix(section: dict | None, key: str) -> None:
         if isinstance(section, dict) and isinstance(section.get(key), str):
@@ -160,6 +163,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     fix(data, "train")
     fix(data, "heldout")
     fix(raw.get("model"), "path")
+    fix((raw.get("rollout") or {}).get("environment"), "path")
     resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 
 

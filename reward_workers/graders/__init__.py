@@ -2,8 +2,9 @@
 see reward_workers/grader_spec.py), a function grade(sample, item) -> float | dict with
 "reward" and optionally "components", "hack_flags", "diagnostics".
 
-It runs inside the sandbox runner (sandbox_runner.py), which imports this package before it
-locks the filesystem down and builds the grader once; every sample is graded in a forked child.
+It runs inside the sandbox runner (core/sandbox/runner.py), which imports this package (the
+factory build_grader, named by reward_workers/sandbox.py) inside the sandbox and builds the
+grader once; every sample is graded in a forked child.
 Standard library only at import time: third-party libraries load when a grader is built.
 """
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import re
 
+from core.sandbox.target import TargetInputError
+
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 
 
-class GraderInputError(ValueError):
-    """The item or sample lacks what the grader spec asks for: a grader error, not a 0 score."""
+class GraderInputError(TargetInputError):
+    """The item or sample lacks what the grader spec asks for: a grader error, not a 0 score
+    (reported by the sandbox as "grader input: ...")."""
 
 
 def _lookup(path: str, sample: dict, item: dict):

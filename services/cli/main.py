@@ -167,7 +167,7 @@ def grade(
 ) -> None:
     """Score samples offline in the grader sandbox: per-sample scores, errors and hack flags,
     then a summary."""
-    from reward_workers.sandbox import SandboxUnavailableError
+    from core.sandbox.namespaces import SandboxUnavailableError
     from services.tools.offline_eval import grade_samples, result_record
 
     try:

@@ -8,12 +8,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.config import ConfigError
 from core.model_store import resolve_model_path
+from core.sandbox.redaction import url_password
 from core.telemetry import TARGETS_DIRNAME, MetricsContext
 from learner.group import LearnerGroup
 from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
-from reward_workers.redaction import url_password
+from rollout_workers.chat_render import ChatRenderer, TemplateNotAppendOnlyError, check_append_only
+from rollout_workers.environments.client import check_environment
 from services.config import JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.rollout_scheduler import RolloutScheduler
@@ -38,6 +41,9 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
 
     model_path = resolve_model_path(cfg.model.path)
     check_grader(cfg.reward.grader)  # python grader files exist; the type can run
+    tools = None
+    if cfg.rollout.environment is not None:  # its file exists and loads in the sandbox
+        tools = check_environment(cfg.rollout.environment, cfg.rollout)
     train_items = load_items(cfg.data.train)
     heldout_items = load_items(cfg.data.heldout) if cfg.data.heldout else []
     if cfg.data.heldout_limit:
@@ -46,6 +52,13 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     if overlap:
         raise DatasetError(f"ids in both data.train and data.heldout: {sorted(overlap)[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.rollout.environment is not None:  # episodes append observations to the model's tokens
+        try:
+            check_append_only(
+                ChatRenderer(tokenizer, tools, name=str(cfg.model.path or "the embedded model"))
+            )
+        except TemplateNotAppendOnlyError as e:
+            raise ConfigError(f"rollout.environment: {e}") from None
     items_by_id = {item["id"]: item for item in train_items + heldout_items}
     prompt_ids = {
         i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from reward_workers import sandbox as sandbox_module
+from core.sandbox import namespaces
+from core.sandbox.namespaces import SandboxUnavailableError
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import PythonGrader
-from reward_workers.sandbox import GraderSandbox, SandboxUnavailableError
+from reward_workers.sandbox import GraderSandbox
 
 GOOD_SAMPLE = {"output_text": "42", "finish_reason": "stop"}
 GOOD_ITEM = {"id": "q1", "reward_model": {"ground_truth": "42"}}
@@ -364,9 +365,9 @@ def test_grader_cannot_undo_the_sandbox(hostile_sandbox):
 def no_unshare(monkeypatch, tmp_path):
     """A PATH without `unshare`, as on a machine that lacks it (the probe result is cached)."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    sandbox_module.namespace_problem.cache_clear()
+    namespaces.namespace_problem.cache_clear()
     yield
-    sandbox_module.namespace_problem.cache_clear()
+    namespaces.namespace_problem.cache_clear()
 
 
 def test_refuses_to_run_without_namespaces(no_unshare, tmp_path):
@@ -377,7 +378,7 @@ def test_refuses_to_run_without_namespaces(no_unshare, tmp_path):
 
 def test_weak_isolation_when_allowed(no_unshare, tmp_path, caplog):
     grader = write_grader(tmp_path, HOSTILE_GRADER)
-    with caplog.at_level(logging.WARNING, logger="reward_workers.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="core.sandbox.runner_process"):
         sandbox = GraderSandbox(grader, make_limits(grader, allow_weak_isolation=True))
     with sandbox:
         assert "isolation is WEAKER" in caplog.text and sandbox.protections == []

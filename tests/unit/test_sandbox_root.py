@@ -1,6 +1,6 @@
 """What a grader can see: the sandbox's minimal root, its unprivileged uid, and the redaction of
-secrets from what graders return (reward_workers/sandbox_root.py, sandbox_privileges.py,
-redaction.py), with real sandboxes, hostile graders and hostile code_tests submissions."""
+secrets from what graders return (core/sandbox/root.py, privileges.py, redaction.py), with real
+sandboxes, hostile graders and hostile code_tests submissions."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from core.sandbox.namespaces import namespace_problem
+from core.sandbox.redaction import REDACTED, known_secrets, url_password
+from core.sandbox.root import package_location, read_only_paths
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import CodeTestsGrader, PythonGrader
 from reward_workers.pool import RewardWorker
-from reward_workers.redaction import REDACTED, known_secrets, url_password
-from reward_workers.sandbox import GraderSandbox, namespace_problem
-from reward_workers.sandbox_root import read_only_paths
+from reward_workers.sandbox import GRADER_FACTORY, GraderSandbox, grader_mounts, runner_spec
 from rollout_workers.interface import Rollout
 
 pytestmark = pytest.mark.skipif(namespace_problem() is not None, reason="no namespaces for the sandbox")
@@ -98,8 +99,9 @@ def test_a_hostile_grader_sees_none_of_the_host(planted, tmp_path):
     for path in planted["paths"]:
         assert seen[path] in ("FileNotFoundError", "PermissionError"), (path, seen[path])
     top = set(seen["/"].removeprefix("listed ").split(","))
+    mounts = [package_location(GRADER_FACTORY)[0], *grader_mounts(runner_spec(grader))]
     assert top <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "tmp", "dev", "proc"} | {
-        Path(p).parts[1] for p in read_only_paths(grader.model_dump(mode="json") | {"path": grader.source})
+        Path(p).parts[1] for p in read_only_paths(mounts)
     }
     assert {"home", "var", "run", "opt", "boot"}.isdisjoint(top)
     assert seen["/etc"] == "listed group,ld.so.cache,passwd"

@@ -1,9 +1,9 @@
-"""The grader sandbox's identity: after the runner has built its root (sandbox_root.py) it gives
-up everything that would let a grader read host-root files or undo the sandbox.
+"""The sandbox's identity: after the runner has built its root (root.py) it gives up everything
+that would let untrusted code read host-root files or undo the sandbox.
 
 become_nobody(): the runner ends as uid/gid 65534 ("nobody") in a user namespace of its own,
 with no supplementary groups. When the service runs as host root the runner starts without a
-user namespace (sandbox.namespace_flags) and first changes its host uid to 65534, so files are
+user namespace (namespaces.namespace_flags) and first changes its host uid to 65534, so files are
 checked against host nobody: a root-only file bound in stays unreadable. Otherwise the runner's
 namespace root is the service's own (unprivileged) user, which it cannot change without a
 setuid helper; it is then 65534 inside the namespace and the service user on the host. The new
@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from reward_workers.sandbox_root import NOBODY, check, libc
+from core.sandbox.root import NOBODY, check, libc
 
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 4, 24, 38
@@ -74,7 +74,7 @@ def become_nobody(host_root: bool) -> str:
         ("gid_map", f"{NOBODY} {outer_gid} 1"),
     ):
         if not _write_proc(f"/proc/self/{name}", text):
-            raise RuntimeError(f"cannot write /proc/self/{name} of the grader's user namespace")
+            raise RuntimeError(f"cannot write /proc/self/{name} of the sandbox's user namespace")
     if os.getuid() != NOBODY or os.getgid() != NOBODY:
         raise RuntimeError(f"still uid {os.getuid()} gid {os.getgid()} after the user namespace")
     if host_root:
@@ -83,7 +83,7 @@ def become_nobody(host_root: bool) -> str:
 
 
 def drop_capabilities() -> None:
-    """The runner holds every capability in its user namespace; without this a grader could
+    """The runner holds every capability in its user namespace; without this untrusted code could
     unmount the private /tmp or make / writable again."""
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -92,5 +92,5 @@ def drop_capabilities() -> None:
         check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop bounding capability")
     header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
     check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
-    # Not dumpable: a grader (same uid) cannot ptrace the runner or write its /proc/1/mem.
+    # Not dumpable: untrusted code (same uid) cannot ptrace the runner or write its /proc/1/mem.
     check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")

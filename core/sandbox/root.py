@@ -1,36 +1,34 @@
-"""The grader sandbox's filesystem: a fresh root holding only what grading needs.
+"""The sandbox's filesystem: a fresh root holding only what the untrusted code needs.
 
 build_minimal_root(read_only_paths) runs in the sandbox runner's own mount namespace, before the
-grader is loaded. It mounts a tmpfs as the new root, binds each of `read_only_paths` into it at
+target is loaded. It mounts a tmpfs as the new root, binds each of `read_only_paths` into it at
 the same path (read-only, nosuid, nodev; a path reached through a symlink also at its real
 path), adds a private writable /tmp, a /dev of null/zero/full/random/urandom, the namespace's
 /proc and a generated /etc (passwd and group naming root and nobody, and the dynamic loader's
-cache), then
-pivots into it and detaches the old root: whatever is not listed is not there at all (no /home,
-/root, host /etc, /var, /run, run directories, caches, ~/.ray). The builder knows nothing about
-graders, so other untrusted code (tool or environment code) can run in the same root.
+cache), then pivots into it and detaches the old root: whatever is not listed is not there at
+all (no /home, /root, host /etc, /var, /run, run directories, caches, ~/.ray).
 
-What a grader sees is the one table below, MOUNTS (every grader) + GRADER_MOUNTS (per type):
+What a target sees is MOUNTS (every target) + the package of its factory + its own files (the
+caller's list: reward_workers/sandbox.py for graders, rollout_workers/environments for
+environments):
 
 | mount (read-only)                               | why                                             |
 |-------------------------------------------------|-------------------------------------------------|
 | sys.base_prefix (+ sysconfig stdlib paths)      | the interpreter, libpython, stdlib, lib-dynload |
 | /usr (+ /lib, /lib64, /bin, /sbin as on host)   | libc, libm, libssl, libsqlite3, libstdc++, ...  |
 | /etc/ld.so.cache                                | the dynamic loader's index of those libraries   |
-| sys.prefix (the virtualenv)                     | site-packages: torch, triton, rapidfuzz, ...    |
-| <checkout>/reward_workers                       | the runner and the grader library               |
-| python: each `source` file (multi: sub-graders) | tracebacks show the grader's lines              |
-| triton_kernel: /sys/devices/system/cpu          | torch's CPU detection (cpuinfo)                 |
-code_tests, sql, text_similarity, llm_judge, numeric, regex, json_match, string_check and multi
-need nothing beyond the first five rows (code_tests starts the same interpreter; sqlite3 is in
-the stdlib and /usr; llm_judge's model runs outside, only its scoring runs here).
-Writable: /tmp (tmpfs, 64 MiB: the per-sample working directories, Triton's cache). /proc is the
-sandbox's own pid namespace, read-only.
+| sys.prefix (the virtualenv)                     | site-packages: torch, triton, pydantic, ...     |
+| <checkout>/core                                 | the runner (core/sandbox/)                      |
+| the factory's top-level package                 | e.g. reward_workers (the grader library)        |
+| the target's own files                          | e.g. a python grader's file, an environment's   |
+Writable: /tmp (tmpfs, 64 MiB: the per-sample and per-episode working directories, Triton's
+cache). /proc is the sandbox's own pid namespace, read-only.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 import sys
@@ -73,27 +71,33 @@ def system_library_paths() -> list[str]:
     return ["/usr"] + [path for path in lib_dirs if os.path.isdir(path)] + ["/etc/ld.so.cache"]
 
 
-def checkout_package() -> str:
-    return os.path.dirname(os.path.abspath(__file__))  # <checkout>/reward_workers
+def core_package() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # <checkout>/core
 
 
-MOUNTS = (interpreter_paths, system_library_paths, lambda: [sys.prefix], lambda: [checkout_package()])
-GRADER_MOUNTS = {
-    "python": lambda spec: [spec["path"]] if os.path.isfile(spec.get("path", "")) else [],
-    "triton_kernel": lambda spec: ["/sys/devices/system/cpu"],
-    "multi": lambda spec: [path for sub in spec["graders"].values() for path in grader_mounts(sub)],
-}
+MOUNTS = (interpreter_paths, system_library_paths, lambda: [sys.prefix], lambda: [core_package()])
 
 
-def grader_mounts(spec: dict) -> list[str]:
-    """The read-only paths a grader of this spec needs beyond MOUNTS."""
-    extra = GRADER_MOUNTS.get(spec["type"])
-    return extra(spec) if extra else []
+def package_location(module: str) -> tuple[str, str]:
+    """(what to mount, what to put on sys.path) for the top-level package of `module`, found
+    without importing it: its directory (or file) and the directory holding that."""
+    top = module.split(".", 1)[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ModuleNotFoundError(f"no module named {top!r}")
+    if spec.submodule_search_locations:
+        location = list(spec.submodule_search_locations)[0]
+    elif spec.origin:
+        location = spec.origin
+    else:
+        raise ModuleNotFoundError(f"{top!r} has no location on disk")
+    return location, os.path.dirname(location)
 
 
-def read_only_paths(spec: dict) -> list[str]:
-    """Every read-only path of the sandbox root for this grader, in order, without duplicates."""
-    paths = [path for source in MOUNTS for path in source()] + grader_mounts(spec)
+def read_only_paths(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every read-only path of the sandbox root: MOUNTS, then `extra`, in order, without
+    duplicates or paths that do not exist."""
+    paths = [path for source in MOUNTS for path in source()] + list(extra)
     return list(dict.fromkeys(path for path in paths if os.path.lexists(path)))
 
 

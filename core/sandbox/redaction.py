@@ -1,7 +1,8 @@
-"""Defence in depth for the grader sandbox: secrets this process knows are cut out of whatever a
-grader returns (error text, hack flags, diagnostics) before it is stored or logged.
+"""Defence in depth for the sandbox: secrets this process knows are cut out of whatever untrusted
+code returns (a grader's error text, hack flags, diagnostics; an environment's messages) before
+it is stored, logged or shown to the model.
 
-The sandbox's minimal root already keeps them out of a grader's view (sandbox_root.py); this
+The sandbox's minimal root already keeps them out of its view (root.py); this
 catches what might still get through. Known secrets: the Ray cluster token (`$RAY_AUTH_TOKEN`,
 the file `$RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`), the values of environment variables named
 RFT_* or *_TOKEN, *_KEY, *_SECRET, *_PASSWORD, the password of any *REDIS_URL variable, and the
@@ -64,3 +65,19 @@ def redact(text: str, secrets: list[str]) -> tuple[str, int]:
 def redact_all(texts: list[str], secrets: list[str]) -> tuple[list[str], int]:
     results = [redact(text, secrets) for text in texts]
     return [text for text, _ in results], sum(count for _, count in results)
+
+
+def redact_json(value, secrets: list[str]):
+    """A JSON value (dicts, lists, strings, ...) with every string redacted, keys included, and
+    how many secrets were replaced."""
+    if not secrets:
+        return value, 0
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        parts = [redact_json(v, secrets) for v in value]
+        return [v for v, _ in parts], sum(n for _, n in parts)
+    if isinstance(value, dict):
+        parts = [(redact_json(k, secrets), redact_json(v, secrets)) for k, v in value.items()]
+        return {k: v for (k, _), (v, _) in parts}, sum(kn + vn for (_, kn), (_, vn) in parts)
+    return value, 0
