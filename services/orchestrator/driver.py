@@ -37,7 +37,13 @@ from services.orchestrator.checkpoints import (
     save_checkpoint,
 )
 from services.orchestrator.data import PromptOrder
-from services.orchestrator.evaluation import eval_requests, format_summary, greedy_settings, summarize
+from services.orchestrator.evaluation import (
+    eval_requests,
+    format_summary,
+    greedy_settings,
+    heldout_metrics,
+    summarize,
+)
 from services.orchestrator.metrics import RunMetrics
 from services.orchestrator.progress import StepProgress
 from services.orchestrator.records import StepRecord, step_metrics, write_samples
@@ -156,13 +162,7 @@ class Orchestrator:
         elif self.cfg.eval.at_start and self.inputs.heldout_items:
             self.state.base_heldout = self.evaluate()
             print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
-            self.metrics.record(
-                0,
-                {
-                    "heldout_accuracy": self.state.base_heldout["accuracy"],
-                    "heldout_reward_mean": self.state.base_heldout["reward_mean"],
-                },
-            )
+            self.metrics.record(0, heldout_metrics(self.state.base_heldout))
         self.take_backlog()
         self.order.cursor = self.state.data_cursor
         self.submitted = self.state.step - 1

@@ -47,6 +47,12 @@ def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
     return summary
 
 
+def heldout_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """What metrics.jsonl (and Prometheus) keep of a held-out evaluation."""
+    keys = ("accuracy", "reward_mean", "tool_calls_per_episode", "turns_per_episode")
+    return {f"heldout_{key}": summary[key] for key in keys if key in summary}
+
+
 def _tool_calls(turns: list[dict]) -> int:
     return sum(turn["role"] == "tool" for turn in turns)
 

@@ -28,6 +28,11 @@ GAUGES = {
     "reward_std": "standard deviation of the step's rewards",
     "heldout_accuracy": "greedy held-out accuracy (share of items with full reward)",
     "heldout_reward_mean": "greedy held-out mean reward",
+    "heldout_tool_calls_per_episode": "multi-turn jobs: tool messages per greedy held-out episode",
+    "heldout_turns_per_episode": "multi-turn jobs: model turns per greedy held-out episode",
+    "token_mismatch_samples": "samples of the step the learner refused: their token ids were not the "
+    "ones the engine produced (token_checksum)",
+    "learner_threads": "torch threads of the learner in the step, time-weighted (learner.threads)",
     "rollout_tokens_per_second": "the step's completion tokens over its generation_seconds (a lower bound "
     "while later steps overlap; rft_rollout_generated_tokens_total is the engines' rate)",
     "learner_step_seconds": "wall time of the learner's optimizer step",

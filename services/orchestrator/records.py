@@ -14,6 +14,7 @@ from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates
 from services.config import JobConfig
 from services.orchestrator.batch import BuiltBatch
+from services.orchestrator.evaluation import heldout_metrics
 from weight_sync.channel import SyncResult
 
 
@@ -94,9 +95,7 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
         per_worker["weight_sync_pause_seconds"] = record.sync.pause_seconds
     values.update(step=record.step + 1, policy_version=policy_version)
     if record.heldout:
-        values.update(
-            heldout_accuracy=record.heldout["accuracy"], heldout_reward_mean=record.heldout["reward_mean"]
-        )
+        values.update(heldout_metrics(record.heldout))
     counts = {
         "grader_errors": sum(s.grader_error is not None for s in scored),
         "stale_rollouts_dropped": record.built.stale_dropped,
