@@ -110,6 +110,35 @@ def test_killed_rollout_worker_is_replaced_and_no_sample_is_lost_or_repeated(tmp
     assert late and all((r["step"] - 1) - r["policy_version"] <= cfg.sync.max_staleness for r in late)
 
 
+def test_rollout_worker_killed_mid_episode_has_its_episodes_run_again(tmp_path, tiny_model_dir):
+    """Multi-turn: the killed worker's episodes are re-run from the start on another worker; every
+    episode is trained exactly once, whole (all its turns, one policy version)."""
+    killed = []
+
+    def kill_rollout_worker():
+        killed.append(actor_pid("e2e-rollout-0"))
+        os.kill(killed[0], signal.SIGKILL)
+
+    environment = Path(__file__).parent / "environments" / "counting.py"
+    overrides = [
+        f"rollout.environment={{type: python, path: {environment}, options: {{turns: 2}}}}",
+        "rollout.max_episode_tokens=200",
+    ]
+    cfg, inputs, records, metrics = run(
+        tmp_path, tiny_model_dir, ScriptedControl(sizes={0: 2}, actions={2: kill_rollout_worker}), overrides
+    )
+    assert killed
+    assert_trained_exactly_once(cfg, inputs, records)
+    assert sum(m.get("requests_reissued_count", 0) for m in metrics) > 0
+    for record in records:
+        versions = {t["policy_version"] for t in record["turns"] if "policy_version" in t}
+        assert len(versions) == 1 and [t["role"] for t in record["turns"]][-3:] == [
+            "assistant",
+            "user",
+            "assistant",
+        ]
+
+
 def scrape_job_targets(targets_dir: Path, job: str) -> dict[str, str]:
     """component-worker -> the text of its /metrics page, for every target the job announces."""
     pages = {}
