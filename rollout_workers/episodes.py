@@ -46,6 +46,17 @@ class EpisodeCompletion(Completion):
     error: str | None = None
     token_checksum: str = ""
 
+    def trajectory(self) -> dict:
+        """The Rollout fields only an episode has."""
+        return {
+            "loss_mask": self.loss_mask,
+            "turns": self.turns,
+            "turn_versions": self.turn_versions,
+            "environment_reward": self.environment_reward,
+            "token_checksum": self.token_checksum,
+            "error": self.error,
+        }
+
 
 class EpisodeFactory:
     """A worker's episodes: one sandboxed environment (its sessions) and one renderer for all."""

@@ -88,34 +88,18 @@ class RolloutWorker(WeightsReceiver):
         return [rollouts[request.sample_id] for request in requests]
 
     def _rollout(self, request: GenerationRequest, completion, version: int) -> Rollout:
-        if isinstance(completion, EpisodeCompletion):
-            return Rollout(
-                prompt_id=request.prompt_id,
-                sample_index=request.sample_index,
-                prompt_ids=completion.prompt_ids,
-                completion_ids=completion.completion_ids,
-                behaviour_logprobs=completion.behaviour_logprobs,
-                policy_version=version,
-                finish_reason=completion.finish_reason,
-                text=completion.text,
-                worker_id=self.worker_id,
-                loss_mask=completion.loss_mask,
-                turns=completion.turns,
-                turn_versions=completion.turn_versions,
-                environment_reward=completion.environment_reward,
-                token_checksum=completion.token_checksum,
-                error=completion.error,
-            )
+        episode = completion if isinstance(completion, EpisodeCompletion) else None
         return Rollout(
             prompt_id=request.prompt_id,
             sample_index=request.sample_index,
-            prompt_ids=list(request.prompt_ids),
+            prompt_ids=episode.prompt_ids if episode else list(request.prompt_ids),
             completion_ids=completion.completion_ids,
             behaviour_logprobs=completion.behaviour_logprobs,
             policy_version=version,
             finish_reason=completion.finish_reason,
             text=completion.text,
             worker_id=self.worker_id,
+            **(episode.trajectory() if episode else {}),
         )
 
     def _count(self, seconds: float, finished: list[Finished]) -> None:

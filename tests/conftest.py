@@ -61,6 +61,17 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def no_unshare(monkeypatch, tmp_path):
+    """A PATH without `unshare`, as on a machine that lacks it (the probe result is cached)."""
+    from core.sandbox import namespaces
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    namespaces.namespace_problem.cache_clear()
+    yield
+    namespaces.namespace_problem.cache_clear()
+
+
 def worker_settings(cfg, model_dir) -> tuple:
     """RolloutWorker's settings arguments for a job config: (rollout section, engine spec)."""
     return cfg.rollout, cfg.engine_spec(model_dir)

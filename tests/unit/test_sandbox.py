@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from core.sandbox import namespaces
 from core.sandbox.namespaces import SandboxUnavailableError
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import PythonGrader
@@ -359,15 +358,6 @@ def test_grader_cannot_undo_the_sandbox(hostile_sandbox):
 
 
 # -- without namespaces ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def no_unshare(monkeypatch, tmp_path):
-    """A PATH without `unshare`, as on a machine that lacks it (the probe result is cached)."""
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    namespaces.namespace_problem.cache_clear()
-    yield
-    namespaces.namespace_problem.cache_clear()
 
 
 def test_refuses_to_run_without_namespaces(no_unshare, tmp_path):

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from core.sandbox import namespaces
 from core.sandbox.namespaces import SandboxUnavailableError, namespace_problem
 from core.sandbox.processes import parent_pids, tree
 from core.sandbox.session import SessionSandbox
@@ -201,15 +200,6 @@ def test_a_target_that_does_not_load_fails_every_open(tmp_path):
             handle, result = sandbox.open({})
             assert handle is None and result.ended
             assert f"environment {path} failed to load: SyntaxError" in result.error
-
-
-@pytest.fixture
-def no_unshare(monkeypatch, tmp_path):
-    """A PATH without `unshare`, as on a machine that lacks it (the probe result is cached)."""
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    namespaces.namespace_problem.cache_clear()
-    yield
-    namespaces.namespace_problem.cache_clear()
 
 
 def test_without_namespaces_sessions_refuse_or_run_weakly(no_unshare, make_sandbox):
