@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 
 PLACEHOLDER = "\u2063rft-assistant-content\u2063"  # marks where a template puts an assistant's text
+# The example call is valid JSON built from the first tool: small models copy placeholders.
 TOOL_SYSTEM_PROMPT = (
     "You can call tools. To call one, reply with exactly\n"
-    '<tool_call>{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}</tool_call>\n'
+    "<tool_call>{example}</tool_call>\n"
     "and wait for its result. When you are done, reply without a tool call.\n"
     "The tools, as JSON schemas:\n{tools}"
 )
@@ -52,7 +53,10 @@ class ChatRenderer:
         them (merged into the first system message, if there is one)."""
         if not self.tools or self.template_shows_tools:
             return list(messages)
-        listing = TOOL_SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t) for t in self.tools))
+        listing = TOOL_SYSTEM_PROMPT.format(
+            example=json.dumps(example_call(self.tools[0])),
+            tools="\n".join(json.dumps(t) for t in self.tools),
+        )
         if messages and messages[0]["role"] == "system":
             first = dict(messages[0], content=f"{messages[0]['content']}\n\n{listing}")
             return [first, *messages[1:]]
@@ -101,6 +105,15 @@ class ChatRenderer:
         if len(ids) <= max_tokens:
             return text
         return self.tokenizer.decode(ids[:max_tokens]) + f"\n[output truncated to {max_tokens} tokens]"
+
+
+def example_call(tool: dict) -> dict:
+    """A call of `tool` with each argument set to a value of its JSON type (shown to the model)."""
+    function = tool.get("function", tool)
+    samples = {"integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}}
+    properties = (function.get("parameters") or {}).get("properties") or {}
+    arguments = {name: samples.get(spec.get("type"), "...") for name, spec in properties.items()}
+    return {"name": function.get("name", "tool"), "arguments": arguments}
 
 
 def _assistant(content: str) -> dict:

@@ -61,6 +61,8 @@ def test_tools_go_in_a_system_message_when_the_template_ignores_them(tokenizer):
     assert not renderer.template_shows_tools
     text = tokenizer.decode(renderer.prompt_ids([{"role": "user", "content": "hi"}]))
     assert '"name": "calculate"' in text and "<tool_call>" in text
+    # The example call is valid JSON for the first tool: small models copy what they are shown.
+    assert '<tool_call>{"name": "calculate", "arguments": {"expression": "..."}}</tool_call>' in text
     assert "named SmolLM" not in text  # the system message with the tools replaces the default one
     own_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert renderer.with_tools(own_system)[0]["content"].startswith("Be brief.\n\n")
