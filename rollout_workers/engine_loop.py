@@ -132,6 +132,8 @@ class EngineLoop:
         """Stop the loop (work not finished yet fails); the engine can then be freed."""
         self._closed = True
         self._inbox.put(_CLOSED)
+        if self._environment_pool is not None:  # episodes between turns end with the worker
+            self._environment_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the loop thread
 

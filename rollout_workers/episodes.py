@@ -31,6 +31,7 @@ class EpisodeLimits:
     max_turns: int
     max_episode_tokens: int  # model + observation tokens after the prompt
     max_tool_output_tokens: int  # per observation message
+    max_context_tokens: int  # the engine's longest sequence: prompt + everything after it
 
 
 @dataclass
@@ -61,16 +62,19 @@ class EpisodeCompletion(Completion):
 class EpisodeFactory:
     """A worker's episodes: one sandboxed environment (its sessions) and one renderer for all."""
 
-    def __init__(self, rollout, model_path: str):
+    def __init__(self, rollout, engine):
         from transformers import AutoTokenizer
 
         from .environments.client import EnvironmentClient
 
         self.environment = EnvironmentClient(rollout.environment, rollout)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.renderer = ChatRenderer(tokenizer, self.environment.describe(), name=model_path)
+        tokenizer = AutoTokenizer.from_pretrained(engine.model_path)
+        self.renderer = ChatRenderer(tokenizer, self.environment.describe(), name=engine.model_path)
         self.limits = EpisodeLimits(
-            rollout.max_turns, rollout.max_episode_tokens, rollout.max_tool_output_tokens
+            rollout.max_turns,
+            rollout.max_episode_tokens,
+            rollout.max_tool_output_tokens,
+            engine.max_model_len,
         )
 
     def for_batch(self, max_new_tokens: int):
@@ -122,6 +126,14 @@ class Episode:
         self.messages = started.messages or item_messages(self.request.item)
         self.prompt_ids = self.renderer.prompt_ids(self.messages)
         self.turns = [{"role": m["role"], "content": m["content"]} for m in self.messages]
+        if self.turn_budget() < 1:  # the engine would refuse it (and stop serving every request)
+            context = len(self.prompt_ids)
+            self.prompt_ids = []
+            return self._finish(
+                "error",
+                f"the episode's first context has {context} tokens, the engine holds "
+                f"{self.limits.max_context_tokens} (data.max_prompt_tokens + rollout.max_episode_tokens)",
+            )
         return True
 
     def after_turn(self, completion: Completion, version: int) -> bool:
@@ -147,7 +159,11 @@ class Episode:
             else ""
         )
         observation_ids = self.renderer.observation_ids(self.messages, stop_text, observations)
-        if len(self.completion_ids) + len(observation_ids) >= self.limits.max_episode_tokens:
+        after = len(self.completion_ids) + len(observation_ids)
+        if (
+            after >= self.limits.max_episode_tokens
+            or len(self.prompt_ids) + after >= self.limits.max_context_tokens
+        ):
             return self._finish("max_episode_tokens")
         self.completion_ids += observation_ids
         self.behaviour_logprobs += [0.0] * len(observation_ids)
@@ -179,7 +195,11 @@ class Episode:
 
     def turn_budget(self) -> int:
         """New tokens the next turn may generate."""
-        return min(self.max_new_tokens, self.limits.max_episode_tokens - len(self.completion_ids))
+        return min(
+            self.max_new_tokens,
+            self.limits.max_episode_tokens - len(self.completion_ids),
+            self.limits.max_context_tokens - len(self.context_ids()),
+        )
 
     def result(self) -> EpisodeCompletion:
         return EpisodeCompletion(

@@ -64,7 +64,7 @@ class RolloutWorker(WeightsReceiver):
         )
         self.engine = self.loop.engine  # used on the loop thread only
         # Multi-turn jobs: every request is an episode with the sandboxed environment.
-        self.episodes = EpisodeFactory(rollout, engine.model_path) if rollout.environment else None
+        self.episodes = EpisodeFactory(rollout, engine) if rollout.environment else None
 
     def generate_stream(
         self, requests: list[GenerationRequest], sampling: SamplingSettings, min_version: int = 0

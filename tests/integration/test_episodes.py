@@ -102,6 +102,10 @@ def test_a_failing_environment_ends_its_episode_and_the_worker_goes_on(tiny_mode
     [rollout] = worker.generate(requests(1)[:1], SAMPLING)
     assert rollout.finish_reason == "environment_error" and rollout.completion_ids == []
     assert "could not start" in rollout.error
+    long = episode_worker(tiny_model_dir, "broken.py", {"fail": "long"})
+    request.addfinalizer(long.close)
+    [rollout] = long.generate(requests(1)[:1], SAMPLING)  # refused before the engine sees it
+    assert rollout.finish_reason == "error" and "the engine holds" in rollout.error
     stepping = episode_worker(tiny_model_dir, "broken.py", {"fail": "step"}, environment_errors="end")
     request.addfinalizer(stepping.close)
     for rollout in stepping.generate(requests(), SAMPLING):  # each ends after its first turn
