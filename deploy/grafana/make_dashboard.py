@@ -68,6 +68,7 @@ PANELS = [
                 [
                     (f"rft_heldout_accuracy{JOB}", "{{job}} accuracy"),
                     (f"rft_heldout_reward_mean{JOB}", "{{job}} mean reward"),
+                    (f"rft_heldout_tool_calls_per_episode{JOB}", "{{job}} tool calls per episode"),
                 ],
                 "timeseries",
             ),
@@ -78,6 +79,7 @@ PANELS = [
                     (f"rft_zero_signal_groups{JOB}", "{{job}} zero-signal groups"),
                     (f"rft_truncated_completions_fraction{JOB}", "{{job}} completions at max length"),
                     (f"rft_completion_length_mean{JOB}", "{{job}} mean completion tokens"),
+                    (f"rft_token_mismatch_samples{JOB}", "{{job}} samples refused (tokens changed)"),
                 ],
                 "timeseries",
             ),
