@@ -98,3 +98,6 @@ def _format(value: int | float) -> str:
 
 
 TOOLS = [calculate]
+# Paid once an episode, the first time a call runs: the base model rarely calls the tool, and
+# without it every group's reward is 0 (no signal). Correct answers are the grader's.
+TOOL_CALL_REWARD = 0.2

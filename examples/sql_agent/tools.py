@@ -108,3 +108,5 @@ def _cut(text: str) -> str:
 
 
 TOOLS = [list_tables, describe_table, run_query]
+# Paid once an episode, the first time the calls of a turn all run (see calculator_agent/tools.py).
+TOOL_CALL_REWARD = 0.1

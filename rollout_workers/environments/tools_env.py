@@ -9,6 +9,10 @@ order, each result coming back as {"role": "tool", "name", "content": str}. A re
 call is the final answer: the episode is done. An unknown tool, bad JSON or bad arguments give
 an error tool message naming the problem (the model's mistake); a tool that raises gives one
 too and sets the step's `error` (the environment's fault, handled by `environment_errors`).
+
+An optional module constant `TOOL_CALL_REWARD = x` is the environment's per-turn reward: paid
+once an episode, on the first turn whose calls all ran (a shaping reward that teaches a model to
+call the tools at all; once, so calling them again and again earns nothing).
 """
 
 from __future__ import annotations
@@ -138,20 +142,23 @@ def _arguments_problem(tool: str, error: ValidationError) -> str:
 class ToolsSession:
     """One episode: the tools and setup(item)'s state."""
 
-    def __init__(self, tools: dict[str, Tool], state, max_content_chars: int):
+    def __init__(self, tools: dict[str, Tool], state, max_content_chars: int, call_reward: float = 0.0):
         self.tools, self.state, self.max_content_chars = tools, state, max_content_chars
+        self.call_reward = call_reward  # still to pay: TOOL_CALL_REWARD until a turn's calls all ran
 
     def step(self, message: dict) -> dict:
         calls = parse_tool_calls(str(message.get("content") or ""))
         if not calls:
             return {"messages": [], "done": True, "reward": None}
-        messages, errors = [], []
+        messages, errors, all_ran = [], [], True
         for call in calls:
             content, error = self._run(call)
             messages.append({"role": "tool", "name": call.name or "", "content": self._bounded(content)})
+            all_ran = all_ran and not content.startswith("Error: ")
             if error:
                 errors.append(error)
-        reply = {"messages": messages, "done": False, "reward": None}
+        reward, self.call_reward = (self.call_reward, 0.0) if all_ran else (None, self.call_reward)
+        reply = {"messages": messages, "done": False, "reward": reward or None}
         return {**reply, "error": "\n".join(errors)} if errors else reply
 
     def _run(self, call: ToolCall) -> tuple[str, str | None]:
@@ -191,11 +198,14 @@ class ToolsEnvironment:
         if self.setup is not None and not callable(self.setup):
             raise ToolDefinitionError("setup must be a function setup(item) -> state")
         self.max_content_chars = spec.get("max_content_chars", 16384)
+        self.call_reward = getattr(module, "TOOL_CALL_REWARD", 0.0)
+        if not isinstance(self.call_reward, (int, float)) or isinstance(self.call_reward, bool):
+            raise ToolDefinitionError(f"TOOL_CALL_REWARD must be a number, not {self.call_reward!r}")
 
     def describe(self) -> list[dict]:
         return [tool.schema for tool in self.tools.values()]
 
     def __call__(self, item: dict):
         state = self.setup(item) if self.setup is not None else None
-        session = ToolsSession(self.tools, state, self.max_content_chars)
+        session = ToolsSession(self.tools, state, self.max_content_chars, float(self.call_reward))
         return session, {"messages": None, "tools": self.describe()}

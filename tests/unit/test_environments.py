@@ -225,6 +225,20 @@ def test_tools_environment_runs_a_multi_call_episode(tmp_path):
         assert (final.messages, final.done, final.error) == ([], True, None)
 
 
+def test_a_tool_call_reward_is_paid_once_an_episode_when_its_calls_ran(tmp_path):
+    spec = EnvironmentSpec(type="tools", path=write(tmp_path, TOOLS_ENV + "\nTOOL_CALL_REWARD = 0.25\n"))
+    with EnvironmentClient(spec, rollout()) as client:
+        episode = client.reset({"start": 1})
+        bad = client.step(
+            episode.handle, '<tool_call>{"name": "add", "arguments": {"amount": "x"}}</tool_call>'
+        )
+        assert bad.reward is None and bad.messages[0]["content"].startswith("Error: invalid arguments")
+        call = '<tool_call>{"name": "add", "arguments": {"amount": 2}}</tool_call>'
+        assert client.step(episode.handle, call).reward == 0.25
+        assert client.step(episode.handle, call).reward is None  # once: calling again earns nothing
+        assert client.step(episode.handle, "Done: 5.").reward is None
+
+
 def test_a_tool_that_raises_is_observed_or_ends_the_episode(tmp_path):
     spec = EnvironmentSpec(type="tools", path=write(tmp_path, TOOLS_ENV))
     call = '<tool_call>{"name": "divide", "arguments": {"by": 0}}</tool_call>'
