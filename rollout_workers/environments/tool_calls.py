@@ -4,8 +4,9 @@ blocks (the Hermes/Qwen format most chat templates with tools use), in order.
 Text around the blocks (the model's reasoning) is ignored. A block that cannot be a call (bad
 JSON, no name, arguments that are not an object) is kept as a call with a `problem`, so that
 the model is told what was wrong. Lenient where models commonly differ: `arguments` given as a
-JSON string, and a last block whose closing tag is missing (a stop string the engine cut off)
-when what follows its opening tag is a complete JSON object.
+JSON string, text after the call's JSON object inside the block (the first object is the call),
+and a last block whose closing tag is missing (a stop string the engine cut off, or the model
+went on writing) when what follows its opening tag starts with a complete JSON object.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ToolCall:
 
 def _parse_call(body: str) -> ToolCall:
     try:
-        call = json.loads(body)
+        call, _ = json.JSONDecoder().raw_decode(body.strip())  # the first JSON value; the rest ignored
     except ValueError as e:
         return ToolCall(None, problem=f"the tool call is not valid JSON ({e})")
     if not isinstance(call, dict):

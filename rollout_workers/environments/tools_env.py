@@ -105,7 +105,9 @@ class Tool:
             )
             fields[parameter.name] = (hints.get(parameter.name, Any), Field(default, **described))
         try:
-            model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+            # Arguments the tool does not take are dropped, not refused: small models add keys
+            # from the schema they were shown ("type": "string"), and the call is still clear.
+            model = create_model(f"{name}_arguments", __config__=ConfigDict(extra="ignore"), **fields)
             parameters = model.model_json_schema(schema_generator=_ToolJsonSchema)
         except Exception as e:  # noqa: BLE001 - a type pydantic cannot validate or describe
             raise ToolDefinitionError(f"tool {name}: no JSON schema for its arguments: {e}") from None
