@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from .config import EngineSpec, RolloutConfig
 from .interface import InferenceEngine
+
+log = logging.getLogger("rft.rollout")
+
+
+def within_model_context(spec: EngineSpec) -> EngineSpec:
+    """The spec with `max_model_len` capped at the model's own context (`max_position_embeddings`).
+    A job's longest prompt + episode may ask for more than the model holds: vLLM refuses to start
+    then, and the HF model would run past its position table. Capped, an episode that reaches the
+    model's context ends there (`EpisodeLimits`) and a completion stops at it."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(spec.model_path), "max_position_embeddings", None)
+    if context is None or spec.max_model_len <= context:
+        return spec
+    log.warning(
+        "sequences of up to %d tokens were asked for; the model holds %d: capped at %d",
+        spec.max_model_len,
+        context,
+        context,
+    )
+    return dataclasses.replace(spec, max_model_len=int(context))
 
 
 def make_engine(rollout: RolloutConfig, spec: EngineSpec) -> InferenceEngine:

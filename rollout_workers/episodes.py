@@ -132,7 +132,8 @@ class Episode:
             return self._finish(
                 "error",
                 f"the episode's first context has {context} tokens, the engine holds "
-                f"{self.limits.max_context_tokens} (data.max_prompt_tokens + rollout.max_episode_tokens)",
+                f"{self.limits.max_context_tokens} (data.max_prompt_tokens + rollout.max_episode_tokens, "
+                "at most the model's context)",
             )
         return True
 

