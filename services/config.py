@@ -50,6 +50,10 @@ class EvalConfig(Section):
     every_steps: int = Field(default=10, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1, description="default: rollout's")
     at_start: bool = True
+    # More held-out sets, name -> JSONL (e.g. the same problems worded differently, without the
+    # format instruction): evaluated before training and at the end, beside data.heldout, so a
+    # gain that is only the answer format shows. data.heldout_limit applies to each.
+    extra_heldout: dict[str, str] = Field(default_factory=dict)
 
 
 class MetricsConfig(Section):
@@ -163,6 +167,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     fix(data, "train")
     fix(data, "heldout")
     fix(raw.get("model"), "path")
+    extra_heldout = (raw.get("eval") or {}).get("extra_heldout")
+    for name in extra_heldout if isinstance(extra_heldout, dict) else ():
+        fix(extra_heldout, name)
     fix((raw.get("rollout") or {}).get("environment"), "path")
     resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 

@@ -1,9 +1,10 @@
 """Arithmetic word problems, generated deterministically from a seed.
 
-    python examples/arithmetic/generate.py            # writes train.jsonl and heldout.jsonl here
+    python examples/arithmetic/generate.py   # writes train, heldout and heldout_paraphrased.jsonl here
 
 Each line: {"id", "messages": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": "42"}}.
-Train and held-out problems come from disjoint seeds and never share a question text.
+Train and held-out problems come from disjoint seeds and never share a question text;
+heldout_paraphrased.jsonl holds the held-out problems worded differently, without the instruction.
 """
 
 from __future__ import annotations
@@ -51,54 +52,90 @@ THINGS = [
 ]
 
 
-def _one_step(rng: random.Random) -> tuple[str, int]:
+# How a problem is worded: `train` (training and data.heldout, with the format instruction) and
+# `paraphrased` (the same problems, worded as training never is, with no instruction about the
+# answer's format): a model that only learned the format gains nothing on the second.
+WORDINGS = {
+    "train": {
+        "add": "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+        "sub": "{name} has {a} {thing} and gives away {b}. How many {thing} does {name} have left?",
+        "mul": "{name} buys {a} bags with {b} {thing} in each bag. "
+        "How many {thing} does {name} buy in total?",
+        "two_step": "{name} has {a} {thing}, finds {b} more, then gives {c} to a friend. "
+        "How many {thing} does {name} have now?",
+    },
+    "paraphrased": {
+        "add": "There are {a} {thing} in {name}'s box. A neighbour adds {b}. What is the total number "
+        "of {thing} in the box?",
+        "sub": "Out of {a} {thing}, {name} hands {b} to classmates. "
+        "What number of {thing} remain with {name}?",
+        "mul": "Each of {a} boxes holds {b} {thing}. {name} takes all the boxes. "
+        "Count the {thing} {name} takes.",
+        "two_step": "{name} starts the day with {a} {thing}. At lunch {name} picks up another {b}, and "
+        "in the evening {c} go to a friend. How many {thing} are left at the end of the day?",
+    },
+}
+
+
+def _one_step(rng: random.Random) -> tuple[dict, int]:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.choice(["add", "sub", "mul"])
     if kind == "add":
         a, b = rng.randint(5, 60), rng.randint(5, 60)
-        return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
+        return dict(kind=kind, name=name, thing=thing, a=a, b=b), a + b
     if kind == "sub":
         a = rng.randint(20, 90)
         b = rng.randint(3, a - 2)
-        return f"{name} has {a} {thing} and gives away {b}. How many {thing} does {name} have left?", a - b
+        return dict(kind=kind, name=name, thing=thing, a=a, b=b), a - b
     a, b = rng.randint(2, 9), rng.randint(3, 12)
-    return (
-        f"{name} buys {a} bags with {b} {thing} in each bag. How many {thing} does {name} buy in total?",
-        a * b,
-    )
+    return dict(kind=kind, name=name, thing=thing, a=a, b=b), a * b
 
 
-def _two_step(rng: random.Random) -> tuple[str, int]:
+def _two_step(rng: random.Random) -> tuple[dict, int]:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     a, b = rng.randint(10, 50), rng.randint(2, 20)
     c = rng.randint(2, a + b - 1)
-    return (
-        f"{name} has {a} {thing}, finds {b} more, then gives {c} to a friend. "
-        f"How many {thing} does {name} have now?",
-        a + b - c,
-    )
+    return dict(kind="two_step", name=name, thing=thing, a=a, b=b, c=c), a + b - c
 
 
-def make_problem(rng: random.Random) -> tuple[str, int]:
+def make_problem(rng: random.Random) -> tuple[dict, int]:
     return _two_step(rng) if rng.random() < 0.3 else _one_step(rng)
 
 
-def generate(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) -> list[dict]:
+def worded(problem: dict, wording: str) -> str:
+    return WORDINGS[wording][problem["kind"]].format(**problem)
+
+
+def generate(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) -> list[tuple[dict, int]]:
+    """n distinct problems (by their training wording), none in `exclude`."""
     rng = random.Random(seed)
-    items, seen = [], set(exclude)
-    while len(items) < n:
-        question, answer = make_problem(rng)
+    problems, seen = [], set(exclude)
+    while len(problems) < n:
+        problem, answer = make_problem(rng)
+        question = worded(problem, "train")
         if question in seen:
             continue
         seen.add(question)
-        items.append(
-            {
-                "id": f"{prefix}-{len(items):05d}",
-                "messages": [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}],
-                "reward_model": {"ground_truth": str(answer)},
-            }
-        )
-    return items
+        problems.append((problem, answer))
+    return problems
+
+
+def as_items(
+    problems: list[tuple[dict, int]], prefix: str, wording: str, instruction: str | None
+) -> list[dict]:
+    return [
+        {
+            "id": f"{prefix}-{index:05d}",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": worded(problem, wording) + (f"\n{instruction}" if instruction else ""),
+                }
+            ],
+            "reward_model": {"ground_truth": str(answer)},
+        }
+        for index, (problem, answer) in enumerate(problems)
+    ]
 
 
 def write_jsonl(items: list[dict], path: Path) -> None:
@@ -114,14 +151,16 @@ def main() -> None:
     args = parser.parse_args()
     heldout = generate(args.heldout, seed=args.seed + 1, prefix="heldout")
     train = generate(
-        args.train,
-        seed=args.seed,
-        prefix="train",
-        exclude={i["messages"][0]["content"].split("\n")[0] for i in heldout},
+        args.train, seed=args.seed, prefix="train", exclude={worded(p, "train") for p, _ in heldout}
     )
-    write_jsonl(train, args.out / "train.jsonl")
-    write_jsonl(heldout, args.out / "heldout.jsonl")
-    print(f"wrote {len(train)} train and {len(heldout)} held-out problems to {args.out}")
+    write_jsonl(as_items(train, "train", "train", INSTRUCTION), args.out / "train.jsonl")
+    write_jsonl(as_items(heldout, "heldout", "train", INSTRUCTION), args.out / "heldout.jsonl")
+    # The same held-out problems, worded differently and without the format instruction.
+    write_jsonl(as_items(heldout, "paraphrased", "paraphrased", None), args.out / "heldout_paraphrased.jsonl")
+    print(
+        f"wrote {len(train)} train, {len(heldout)} held-out and {len(heldout)} paraphrased problems "
+        f"to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -76,12 +76,13 @@ def run(
         summary = run_job(cfg, inputs, resume=resume is not None)
     except (TrainingDivergedError, CheckpointWorldError, LearnerFailedError) as e:
         fail(str(e))
-    base, final = summary["heldout_base"], summary["heldout_final"]
-    if base and final:
-        typer.echo(
-            f"held-out accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
-            f"({100 * (final['accuracy'] - base['accuracy']):+.1f} points, n={final['count']})"
-        )
+    from services.orchestrator.evaluation import format_comparison
+
+    compared = {"held-out": (summary["heldout_base"], summary["heldout_final"])}
+    compared |= {f"held-out {name}": (s["base"], s["final"]) for name, s in summary["heldout_sets"].items()}
+    for name, (base, final) in compared.items():
+        if base and final:
+            typer.echo(format_comparison(name, base, final))
     # A LoRA job's output is its adapter; a full-weight job's (learner.lora: false) a model directory.
     kind = "adapter" if "adapter" in summary else "model"
     typer.echo(f"{kind}: {summary[kind]}")

@@ -32,6 +32,7 @@ class DriverState:
     data_cursor: int = 0
     base_heldout: dict = field(default_factory=dict)
     samples_trained: int = 0
+    base_heldout_sets: dict = field(default_factory=dict)  # eval.extra_heldout name -> base summary
 
 
 def save_checkpoint(cfg: JobConfig, run_dir: Path, learner, state: DriverState) -> Path:
@@ -80,13 +81,13 @@ def restore(run_dir: Path, learner) -> DriverState:
     return state
 
 
-def roll_back(run_dir: Path, learner, base_heldout: dict) -> DriverState:
+def roll_back(run_dir: Path, learner, current: DriverState) -> DriverState:
     """After the learner group restarted: the newest checkpoint, or with none yet the start of
-    the run (the fresh group holds the initial weights)."""
+    the run (the fresh group holds the initial weights; the base model's evaluations stand)."""
     if checkpoints(run_dir):
         return restore(run_dir, learner)
     drop_samples_after(run_dir, 0)
-    return DriverState(base_heldout=base_heldout)
+    return DriverState(base_heldout=current.base_heldout, base_heldout_sets=current.base_heldout_sets)
 
 
 def drop_samples_after(run_dir: Path, step: int) -> None:

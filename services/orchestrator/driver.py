@@ -38,11 +38,10 @@ from services.orchestrator.checkpoints import (
 )
 from services.orchestrator.data import PromptOrder
 from services.orchestrator.evaluation import (
-    eval_requests,
+    HeldoutEvaluator,
     format_summary,
-    greedy_settings,
     heldout_metrics,
-    summarize,
+    heldout_sets_metrics,
 )
 from services.orchestrator.metrics import RunMetrics
 from services.orchestrator.progress import StepProgress
@@ -124,7 +123,9 @@ class Orchestrator:
         self.skipped_in_a_row = 0
         self.replaced_before = self.reissued_before = 0
         self.last_heldout: dict[str, float] = {}
+        self.last_heldout_sets: dict[str, dict] = {}
         self.progress: StepProgress | None = None  # the terminal's bar, while `run` runs
+        self.evaluator = HeldoutEvaluator(cfg, inputs, actors)
 
     def run(self, resume: bool) -> dict:
         """The main loop: one learner step (and one policy version, unless skipped) per iteration.
@@ -159,13 +160,21 @@ class Orchestrator:
             self.state = restore(self.cfg.run_dir, self.actors.learner)
             if self.state.policy_version > 0:
                 self.actors.rollouts.publish(self.state.policy_version, self.export())
-        elif self.cfg.eval.at_start and self.inputs.heldout_items:
-            self.state.base_heldout = self.evaluate()
-            print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
-            self.metrics.record(0, heldout_metrics(self.state.base_heldout))
+        elif self.cfg.eval.at_start:
+            self.evaluate_base()
         self.take_backlog()
         self.order.cursor = self.state.data_cursor
         self.submitted = self.state.step - 1
+
+    def evaluate_base(self) -> None:
+        """The base model on data.heldout and on every eval.extra_heldout set (one step-0 record)."""
+        if self.inputs.heldout_items:
+            self.state.base_heldout = self.evaluator.evaluate()
+            print(f"held-out before training: {format_summary(self.state.base_heldout)}", flush=True)
+        self.state.base_heldout_sets = self.evaluator.extra_sets(when="before training")
+        values = heldout_metrics(self.state.base_heldout) if self.state.base_heldout else {}
+        if values or self.state.base_heldout_sets:
+            self.metrics.record(0, values | heldout_sets_metrics(self.state.base_heldout_sets))
 
     def take_backlog(self) -> None:
         """The scored rollouts in the stream of steps not trained yet (as of the last checkpoint)."""
@@ -264,7 +273,9 @@ class Orchestrator:
         with (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log:  # rewritten on roll-back
             write_samples(samples_log, record)
         if self.inputs.heldout_items and (self.state.step % self.cfg.eval.every_steps == 0 or self.finished):
-            record.heldout = self.last_heldout = self.evaluate()
+            record.heldout = self.last_heldout = self.evaluator.evaluate()
+        if self.finished:  # the final weights on the other held-out sets too
+            record.heldout_sets = self.last_heldout_sets = self.evaluator.extra_sets(when="after training")
         assembled = step_metrics(self.cfg, record, self.state.policy_version)
         self.metrics.record(
             self.state.step,
@@ -304,7 +315,7 @@ class Orchestrator:
             self.metrics.learner_restarted(self.state.step, str(failure))
             try:
                 self.actors.learner.restart()
-                self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state.base_heldout)
+                self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state)
                 break
             except LearnerFailedError as again:  # failed while starting or restoring: once more
                 failure = again
@@ -325,6 +336,10 @@ class Orchestrator:
             "samples_trained": self.state.samples_trained,
             "heldout_base": self.state.base_heldout,
             "heldout_final": self.last_heldout,
+            "heldout_sets": {
+                name: {"base": self.state.base_heldout_sets.get(name, {}), "final": final}
+                for name, final in self.last_heldout_sets.items()
+            },
             output: str(output_dir),
         }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -338,16 +353,3 @@ class Orchestrator:
 
     def export(self):
         return self.actors.learner.export(self.cfg.sync.payload)
-
-    def evaluate(self) -> dict[str, float]:
-        """Greedy completions of the held-out items, graded: accuracy, reward, components."""
-        sampling = greedy_settings(self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens)
-        self.actors.rollouts.submit(
-            "eval",
-            eval_requests(
-                self.inputs.heldout_items, self.inputs.prompt_ids, episodes=bool(self.cfg.rollout.environment)
-            ),
-            sampling,
-        )
-        rollouts = self.actors.rollouts.collect("eval")
-        return summarize(self.actors.reward_pool.score(rollouts, self.inputs.items_by_id))

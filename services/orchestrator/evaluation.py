@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy completions, graded, summarised. Shared by `rft run` and `rft eval`."""
+"""Held-out evaluation: greedy completions, graded, summarised. Shared by `rft run` and `rft eval`;
+`HeldoutEvaluator` runs it on a job's own workers."""
 
 from __future__ import annotations
 
@@ -50,7 +51,17 @@ def summarize(scored: list[ScoredRollout]) -> dict[str, float]:
 def heldout_metrics(summary: dict[str, float]) -> dict[str, float]:
     """What metrics.jsonl (and Prometheus) keep of a held-out evaluation."""
     keys = ("accuracy", "reward_mean", "tool_calls_per_episode", "turns_per_episode")
-    return {f"heldout_{key}": summary[key] for key in keys if key in summary}
+    kept = [key for key in summary if key in keys or key.startswith("component_")]  # format, lenient, ...
+    return {f"heldout_{key}": summary[key] for key in kept}
+
+
+def heldout_sets_metrics(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
+    """metrics.jsonl's numbers of the eval.extra_heldout sets: `heldout_<set>_<metric>`."""
+    return {
+        f"heldout_{name}_{key.removeprefix('heldout_')}": value
+        for name, summary in summaries.items()
+        for key, value in heldout_metrics(summary).items()
+    }
 
 
 def _tool_calls(turns: list[dict]) -> int:
@@ -70,3 +81,43 @@ def format_summary(summary: dict[str, float]) -> str:
         parts.append(f"tool calls/episode {summary['tool_calls_per_episode']:.2f}")
     parts.append(f"grader errors {summary['grader_error_rate']:.3f}")
     return f"n={summary['count']}: " + ", ".join(parts)
+
+
+class HeldoutEvaluator:
+    """A job's held-out sets (data.heldout, eval.extra_heldout) evaluated greedily on its own
+    rollout and reward workers."""
+
+    def __init__(self, cfg, inputs, actors):
+        self.cfg, self.inputs, self.actors = cfg, inputs, actors
+
+    def evaluate(self, items: list[dict] | None = None) -> dict[str, float]:
+        """Greedy completions of `items` (default data.heldout's), graded: accuracy, reward, components."""
+        sampling = greedy_settings(self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens)
+        requests = eval_requests(
+            self.inputs.heldout_items if items is None else items,
+            self.inputs.prompt_ids,
+            episodes=bool(self.cfg.rollout.environment),
+        )
+        self.actors.rollouts.submit("eval", requests, sampling)
+        rollouts = self.actors.rollouts.collect("eval")
+        return summarize(self.actors.reward_pool.score(rollouts, self.inputs.items_by_id))
+
+    def extra_sets(self, when: str) -> dict[str, dict[str, float]]:
+        """Each eval.extra_heldout set, evaluated and printed."""
+        summaries = {}
+        for name, items in self.inputs.extra_heldout.items():
+            summaries[name] = self.evaluate(items)
+            print(f"held-out {name} {when}: {format_summary(summaries[name])}", flush=True)
+        return summaries
+
+
+def format_comparison(name: str, base: dict[str, float], final: dict[str, float]) -> str:
+    """One line: accuracy, then every grader component (format, lenient accuracy, ...), base -> final."""
+    gain = 100 * (final["accuracy"] - base["accuracy"])
+    line = (
+        f"{name} accuracy: base {base['accuracy']:.3f} -> final {final['accuracy']:.3f} "
+        f"({gain:+.1f} points, n={final['count']})"
+    )
+    components = sorted(k for k in final if k.startswith("component_") and k in base)
+    parts = [f"{k.removeprefix('component_')} {base[k]:.3f} -> {final[k]:.3f}" for k in components]
+    return line + ("; " + ", ".join(parts) if parts else "")

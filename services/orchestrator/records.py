@@ -14,7 +14,7 @@ from reward_workers.interface import ScoredRollout
 from reward_workers.pool import hack_rates
 from services.config import JobConfig
 from services.orchestrator.batch import BuiltBatch
-from services.orchestrator.evaluation import heldout_metrics
+from services.orchestrator.evaluation import heldout_metrics, heldout_sets_metrics
 from weight_sync.channel import SyncResult
 
 
@@ -35,6 +35,7 @@ class StepRecord:
     workers_replaced: int = 0  # during this step
     requests_reissued: int = 0  # during this step
     heldout: dict[str, float] = field(default_factory=dict)  # on evaluation steps
+    heldout_sets: dict[str, dict] = field(default_factory=dict)  # eval.extra_heldout, on the last step
 
     @property
     def trained_ids(self) -> set[str]:
@@ -96,6 +97,7 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
     values.update(step=record.step + 1, policy_version=policy_version)
     if record.heldout:
         values.update(heldout_metrics(record.heldout))
+    values.update(heldout_sets_metrics(record.heldout_sets))
     counts = {
         "grader_errors": sum(s.grader_error is not None for s in scored),
         "stale_rollouts_dropped": record.built.stale_dropped,

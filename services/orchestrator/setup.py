@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import ConfigError
@@ -33,6 +33,7 @@ class JobInputs:
     heldout_items: list[dict]
     items_by_id: dict[str, dict]
     prompt_ids: dict[str, list[int]]  # item id -> prompt token ids
+    extra_heldout: dict[str, list[dict]] = field(default_factory=dict)  # eval.extra_heldout, loaded
 
 
 def prepare_inputs(cfg: JobConfig) -> JobInputs:
@@ -45,12 +46,14 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     if cfg.rollout.environment is not None:  # its file exists and loads in the sandbox
         tools = check_environment(cfg.rollout.environment, cfg.rollout)
     train_items = load_items(cfg.data.train)
-    heldout_items = load_items(cfg.data.heldout) if cfg.data.heldout else []
-    if cfg.data.heldout_limit:
-        heldout_items = heldout_items[: cfg.data.heldout_limit]
-    overlap = {i["id"] for i in train_items} & {i["id"] for i in heldout_items}
-    if overlap:
-        raise DatasetError(f"ids in both data.train and data.heldout: {sorted(overlap)[:5]}")
+    heldout_items = load_heldout(cfg.data.heldout, cfg.data.heldout_limit)
+    extra_heldout = {
+        name: load_heldout(path, cfg.data.heldout_limit) for name, path in cfg.eval.extra_heldout.items()
+    }
+    check_distinct_ids(
+        {"data.train": train_items, "data.heldout": heldout_items}
+        | {f"eval.extra_heldout.{name}": items for name, items in extra_heldout.items()}
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if cfg.rollout.environment is not None:  # episodes append observations to the model's tokens
         try:
@@ -59,11 +62,28 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
             )
         except TemplateNotAppendOnlyError as e:
             raise ConfigError(f"rollout.environment: {e}") from None
-    items_by_id = {item["id"]: item for item in train_items + heldout_items}
+    every_item = train_items + heldout_items + [item for items in extra_heldout.values() for item in items]
+    items_by_id = {item["id"]: item for item in every_item}
     prompt_ids = {
         i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()
     }
-    return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids)
+    return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids, extra_heldout)
+
+
+def load_heldout(path: str | None, limit: int | None) -> list[dict]:
+    items = load_items(path) if path else []
+    return items[:limit] if limit else items
+
+
+def check_distinct_ids(datasets: dict[str, list[dict]]) -> None:
+    """Item ids name rollouts, samples and grades: one id in two sets (a held-out item also in
+    training, or a paraphrase reusing its original's id) would mix them up."""
+    seen: dict[str, str] = {}
+    for name, items in datasets.items():
+        shared = sorted({item["id"] for item in items if item["id"] in seen})
+        if shared:
+            raise DatasetError(f"ids in both {seen[shared[0]]} and {name}: {shared[:5]}")
+        seen.update({item["id"]: name for item in items})
 
 
 def actor_env(heavy_actors: int = 2) -> dict[str, str]:

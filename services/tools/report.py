@@ -68,6 +68,12 @@ PLOTS = [
 ]
 
 
+def heldout_series(table: dict[int, dict]) -> list[tuple[str, str]]:
+    """Every held-out number of the run (sets, components such as format and lenient accuracy)."""
+    keys = sorted({key for row in table.values() for key in row if key.startswith("heldout_")})
+    return [(key, key.removeprefix("heldout_").replace("_", " ")) for key in keys]
+
+
 class ReportError(ValueError):
     """A run directory whose files cannot be read; the message names the file and line."""
 
@@ -230,15 +236,28 @@ def summary_section(run_dir: Path) -> str:
     if not path.is_file():
         return "<p>No summary.json (the run has not finished).</p>"
     summary = json.loads(path.read_text())
-    rows = [
-        [name, *[(summary.get(key) or {}).get(name) for key in ("heldout_base", "heldout_final")]]
-        for name in ("accuracy", "reward_mean", "count")
-    ]
+    sets = {"held-out": (summary.get("heldout_base") or {}, summary.get("heldout_final") or {})}
+    sets |= {
+        f"held-out {name}": (both["base"], both["final"])
+        for name, both in summary.get("heldout_sets", {}).items()
+    }
     output = "adapter" if "adapter" in summary else "model"  # a full-weight job's output is a model dir
     return (
         f"<p>{cell(summary.get('steps'))} steps, policy version {cell(summary.get('policy_version'))}, "
-        f"{output} {cell(summary.get(output))}</p>" + html_table(["held-out", "base", "final"], rows)
+        + (
+            f"{output} {cell(summary.get(output))}</p>"
+            + "".join(
+                html_table([name, "base", "final"], base_final_rows(*pair)) for name, pair in sets.items()
+            )
+        )
     )
+
+
+def base_final_rows(base: dict, final: dict) -> list[list]:
+    """accuracy, mean reward, each grader component (format, lenient accuracy, ...), count."""
+    components = sorted({key for key in [*base, *final] if key.startswith("component_")})
+    names = ["accuracy", "reward_mean", *components, "count"]
+    return [[name.removeprefix("component_"), base.get(name), final.get(name)] for name in names]
 
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -258,9 +277,10 @@ def write_report(run_dir: Path, output_dir: Path | None = None, samples_per_step
     samples = read_jsonl(samples_path) if samples_path.is_file() else []
     output_dir = output_dir or run_dir / "report"
     output_dir.mkdir(parents=True, exist_ok=True)
+    plots = PLOTS + [("heldout", "Held-out evaluations (greedy)", heldout_series(table))]
     images = [
         f"{stem}.png"
-        for stem, title, series in PLOTS
+        for stem, title, series in plots
         if plot_group(table, title, series, output_dir / f"{stem}.png")
     ]
     title = f"rft run {run_dir.name}"

@@ -96,11 +96,22 @@ def test_two_steps_then_resume(tmp_path, tiny_model_dir):
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"step_2", "step_3"}  # keep_last
 
 
-def test_synchronous_on_policy_with_hf_engine(tmp_path, tiny_model_dir):
+def test_synchronous_on_policy_with_hf_engine_and_a_second_heldout_set(tmp_path, tiny_model_dir):
     config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=0)
-    rft("run", str(config))
-    records = check_run(tmp_path / "runs" / "e2e", steps=2)
+    reworded = {"id": "r6", "prompt": "Add 6 to itself.", "reward_model": {"ground_truth": "12"}}
+    (tmp_path / "reworded.jsonl").write_text(json.dumps(reworded) + "\n")
+    out = rft("run", str(config), "-o", f"eval.extra_heldout={{reworded: {tmp_path / 'reworded.jsonl'}}}")
+    run_dir = tmp_path / "runs" / "e2e"
+    records = check_run(run_dir, steps=2)
     assert all(r["staleness_max"] == 0 for r in records)
+    # The second set: evaluated on the base model and on the final weights, side by side.
+    reworded_summary = json.loads((run_dir / "summary.json").read_text())["heldout_sets"]["reworded"]
+    assert reworded_summary["base"]["count"] == reworded_summary["final"]["count"] == 1
+    evaluated_at = [
+        r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "heldout_reworded_accuracy" in r
+    ]
+    assert evaluated_at == [0, 2]
+    assert "held-out reworded accuracy: base" in out.stdout
 
 
 def test_existing_run_needs_resume(tmp_path, tiny_model_dir):

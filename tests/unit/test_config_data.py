@@ -95,6 +95,21 @@ def test_rft_run_names_the_bad_dataset_line(tmp_path, tiny_model_dir):
     assert "train.jsonl:2: not valid JSON" in result.output
 
 
+def test_example_extra_heldout_path_is_relative_to_the_config():
+    paraphrased = Path(load_config(EXAMPLE).eval.extra_heldout["paraphrased"])
+    assert paraphrased.is_file() and paraphrased.name == "heldout_paraphrased.jsonl"
+
+
+def test_an_extra_heldout_set_reusing_an_id_is_refused_naming_both_sets(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, "eval:\n  extra_heldout:\n    reworded: reworded.jsonl\n")
+    (tmp_path / "reworded.jsonl").write_text(json.dumps({"id": "a", "prompt": "one plus one?"}) + "\n")
+    result = CliRunner().invoke(
+        app, ["run", str(config), "-o", f"run_root={tmp_path}/runs", "-o", f"model.path={tiny_model_dir}"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "ids in both data.train and eval.extra_heldout.reworded: ['a']" in result.output
+
+
 def test_prompt_order_is_a_function_of_the_cursor():
     straight = PromptOrder(num_items=7, seed=3)
     first, second = straight.take(5), straight.take(6)

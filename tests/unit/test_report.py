@@ -90,6 +90,12 @@ def write_run(run_dir: Path) -> None:
                 "policy_version": 3,
                 "heldout_base": {"accuracy": 0.05, "reward_mean": 0.1, "count": 20},
                 "heldout_final": {"accuracy": 0.2, "reward_mean": 0.3, "count": 20},
+                "heldout_sets": {
+                    "paraphrased": {
+                        "base": {"accuracy": 0.0, "component_lenient_correct": 0.1, "count": 20},
+                        "final": {"accuracy": 0.05, "component_lenient_correct": 0.3, "count": 20},
+                    }
+                },
                 "adapter": str(run_dir / "adapter"),
             }
         )
@@ -107,7 +113,7 @@ def test_report_writes_plots_and_a_page_with_curves_and_samples(tmp_path):
     assert result.exit_code == 0, result.output
     report_dir = run_dir / "report"
     assert Path(result.output.strip()) == report_dir / "index.html"
-    for stem in ("reward", "importance_sampling", "policy", "throughput", "signal"):
+    for stem in ("reward", "importance_sampling", "policy", "throughput", "signal", "heldout"):
         png = report_dir / f"{stem}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000, stem
     page = (report_dir / "index.html").read_text()
@@ -115,6 +121,10 @@ def test_report_writes_plots_and_a_page_with_curves_and_samples(tmp_path):
     # the curves' numbers, per step, and the summary
     assert "<th>reward_mean</th>" in page and "<td>0.4375</td>" in page and "<td>0.125</td>" in page
     assert "<td>accuracy</td><td>0.05</td><td>0.2</td>" in page
+    # a second held-out set, with the grader's components (lenient accuracy) base and final
+    assert (
+        "<th>held-out paraphrased</th>" in page and "<td>lenient_correct</td><td>0.1</td><td>0.3</td>" in page
+    )
     # samples of the first and last step, escaped, with their grader breakdown and error
     assert "step 1 sample 0: 3 &lt; 4 so\nAnswer: 7" in page and "step 3 sample" in page
     assert "correct = 1" in page and "lenient_correct = 0" in page
