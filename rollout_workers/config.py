@@ -15,15 +15,20 @@ from weight_sync.config import LoraShape
 class EnvironmentSpec(Section):
     """A multi-turn environment (docs/agentic.md; rollout_workers/environments/), run sandboxed."""
 
-    type: Literal["python", "tools"]
-    path: str = Field(description="the .py file: a class (python) or plain tool functions (tools)")
-    class_name: str | None = None  # python: the class (default Environment)
-    options: dict[str, Any] | None = None  # python: Environment(**options), JSON values
+    type: Literal["python", "tools", "agent"]
+    path: str = Field(
+        description="the .py file: a class (python), plain tool functions (tools) or an agent program's "
+        "run(item, base_url) (agent)"
+    )
+    class_name: str | None = None  # python: the class (default Environment); agent: the function (run)
+    options: dict[str, Any] | None = None  # python: Environment(**options); agent: run(..., **options)
 
     @model_validator(mode="after")
     def _python_only_fields(self) -> EnvironmentSpec:
         if self.type == "tools" and (self.class_name is not None or self.options is not None):
-            raise ValueError("class_name and options are for type python; a tools file has no class")
+            raise ValueError(
+                "class_name and options are for types python and agent; a tools file has no class"
+            )
         return self
 
 

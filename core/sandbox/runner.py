@@ -14,12 +14,14 @@ session: episodes.py (one long-lived child per episode). The target's optional d
          run once at load, in a fresh child, and its value sent as "description".
 """
 
+import fcntl
 import gc
 import importlib
 import json
 import os
 import resource
 import socket
+import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -29,9 +31,18 @@ from core.sandbox.privileges import become_nobody, cap_pid_namespace, drop_capab
 from core.sandbox.root import build_minimal_root, set_read_only  # noqa: E402
 
 READ_CHUNK = 65536
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1  # linux/sockios.h, linux/if.h
+IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in a 24-byte union
 
 
-def harden(read_only: list[str], max_processes: int, host_root: bool) -> list[str]:
+def bring_up_loopback() -> None:
+    """`ip link set lo up` in this (new, empty) network namespace: needs CAP_NET_ADMIN over it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        _, flags = struct.unpack(IFREQ, fcntl.ioctl(probe, SIOCGIFFLAGS, struct.pack(IFREQ, b"lo", 0)))
+        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(IFREQ, b"lo", flags | IFF_UP))
+
+
+def harden(read_only: list[str], max_processes: int, host_root: bool, loopback: bool = False) -> list[str]:
     """Run as pid 1 of fresh net, pid and mount namespaces (and, unless the service is host
     root, a user namespace): move into the minimal root, become nobody, then give up every
     capability. Returns what is enforced."""
@@ -39,6 +50,9 @@ def harden(read_only: list[str], max_processes: int, host_root: bool) -> list[st
     if interfaces != ["lo"]:
         raise RuntimeError(f"the network namespace has interfaces {interfaces}")
     protections = ["no network (empty network namespace)", "own pid namespace"]
+    if loopback:
+        bring_up_loopback()
+        protections[0] = "no network (own network namespace: its loopback only)"
     process_cap = cap_pid_namespace(max_processes)  # (before /proc becomes read-only)
     if process_cap:
         protections.append(process_cap)
@@ -121,7 +135,9 @@ def main() -> None:
     try:
         protections = []
         if config["isolated"]:
-            protections = harden(config["read_only"], sandbox_processes(mode, limits), config["host_root"])
+            protections = harden(
+                config["read_only"], sandbox_processes(mode, limits), config["host_root"], config["loopback"]
+            )
         os.chdir(scratch)
         set_runner_limits(limits, mode)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which refuses to go on

@@ -137,6 +137,7 @@ class RunnerProcess:
             "scratch": isolation.scratch,
             "isolated": isolation.isolated,
             "host_root": isolation.host_root,
+            "loopback": target.loopback,
             "limits": self.limits.for_runner(),
         }
         try:

@@ -24,6 +24,9 @@ class SandboxTarget:
     label: str = "target"  # names it in load errors, e.g. "grader /jobs/a/grade.py"
     role: str = "target"  # the word its errors start with: "grader raised ...", "environment ..."
     mounts: tuple[str, ...] = ()  # its own files, bound read-only into the sandbox's root
+    # The network namespace's loopback up (still no route out of the sandbox): for targets that
+    # talk HTTP among their own processes, e.g. an agent program and the endpoint it calls.
+    loopback: bool = False
 
 
 @dataclass(frozen=True)

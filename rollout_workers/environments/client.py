@@ -111,6 +111,7 @@ class EnvironmentClient:
             label=f"environment {spec.path}",
             role="environment",
             mounts=(spec.path,),  # tracebacks show its lines
+            loopback=spec.type == "agent",  # the agent calls its endpoint over the sandbox's loopback
         )
         self._sandbox = SessionSandbox(target, environment_limits(rollout), secrets)
         self._errors = rollout.environment_errors
