@@ -386,7 +386,7 @@ def test_check_environment_accepts_a_good_one(tmp_path):
 
 
 def test_spec_rules():
-    with pytest.raises(ValueError, match="class_name and options are for type python"):
+    with pytest.raises(ValueError, match="class_name and options are for types python and agent"):
         EnvironmentSpec(type="tools", path="t.py", options={"a": 1})
     config = RolloutConfig()
     assert (
