@@ -65,7 +65,7 @@ def main() -> None:
     )
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    items = load_items(cfg.data.train)[: args.prompts]
+    items = load_items(cfg.data.train, cfg.data.fields)[: args.prompts]
     requests = [
         GenerationRequest(item["id"], k, prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens))
         for item in items

@@ -119,8 +119,13 @@ def save_model_directory(
     `AutoModelForCausalLM.from_pretrained`, vLLM and `rft eval --model` like the source model."""
     with staged(directory) as staging:
         model.save_pretrained(staging, state_dict=tensors)
-        for pattern in MODEL_SIDE_FILES:
-            for path in Path(source_dir).glob(pattern):
-                if path.is_file():
-                    shutil.copy2(path, staging / path.name)
+        copy_model_side_files(source_dir, staging)
     return Path(directory)
+
+
+def copy_model_side_files(source_dir: str | Path, directory: Path) -> None:
+    """The tokenizer, chat template and generation files of `source_dir` (MODEL_SIDE_FILES)."""
+    for pattern in MODEL_SIDE_FILES:
+        for path in Path(source_dir).glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, directory / path.name)

@@ -20,6 +20,17 @@ from weight_sync.config import LoraShape
 
 from .interface import Completion, InferenceEngine, SamplingSettings
 
+# vLLM only accepts these values for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves a LoRA of `rank`."""
+    max_lora_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if max_lora_rank is None:
+        raise ValueError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, got {rank}")
+    return max_lora_rank
+
 
 def lora_tensor_shapes(model_path: str | Path, lora: LoraShape) -> dict[str, torch.Size]:
     """Name -> shape of every LoRA tensor the learner exports for this model, read off a

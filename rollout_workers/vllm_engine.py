@@ -39,11 +39,14 @@ from weight_sync.adapter import AdapterWeights
 from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
-from .engine_rules import check_adapter, eos_token_ids, lora_tensor_shapes, run_to_completion
+from .engine_rules import (
+    check_adapter,
+    eos_token_ids,
+    lora_tensor_shapes,
+    run_to_completion,
+    vllm_max_lora_rank,
+)
 from .interface import Completion, SamplingSettings
-
-# vLLM only accepts these values for max_lora_rank.
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class VLLMEngine:
@@ -59,9 +62,7 @@ class VLLMEngine:
         merge_adapter: bool = True,
         gpu_memory_utilization: float = 0.9,
     ):
-        max_lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.rank), None)
-        if max_lora_rank is None:
-            raise ValueError(f"vLLM serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}, got {lora.rank}")
+        max_lora_rank = vllm_max_lora_rank(lora.rank)
         self.lora = lora
         self.lora_shapes = lora_tensor_shapes(model_path, lora)
         self.full_shapes = full_weight_shapes(model_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from core.config import ConfigError, Section
 from learner.config import AlgorithmConfig, LearnerConfig
@@ -27,10 +27,22 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(description="JSONL file of training items")
-    heldout: str | None = Field(default=None, description="JSONL file never trained on")
+    # A JSONL file, a .parquet file or a `datasets` save_to_disk directory: local paths only.
+    train: str = Field(description="training items (JSONL, parquet or a save_to_disk directory)")
+    heldout: str | None = Field(default=None, description="items never trained on, same formats")
+    # {item field: dataset column}, for every dataset of the job (train, held-out, extra held-out),
+    # e.g. {prompt: question, reward_model.ground_truth: answer}; unmapped columns stay as they are.
+    fields: dict[str, str] = Field(default_factory=dict)
     heldout_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N")
     max_prompt_tokens: int = Field(default=256, ge=8)
+
+    @field_validator("fields")
+    @classmethod
+    def _check_field_names(cls, fields: dict[str, str]) -> dict[str, str]:
+        for target, column in fields.items():
+            if not all(target.split(".")) or not column:
+                raise ValueError(f"{target!r}: {column!r}: item fields and columns must be non-empty names")
+        return fields
 
 
 class ClusterConfig(Section):

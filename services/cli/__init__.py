@@ -1,5 +1,5 @@
-"""The `rft` command line: `main` (run, eval, grade, report, prepare-model) and `jobs` (submit,
-status, logs, cancel, list, scale on a Ray cluster)."""
+"""The `rft` command line: `main` (run, eval, grade, report, prepare-model), `jobs` (submit,
+status, logs, cancel, list, scale on a Ray cluster) and `export_serve` (export, serve)."""
 
 from services.cli.main import app
 

@@ -16,21 +16,16 @@ import typer
 import yaml
 
 from core.config import ConfigError
-from core.model_store import ModelNotFoundError
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import GraderConfig, PythonGrader, check_grader, resolve_source_paths
-from services.cli.errors import fail
+from services.cli.errors import USER_ERRORS, fail
 from services.config import load_config, parse_grader_spec
-from services.orchestrator.data import DatasetError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Reinforcement fine-tuning of language models with verifiable rewards.",
 )
-
-# Errors a user can fix from the message alone: print it, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, FileNotFoundError)
 
 
 @app.command()
@@ -225,9 +220,11 @@ def report(
         fail(str(e))
 
 
+from services.cli.export_serve import register_export_serve_commands  # noqa: E402  (export, serve)
 from services.cli.jobs import register_job_commands  # noqa: E402  (submit, status, logs, cancel, list, scale)
 
 register_job_commands(app)
+register_export_serve_commands(app)
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -1,4 +1,6 @@
-"""Datasets: JSONL items validated line by line, and the deterministic order prompts are drawn in."""
+"""Datasets: items validated row by row (JSONL, or a local parquet file / Hugging Face `datasets`
+save_to_disk directory, with `data.fields` mapping item fields onto columns), and the deterministic
+order prompts are drawn in. Only local paths: nothing is fetched from a hub."""
 
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ def json_lines(path: str | Path, what: str = "dataset") -> Iterator[tuple[str, d
             yield where, record
 
 
-def load_items(path: str | Path) -> list[dict[str, Any]]:
-    """Read `{"id", "messages" | "prompt", ...}` items; any bad line stops with its line number."""
+def load_items(path: str | Path, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Read `{"id", "messages" | "prompt", ...}` items; any bad row stops with its line or index.
+    `fields` ({item field: dataset column}) renames columns first (README "Dataset format")."""
     items, seen_ids = [], set()
-    for where, item in json_lines(path):
+    for where, row in dataset_rows(path):
+        item = map_fields(row, fields, where) if fields else row
         if "id" not in item:
             raise DatasetError(f"{where}: missing field 'id'")
         item["id"] = str(item["id"])
@@ -48,6 +52,80 @@ def load_items(path: str | Path) -> list[dict[str, Any]]:
     if not items:
         raise DatasetError(f"{path}: no items")
     return items
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def dataset_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every row: `file:line` of a JSONL file, `path row N` (0-based, as
+    `datasets` counts) of a parquet file or save_to_disk directory, whose rows get their index as
+    `id` when they have none."""
+    path = Path(path)
+    if path.is_dir():
+        rows = _disk_dataset_rows(path)
+    elif path.is_file() and path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif path.is_file() and path.suffix in JSONL_SUFFIXES:
+        yield from json_lines(path)
+        return
+    elif not path.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    else:
+        raise DatasetError(
+            f"{path}: not a dataset format rft reads: a JSONL file ({', '.join(JSONL_SUFFIXES)}), "
+            "a .parquet file, or a directory written by datasets' save_to_disk"
+        )
+    for index, row in enumerate(rows):
+        yield f"{path} row {index}", (row if "id" in row else {"id": str(index), **row})
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as e:
+        raise DatasetError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _disk_dataset_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """A `Dataset.save_to_disk` directory (memory-mapped, read in place); a DatasetDict's
+    directory holds one per split, which must be named."""
+    splits_file = path / "dataset_dict.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text()).get("splits", [])
+        raise DatasetError(
+            f"{path} holds the splits {splits} (a DatasetDict): give one, e.g. {path / splits[0]}"
+            if splits
+            else f"{path} is an empty DatasetDict"
+        )
+    if not (path / "state.json").is_file():
+        raise DatasetError(
+            f"{path} is a directory but not one written by datasets' save_to_disk (no state.json)"
+        )
+    from datasets import load_from_disk
+
+    return iter(load_from_disk(str(path)))
+
+
+def map_fields(row: dict[str, Any], fields: dict[str, str], where: str) -> dict[str, Any]:
+    """The row with each mapped column moved to its item field (dotted = nested, e.g.
+    `reward_model.ground_truth`); unmapped columns stay, as extra fields of the item."""
+    item = {name: value for name, value in row.items() if name not in fields.values()}
+    for target, column in fields.items():
+        if row.get(column) is None:  # a parquet/arrow row has every column, a missing value is null
+            state = "is null" if column in row else "is missing"
+            raise DatasetError(f"{where}: field {column!r} {state} (data.fields maps {target!r} to it)")
+        *parents, leaf = target.split(".")
+        node = item
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DatasetError(f"{where}: data.fields {target!r}: {part!r} is not a mapping")
+        node[leaf] = row[column]
+    return item
 
 
 def _check_prompt(item: dict[str, Any], where: str) -> None:

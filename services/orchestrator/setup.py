@@ -17,7 +17,7 @@ from reward_workers.grader_spec import check_grader
 from reward_workers.pool import RewardPool
 from rollout_workers.chat_render import ChatRenderer, TemplateNotAppendOnlyError, check_append_only
 from rollout_workers.environments.client import check_environment
-from services.config import JobConfig
+from services.config import DataConfig, JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.rollout_scheduler import RolloutScheduler
 from weight_sync.channel import WeightSyncChannel
@@ -45,11 +45,9 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     tools = None
     if cfg.rollout.environment is not None:  # its file exists and loads in the sandbox
         tools = check_environment(cfg.rollout.environment, cfg.rollout)
-    train_items = load_items(cfg.data.train)
-    heldout_items = load_heldout(cfg.data.heldout, cfg.data.heldout_limit)
-    extra_heldout = {
-        name: load_heldout(path, cfg.data.heldout_limit) for name, path in cfg.eval.extra_heldout.items()
-    }
+    train_items = load_items(cfg.data.train, cfg.data.fields)
+    heldout_items = load_heldout(cfg.data.heldout, cfg.data)
+    extra_heldout = {name: load_heldout(path, cfg.data) for name, path in cfg.eval.extra_heldout.items()}
     check_distinct_ids(
         {"data.train": train_items, "data.heldout": heldout_items}
         | {f"eval.extra_heldout.{name}": items for name, items in extra_heldout.items()}
@@ -70,9 +68,9 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids, extra_heldout)
 
 
-def load_heldout(path: str | None, limit: int | None) -> list[dict]:
-    items = load_items(path) if path else []
-    return items[:limit] if limit else items
+def load_heldout(path: str | None, data: DataConfig) -> list[dict]:
+    items = load_items(path, data.fields) if path else []
+    return items[: data.heldout_limit] if data.heldout_limit else items
 
 
 def check_distinct_ids(datasets: dict[str, list[dict]]) -> None:
