@@ -31,7 +31,7 @@ from learner.checkpoint import check_checkpoint_world, staged
 from learner.config import LearnerConfig
 from learner.distributed import WorldSpec
 from learner.interface import StepStats, TrainBatch
-from learner.shards import train_batch
+from learner.steps import train_batch
 
 log = logging.getLogger(__name__)
 
