@@ -13,7 +13,6 @@ import torch
 from learner.config import AlgorithmConfig, LearnerConfig
 from learner.interface import TrainBatch, TrainSample
 from learner.objectives import OBJECTIVES
-from learner.objectives.dpo import pairs
 from learner.samples import check_batch, loss_tensors, refuse_untrusted
 from learner.shards import plan_shards
 from learner.teacher import distillation_advantages
