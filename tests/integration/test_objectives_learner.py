@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import pytest
+import ray
 
 from learner.interface import TrainBatch, TrainSample
 from learner.learner import Learner
@@ -111,3 +112,36 @@ def test_teacher_token_logprobs_equal_the_learners_on_the_same_model(tiny_model_
     assert max_abs_diff([alone], scored[3:4]) < 1e-5
     other = Teacher(str(build_tiny_model(tmp_path / "other", seed=1)), dtype="float32")
     assert max_abs_diff(other.batch_token_logprobs(pairs, temperature), scored) > 0.1  # it can differ
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_same_dpo_and_sft_steps_as_one(local_ray, tiny_model_dir):
+    """Pairs across a group: each rank trains whole pairs over the batch's pair count (and SFT over
+    its tokens), so two ranks give one rank's adapter; the group scores references like a rank."""
+    from learner.group import LearnerGroup
+    from tests.integration.test_learner_group import assert_same_steps
+
+    samples = preference_pairs()
+    runs = []
+    for num_ranks in (1, 2):
+        cfg = job_config("float32", num_ranks=num_ranks, timeout_s=300, max_tokens_per_micro_batch=40)
+        group = LearnerGroup(
+            str(tiny_model_dir), cfg.learner, cfg.learner_kwargs(), name=f"objectives{num_ranks}"
+        )
+        try:
+            before = ray.get(group.export("lora"))
+            reference = group.score_sequences(samples)
+            given = [dataclasses.replace(s, reference_logprob=r) for s, r in zip(samples, reference)]
+            stats = [
+                group.train_step(TrainBatch(0, given, TEMPERATURE, objective="dpo")),
+                group.train_step(TrainBatch(1, samples, TEMPERATURE, objective="sft")),
+            ]
+            runs.append((before, ray.get(group.export("lora")), stats))
+        finally:
+            group.shutdown()
+    assert runs[0][2][0].loss == pytest.approx(math.log(2), rel=1e-6)  # the reference: the start
+    assert_same_steps(*runs[0], *runs[1])
+    for one, two in zip(runs[0][2], runs[1][2]):
+        assert two.extra.get("dpo_reward_margin_mean") == pytest.approx(
+            one.extra.get("dpo_reward_margin_mean")
+        )
