@@ -79,11 +79,7 @@ def merge_results(
     loss and the clip fraction from each update's π_θ (with one update, π_θ = π_old)."""
     if len({r.policy_version for r in results}) != 1 or len({tuple(r.applied) for r in results}) != 1:
         raise RuntimeError(f"step {batch.step}: the learner ranks disagree on the step: {results}")
-    merged = {name: {} for name in ("old", "entropy", "ref")}
-    for result in results:
-        merged["old"].update(result.old_logprobs)
-        merged["entropy"].update(result.entropy)
-        merged["ref"].update(result.ref_logprobs or {})
+    merged = _merged(results)
     objective = OBJECTIVES[batch.objective]
     everyone = list(range(len(batch.samples)))
     old, ref = _loss_inputs(batch, everyone, merged, shards[0].reference)
@@ -115,6 +111,16 @@ def merge_results(
         extra=extra | {k: v for k, v in metrics.items() if k not in LOSS_FIELDS},
         **{name: metrics.get(name, 0.0) for name in LOSS_FIELDS},
     )
+
+
+def _merged(results: list[ShardResult]) -> dict[str, dict[int, Tensor]]:
+    """Every rank's π_old, entropy and π_ref, by batch position."""
+    merged = {name: {} for name in ("old", "entropy", "ref")}
+    for result in results:
+        merged["old"].update(result.old_logprobs)
+        merged["entropy"].update(result.entropy)
+        merged["ref"].update(result.ref_logprobs or {})
+    return merged
 
 
 def _update_losses(batch, shards, results, merged, algorithm) -> tuple[list[float], float]:
