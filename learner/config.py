@@ -32,6 +32,8 @@ class AlgorithmConfig(Section):
     tis_mask_high: float = Field(default=2.0, gt=0)
     kl_coef: float = Field(default=0.0, ge=0)
     loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    # dpo batches: β of -log σ(β[(log π_θ(c) - log π_ref(c)) - (log π_θ(r) - log π_ref(r))]).
+    dpo_beta: float = Field(default=0.1, gt=0)
 
 
 class LearnerConfig(Section):

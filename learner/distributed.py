@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from core.net import free_port
+from learner.config import LearnerConfig
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,26 @@ def init_distributed(world: WorldSpec | None) -> Any:
     else:
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=world.timeout_s))
     return deepspeed
+
+
+def deepspeed_config(learner: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed engine's config for a learner rank."""
+    # gradient_accumulation_steps stays 1: batches vary in size, so train_step marks the
+    # last micro-batch as the accumulation boundary itself, and steps once per batch.
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": learner.grad_clip,
+        "zero_optimization": {"stage": learner.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        # torch_adam: no fused-Adam JIT build (~65 s on CPU); for a few MB of LoRA weights it
+        # would not pay, and full weights train with the same optimizer.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": learner.learning_rate,
+                "weight_decay": learner.weight_decay,
+                "torch_adam": True,
+            },
+        },
+    }

@@ -30,8 +30,8 @@ from core.telemetry import MetricsContext
 from learner.checkpoint import check_checkpoint_world, staged
 from learner.config import LearnerConfig
 from learner.distributed import WorldSpec
-from learner.interface import StepStats, TrainBatch
-from learner.shards import train_batch
+from learner.interface import StepStats, TrainBatch, TrainSample
+from learner.steps import train_batch
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,12 @@ class LearnerGroup:
         )
         self.policy_version = stats.policy_version
         return stats
+
+    def score_sequences(self, samples: list[TrainSample]) -> list[float]:
+        """`Learner.score_sequences` (a dpo stage's `reference_logprob`s): rank 0's, every rank
+        scoring alike under ZeRO-3, where a forward gathers the weights from every rank."""
+        scoring = self.ranks if self.settings.zero_stage == 3 else self.ranks[:1]
+        return self._wait([rank.score_sequences.remote(samples) for rank in scoring], "score_sequences")[0]
 
     def export(self, payload: str) -> ray.ObjectRef:
         """The current policy (payload lora or full) as an object the driver owns, so that it

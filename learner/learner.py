@@ -21,12 +21,13 @@ import torch
 from core.telemetry import ComponentMetrics, MetricsContext
 from learner.checkpoint import load_engine_checkpoint, save_model_directory, staged, write_engine_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.distributed import WorldSpec, init_distributed
+from learner.distributed import WorldSpec, deepspeed_config, init_distributed
 from learner.interface import StepStats, TrainBatch, TrainSample
-from learner.logprobs import check_packed_attention, completion_logprobs
-from learner.losses import policy_loss
-from learner.samples import loss_tensors, policy_tokens
-from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard, train_batch
+from learner.logprobs import check_packed_attention, completion_logprobs, stack_padded
+from learner.objectives import OBJECTIVES
+from learner.samples import policy_mask, policy_tokens
+from learner.shards import DUMMY_SAMPLE, MiniBatchShard, ShardResult, TrainShard
+from learner.steps import train_batch
 from learner.threads import ThreadGovernor
 from weight_sync.adapter import AdapterWeights
 from weight_sync.endpoints import WeightsSender
@@ -95,27 +96,8 @@ class Learner(WeightsSender):
                 AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).requires_grad_(False).eval()
             )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # gradient_accumulation_steps stays 1: batches vary in size, so train_step marks the
-        # last micro-batch as the accumulation boundary itself, and steps once per batch.
-        ds_config = {
-            "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner.grad_clip,
-            "zero_optimization": {"stage": learner.zero_stage},
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            # torch_adam: no fused-Adam JIT build (~65 s on CPU); for a few MB of LoRA weights it
-            # would not pay, and full weights train with the same optimizer.
-            "optimizer": {
-                "type": "AdamW",
-                "params": {
-                    "lr": learner.learning_rate,
-                    "weight_decay": learner.weight_decay,
-                    "torch_adam": True,
-                },
-            },
-        }
         self.engine, *_ = self.deepspeed.initialize(
-            model=self.model, model_parameters=self.trainable, config=ds_config
+            model=self.model, model_parameters=self.trainable, config=deepspeed_config(learner, dtype)
         )
         if self.reference is not None:
             self.reference.to(self.engine.device)
@@ -142,6 +124,11 @@ class Learner(WeightsSender):
         """Log-probs under π_ref, the base model."""
         if self.reference is not None:
             return self._logprobs(samples, temperature, packed, model=self.reference)[0]
+        if not self.lora:
+            raise ValueError(
+                "a full-weight learner keeps the base model only with algorithm.kl_coef > 0; "
+                "give dpo samples reference_logprob (Learner.score_sequences)"
+            )
         with self.model.disable_adapter():  # the same weights with the adapter switched off
             return self._logprobs(samples, temperature, packed)[0]
 
@@ -154,6 +141,14 @@ class Learner(WeightsSender):
             logprobs, _, _ = self._logprobs(chunk, temperature)
             scores += [row[: len(s.completion_ids)].tolist() for row, s in zip(logprobs.float().cpu(), chunk)]
         return scores
+
+    def score_sequences(self, samples: list[TrainSample]) -> list[float]:
+        """Σ log π over each sample's loss-mask tokens at temperature 1, with the current weights:
+        a dpo sample's `reference_logprob` (taken when its stage starts; learner/objectives/dpo.py)."""
+        return [
+            sum(logprob for logprob, m in zip(row, policy_mask(s)) if m)
+            for row, s in zip(self.score(samples, 1.0), samples)
+        ]
 
     # ---- training --------------------------------------------------------------------------
 
@@ -186,7 +181,7 @@ class Learner(WeightsSender):
             old_logprobs=self._snapshot(shard) if snapshot else {},
             entropy={},
             new_logprobs=[],
-            ref_logprobs={} if self.algorithm.kl_coef > 0 else None,
+            ref_logprobs={} if shard.reference else None,
         )
         for epoch in range(shard.epochs):
             for mini in shard.mini_batches:
@@ -232,39 +227,31 @@ class Learner(WeightsSender):
         result.new_logprobs.append(new)
 
     def _micro_step(self, samples, shard: TrainShard, denominator, old_rows, ref_rows, first_pass):
-        """Forward and backward one micro-batch, adding its share of the mini-batch loss's
-        gradient; an empty one runs the dummy with zero weight (the ranks' collectives stay in
-        step, so it makes the same forward passes a real one makes). π_old is `old_rows` (a
-        snapshot) or, with one update per step, π_θ detached from the same forward (ρ = 1); π_ref
-        is computed on the first pass, then `ref_rows`. The loss counts the policy's tokens only
-        (`loss_tensors`). Returns per sample (π_θ, entropy, π_ref | None), detached, on CPU."""
+        """Forward and backward one micro-batch, adding its share of the mini-batch loss (the
+        shard's objective: learner/objectives/) to the gradient; an empty one runs the dummy with
+        zero weight (the ranks' collectives stay in step, so it makes the same forward passes a
+        real one makes). π_old is `old_rows` (a snapshot) or, with one update per step, π_θ
+        detached from the same forward (ρ = 1); π_ref, where the loss takes it, is computed on the
+        first pass, then `ref_rows`. Returns per sample (π_θ, entropy, π_ref | None), detached, on CPU."""
         self.threads.adjust()
-        weight = 1.0 if samples else 0.0
+        real = bool(samples)
         samples = samples or [DUMMY_SAMPLE]
         device = self.engine.device
         new_logprobs, mask, entropy = self._logprobs(samples, shard.temperature, shard.packed)
         width = mask.shape[1]
-        old = _padded(old_rows, width, device) if old_rows else new_logprobs.detach()
+        old = stack_padded(old_rows, width).to(device) if old_rows else new_logprobs.detach()
         ref = None
-        if self.algorithm.kl_coef > 0:
+        if shard.reference:
             if first_pass:
                 ref = self._reference_logprobs(samples, shard.temperature, shard.packed)
             else:  # cached (a dummy's is never used: its weight is 0)
-                ref = _padded(ref_rows, width, device) if ref_rows else new_logprobs.detach()
-        behaviour, advantages, policy_mask = (t.to(device) for t in loss_tensors(samples, width))
-        loss, _ = policy_loss(
-            new_logprobs,
-            old,
-            behaviour,
-            ref,
-            advantages,
-            policy_mask,
-            self.algorithm,
-            denominator=denominator,
-        )
-        self.engine.backward(loss if weight == 1.0 else loss * weight)
-        if not weight:
+                ref = stack_padded(ref_rows, width).to(device) if ref_rows else new_logprobs.detach()
+        if not real:  # a zero gradient of the same graph, whatever the objective
+            self.engine.backward(new_logprobs.sum() * 0.0)
             return []
+        objective = OBJECTIVES[shard.objective]
+        loss, _ = objective.loss(samples, new_logprobs, old, ref, self.algorithm, denominator)
+        self.engine.backward(loss)
         detached = new_logprobs.detach().float().cpu()
         return [
             (
@@ -378,7 +365,3 @@ class Learner(WeightsSender):
             self.engine, directory, self.world_size, strict=not self.lora
         )
         return self.policy_version
-
-
-def _padded(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
-    return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows]).to(device)

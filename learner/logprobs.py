@@ -24,6 +24,11 @@ def right_pad(
     )
 
 
+def stack_padded(rows: Sequence[Tensor], width: int) -> Tensor:
+    """[B, width] float32 of 1-d tensors, padded on the right with 0."""
+    return torch.stack([torch.nn.functional.pad(row.float(), (0, width - row.shape[0])) for row in rows])
+
+
 @dataclass
 class RowLayout:
     """Where the sequences sit in the model's input and where each completion token is predicted.

@@ -7,7 +7,8 @@ temperature):
   new_logprobs        π_θ    the weights being trained (with grad)
   ref_logprobs        π_ref  the base model (adapter disabled)
 
-Tensors are [B, T] (right-padded), `mask` marks the real completion tokens, `advantages` is [B].
+Tensors are [B, T] (right-padded), `mask` marks the real completion tokens, `advantages` is [B]
+(one per sequence) or [B, T] (one per token: on-policy distillation's teacher-minus-student).
 Every function works in any float dtype; padding positions may hold any finite value.
 """
 
@@ -107,7 +108,7 @@ def policy_loss(
             log_ratio
         )
     ratio = torch.exp(log_ratio)
-    adv = advantages[:, None].to(ratio.dtype)
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)
     bounded = ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     if cfg.loss == "cispo":
         per_token = -weights * bounded.detach() * adv * new_logprobs

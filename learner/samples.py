@@ -35,13 +35,31 @@ def policy_tokens(sample: TrainSample) -> int:
     return sum(policy_mask(sample))
 
 
+def policy_token_count(samples: list[TrainSample]) -> int:
+    """The tokens a token-mean loss over `samples` divides by (at least 1)."""
+    return max(sum(policy_tokens(s) for s in samples), 1)
+
+
+def mask_tensor(samples: list[TrainSample], width: int) -> Tensor:
+    """[B, width] bool: True at the policy's tokens of each sample, False at observations and padding."""
+    return right_pad([policy_mask(s) for s in samples], 0, torch.bool, width)
+
+
 def loss_tensors(samples: list[TrainSample], width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(μ [B, width], advantages [B], mask [B, width] bool) of `samples`, as `policy_loss` takes
+    """(μ [B, width], advantages, mask [B, width] bool) of `samples`, as `policy_loss` takes
     them: the mask True at the policy's tokens only, μ 0 elsewhere (an observation's behaviour
-    log-prob means nothing)."""
-    mask = right_pad([policy_mask(s) for s in samples], 0, torch.bool, width)
+    log-prob means nothing). Advantages are [B], or [B, width] when a sample has
+    `token_advantages` (the others' scalar repeated over their tokens)."""
+    mask = mask_tensor(samples, width)
     behaviour = right_pad([s.behaviour_logprobs for s in samples], 0.0, torch.float32, width)
-    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    if any(s.token_advantages is not None for s in samples):
+        rows = [
+            [s.advantage] * len(s.completion_ids) if s.token_advantages is None else s.token_advantages
+            for s in samples
+        ]
+        advantages = torch.where(mask, right_pad(rows, 0.0, torch.float32, width), 0.0)
+    else:
+        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     return torch.where(mask, behaviour, 0.0), advantages, mask
 
 
@@ -61,10 +79,15 @@ def untrusted_reason(sample: TrainSample) -> str | None:
 
 def refuse_untrusted(batch: TrainBatch) -> tuple[TrainBatch, list[str]]:
     """The batch without its untrusted samples (`untrusted_reason`), and their ids; each refused
-    one is logged. A refused sample is dropped, not trained: its tokens are not what was sampled."""
+    one is logged. A refused sample is dropped, not trained: its tokens are not what was sampled.
+    So is the other sample of its pair (`pair_id`): a preference needs both."""
+    reasons = {id(s): untrusted_reason(s) for s in batch.samples}
+    broken_pairs = {s.pair_id for s in batch.samples if reasons[id(s)] and s.pair_id is not None}
     kept, refused = [], []
     for sample in batch.samples:
-        reason = untrusted_reason(sample)
+        reason = reasons[id(sample)]
+        if reason is None and sample.pair_id in broken_pairs:
+            reason = f"the other sample of pair {sample.pair_id} was refused"
         if reason is None:
             kept.append(sample)
         else:
@@ -73,17 +96,30 @@ def refuse_untrusted(batch: TrainBatch) -> tuple[TrainBatch, list[str]]:
     return dataclasses.replace(batch, samples=kept), refused
 
 
-def check_batch(batch: TrainBatch) -> bool:
-    """Raise on a malformed batch; False when its behaviour log-probs (at the policy's tokens) or
-    advantages are not finite (the step is then skipped: checked here, not left to the loss,
-    where sequence_mask mode would silently drop the sample)."""
+def require_samples(batch: TrainBatch) -> None:
     if not batch.samples:
         raise ValueError(f"step {batch.step}: empty batch")
+
+
+def check_batch(batch: TrainBatch) -> bool:
+    """Raise on a malformed policy-gradient batch; False when its behaviour log-probs or
+    advantages (at the policy's tokens) are not finite (the step is then skipped: checked here,
+    not left to the loss, where sequence_mask mode would silently drop the sample)."""
+    require_samples(batch)
+    values = []
     for s in batch.samples:
-        if len(s.behaviour_logprobs) != len(s.completion_ids):
-            raise ValueError(
-                f"sample {s.sample_id}: {len(s.behaviour_logprobs)} behaviour logprobs "
-                f"for {len(s.completion_ids)} completion tokens"
-            )
-    values = [v for s in batch.samples for v, m in zip(s.behaviour_logprobs, policy_mask(s)) if m]
-    return all(math.isfinite(v) for v in values + [s.advantage for s in batch.samples])
+        for name, per_token in (
+            ("behaviour logprobs", s.behaviour_logprobs),
+            ("token advantages", s.token_advantages),
+        ):
+            if per_token is not None and len(per_token) != len(s.completion_ids):
+                raise ValueError(
+                    f"sample {s.sample_id}: {len(per_token)} {name} "
+                    f"for {len(s.completion_ids)} completion tokens"
+                )
+        values += [v for v, m in zip(s.behaviour_logprobs, policy_mask(s)) if m]
+        if s.token_advantages is None:
+            values.append(s.advantage)
+        else:  # they replace the scalar, which is then not used
+            values += [v for v, m in zip(s.token_advantages, policy_mask(s)) if m]
+    return all(math.isfinite(v) for v in values)

@@ -1,5 +1,5 @@
-"""How one learner step's TrainBatch is cut up (`plan_shards`), and how the ranks' results become
-the step's StepStats (`merge_results`).
+"""How one learner step's TrainBatch is cut up: `plan_shards`, a TrainShard per rank (the step
+itself, and how the ranks' results become its StepStats: learner/steps.py).
 
 A step is `algorithm.ppo_epochs` passes over the batch, each of `algorithm.mini_batches`
 optimizer steps (the batch split in order into that many parts). Each mini-batch is split across
@@ -14,28 +14,25 @@ Every rank runs the same number of micro-batches per mini-batch, because ZeRO's 
 reduction (and ZeRO-3's parameter gathers) are collectives each rank must join: a rank with
 fewer runs empty ones, a one-token dummy forward/backward with zero weight.
 
-A mini-batch's loss is a token mean (over the policy's tokens: learner/samples.py) or sequence
-mean over the mini-batch; DeepSpeed averages the ranks' gradients, so each rank divides its share
-by (mini-batch denominator / world size), and the sum over ranks is the one-rank gradient.
+The samples of one DPO pair (one `pair_id`) are one unit everywhere above: the same mini-batch,
+rank and micro-batch (a pair's loss needs both), even where that exceeds a budget or
+`micro_batch_size`; every other sample is a unit of its own, which leaves its split as it was.
+
+A mini-batch's loss is divided by the objective's denominator over the mini-batch (tokens:
+over the policy's tokens, learner/samples.py; sequences; pairs: learner/objectives/); DeepSpeed
+averages the ranks' gradients, so each rank divides its share by (mini-batch denominator / world
+size), and the sum over ranks is the one-rank gradient.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
 from torch import Tensor
 
 from learner.config import AlgorithmConfig, LearnerConfig
-from learner.interface import StepStats, TrainBatch, TrainSample
-from learner.losses import k3, policy_loss
-from learner.samples import check_batch, loss_tensors, policy_tokens, refuse_untrusted
-
-log = logging.getLogger(__name__)
+from learner.interface import TrainBatch, TrainSample
+from learner.objectives import OBJECTIVES
 
 
 @dataclass
@@ -56,6 +53,8 @@ class TrainShard:
     epochs: int
     mini_batches: list[MiniBatchShard]
     packed: bool = False  # each micro-batch is one packed row (learner.pack_sequences)
+    objective: str = "policy_gradient"  # the batch's (learner/objectives/)
+    reference: bool = False  # the loss takes π_ref per token (the same on every rank)
 
     @property
     def updates(self) -> int:
@@ -65,7 +64,7 @@ class TrainShard:
 @dataclass
 class ShardResult:
     """What a rank reports for its shard, per sample keyed by batch position, detached and of
-    completion length: π_old, the entropy, π_ref (with a KL term), and for each update (epoch by
+    completion length: π_old, the entropy, π_ref (when the loss takes it), and for each update (epoch by
     mini-batch, in order) π_θ of that mini-batch's samples as the update saw them."""
 
     policy_version: int  # after the step
@@ -83,49 +82,72 @@ def sample_cost(sample: TrainSample) -> int:
     return len(sample.prompt_ids) + len(sample.completion_ids)
 
 
+def units(samples: list[TrainSample]) -> list[list[int]]:
+    """The positions that train together, in order of first appearance: a pair's (one
+    `pair_id`), or one sample's."""
+    found: list[list[int]] = []
+    pair_of: dict[str, list[int]] = {}
+    for position, sample in enumerate(samples):
+        if sample.pair_id is None:
+            found.append([position])
+        elif sample.pair_id in pair_of:
+            pair_of[sample.pair_id].append(position)
+        else:
+            found.append(pair_of.setdefault(sample.pair_id, [position]))
+    return found
+
+
 def assign_to_ranks(samples: list[TrainSample], num_ranks: int) -> list[list[int]]:
-    """The positions each rank trains, balanced by tokens; each rank's in batch order."""
+    """The positions each rank trains, balanced by tokens, unit by unit; each rank's in batch order."""
     loads, assigned = [0] * num_ranks, [[] for _ in range(num_ranks)]
-    for index in sorted(range(len(samples)), key=lambda i: (-sample_cost(samples[i]), i)):
+    grouped = units(samples)
+    cost = [sum(sample_cost(samples[i]) for i in unit) for unit in grouped]
+    for k in sorted(range(len(grouped)), key=lambda k: (-cost[k], grouped[k][0])):
         rank = min(range(num_ranks), key=lambda r: (loads[r], r))
-        loads[rank] += sample_cost(samples[index])
-        assigned[rank].append(index)
+        loads[rank] += cost[k]
+        assigned[rank] += grouped[k]
     return [sorted(indices) for indices in assigned]
 
 
 def micro_batches(samples: list[TrainSample], settings: LearnerConfig) -> list[list[TrainSample]]:
     """A rank's samples as micro-batches: by padded-token budget (sorted by length, so rows of
     similar length share one; any number of rows), or without a budget `micro_batch_size` at a
-    time in batch order. Each sample exactly once."""
+    time in batch order. Each sample exactly once, a unit (`units`) whole."""
     budget, size = settings.max_tokens_per_micro_batch, settings.micro_batch_size
-    if budget is None:
-        return [samples[i : i + size] for i in range(0, len(samples), size)]
-    if settings.pack_sequences:
-        return packed_rows(samples, budget)
+    grouped = [[samples[i] for i in unit] for unit in units(samples)]
+    if budget is not None and settings.pack_sequences:
+        return packed_rows(grouped, budget)
     batches: list[list[TrainSample]] = []
-    for sample in sorted(samples, key=sample_cost, reverse=True):
+    if budget is not None:  # longest first: a unit joining a micro-batch is never longer than its first
+        grouped.sort(key=lambda unit: max(map(sample_cost, unit)), reverse=True)
+    for unit in grouped:
         current = batches[-1] if batches else None
-        # Longest first: a row joining a micro-batch is never longer than its first row.
-        if current and (len(current) + 1) * sample_cost(current[0]) <= budget:
-            current.append(sample)
+        if budget is None:
+            fits = current is not None and len(current) + len(unit) <= size
         else:
-            batches.append([sample])
+            fits = (
+                current is not None and (len(current) + len(unit)) * max(map(sample_cost, current)) <= budget
+            )
+        if fits:
+            current += unit
+        else:
+            batches.append(list(unit))
     return batches
 
 
-def packed_rows(samples: list[TrainSample], budget: int) -> list[list[TrainSample]]:
-    """The samples as rows of at most `budget` tokens end to end, first-fit decreasing: longest
-    first, each into the first row with room (a sample over the budget: a row of its own)."""
+def packed_rows(grouped: list[list[TrainSample]], budget: int) -> list[list[TrainSample]]:
+    """The units as rows of at most `budget` tokens end to end, first-fit decreasing: longest
+    first, each into the first row with room (a unit over the budget: a row of its own)."""
     rows: list[list[TrainSample]] = []
     room: list[int] = []
-    for sample in sorted(samples, key=sample_cost, reverse=True):
-        cost = sample_cost(sample)
+    for unit in sorted(grouped, key=lambda unit: sum(map(sample_cost, unit)), reverse=True):
+        cost = sum(map(sample_cost, unit))
         row = next((k for k, free in enumerate(room) if cost <= free), None)
         if row is None:
-            rows.append([sample])
+            rows.append(list(unit))
             room.append(budget - cost)
         else:
-            rows[row].append(sample)
+            rows[row] += unit
             room[row] -= cost
     return rows
 
@@ -145,23 +167,40 @@ def padding_fraction(shards: list[TrainShard]) -> float:
 
 
 def mini_batch_ranges(num_samples: int, mini_batches: int) -> list[range]:
-    """The batch split in order into `mini_batches` parts of near-equal count (none empty)."""
+    """`num_samples` split in order into `mini_batches` parts of near-equal count (none empty)."""
     parts = min(mini_batches, num_samples)
     bounds = [round(k * num_samples / parts) for k in range(parts + 1)]
     return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
+def mini_batch_positions(samples: list[TrainSample], mini_batches: int) -> list[list[int]]:
+    """The batch's positions split in order into `mini_batches` parts, unit by unit (`units`)."""
+    grouped = units(samples)
+    return [
+        sorted(i for unit in grouped[part.start : part.stop] for i in unit)
+        for part in mini_batch_ranges(len(grouped), mini_batches)
+    ]
+
+
 def plan_shards(
     batch: TrainBatch, num_ranks: int, settings: LearnerConfig, algorithm: AlgorithmConfig
 ) -> list[TrainShard]:
+    objective = OBJECTIVES[batch.objective]
     shards = [
-        TrainShard(batch.step, batch.temperature, algorithm.ppo_epochs, [], settings.pack_sequences)
+        TrainShard(
+            batch.step,
+            objective.temperature(batch),
+            algorithm.ppo_epochs,
+            [],
+            settings.pack_sequences,
+            batch.objective,
+            objective.needs_reference(batch.samples, algorithm),
+        )
         for _ in range(num_ranks)
     ]
-    for positions in mini_batch_ranges(len(batch.samples), algorithm.mini_batches):
+    for positions in mini_batch_positions(batch.samples, algorithm.mini_batches):
         samples = [batch.samples[i] for i in positions]
-        tokens = max(sum(policy_tokens(s) for s in samples), 1)
-        denominator = (tokens if algorithm.loss_aggregation == "token_mean" else len(samples)) / num_ranks
+        denominator = objective.denominator(samples, algorithm) / num_ranks
         parts = []
         for indices in assign_to_ranks(samples, num_ranks):
             mine = [samples[i] for i in indices]
@@ -174,152 +213,6 @@ def plan_shards(
             part.micro_batches += [[] for _ in range(most - len(part.micro_batches))]
             shard.mini_batches.append(part)
     return shards
-
-
-def train_batch(
-    batch: TrainBatch,
-    num_ranks: int,
-    settings: LearnerConfig,
-    algorithm: AlgorithmConfig,
-    policy_version: int,
-    run_shards: Callable[[list[TrainShard]], list[ShardResult]],
-) -> StepStats:
-    """One learner step as every learner runs it: drop the untrusted samples (counted in
-    `extra["token_mismatch_samples"]`), check the rest (the step skipped, weights unchanged, on
-    non-finite inputs or when every sample was refused), plan a shard per rank, `run_shards` (one
-    result per shard, in rank order), merge. `policy_version`: the learner's before the step."""
-    started = time.perf_counter()
-    trusted, refused = refuse_untrusted(batch)
-    extra = {"token_mismatch_samples": float(len(refused))}
-    if refused and not trusted.samples:
-        log.warning("step %d: every sample refused; step skipped", batch.step)
-        stats = skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
-        stats.refused_sample_ids = refused
-        return stats
-    if not check_batch(trusted):
-        log.warning("step %d: non-finite behaviour logprobs or advantages; step skipped", batch.step)
-        extra["non_finite_inputs"] = 1.0
-        return skipped_stats(trusted, policy_version, time.perf_counter() - started, extra)
-    shards = plan_shards(trusted, num_ranks, settings, algorithm)
-    results = run_shards(shards)
-    stats = merge_results(trusted, shards, results, algorithm, time.perf_counter() - started, policy_version)
-    stats.extra.update(extra)
-    stats.refused_sample_ids = refused
-    return stats
-
-
-def merge_results(
-    batch: TrainBatch,
-    shards: list[TrainShard],
-    results: list[ShardResult],
-    algorithm: AlgorithmConfig,
-    seconds: float,
-    version_before: int,
-) -> StepStats:
-    """The step's StepStats from every rank's result, as one rank would report them. Numbers
-    about π_old (importance weights, mismatch KL, entropy, KL to π_ref) come from one detached
-    `policy_loss` over the whole batch in batch order; the loss and the clip fraction from each
-    update's π_θ (with one update, π_θ = π_old: ratio 1, clip 0)."""
-    if len({r.policy_version for r in results}) != 1 or len({tuple(r.applied) for r in results}) != 1:
-        raise RuntimeError(f"step {batch.step}: the learner ranks disagree on the step: {results}")
-    merged = {name: {} for name in ("old", "entropy", "ref")}
-    for result in results:
-        merged["old"].update(result.old_logprobs)
-        merged["entropy"].update(result.entropy)
-        merged["ref"].update(result.ref_logprobs or {})
-    everyone = range(len(batch.samples))
-    inputs = _loss_inputs(batch, everyone, merged["old"], merged["ref"] if algorithm.kl_coef > 0 else None)
-    loss, metrics = policy_loss(inputs[0], *inputs, algorithm)
-    entropy = _stack([merged["entropy"][i] for i in everyone], inputs[-1].shape[1])
-    losses, clipped = [loss.item()], []
-    if shards[0].updates > 1:
-        losses, clipped = _update_losses(batch, shards, results, merged, algorithm)
-        metrics["clip_fraction"] = sum(c * n for c, n in clipped) / sum(n for _, n in clipped)
-    applied_norms = [g for g, ok in zip(results[0].grad_norms, results[0].applied) if ok]
-    return StepStats(
-        step=batch.step,
-        policy_version=results[0].policy_version,
-        loss=sum(losses) / len(losses),
-        grad_norm=sum(applied_norms) / len(applied_norms) if applied_norms else math.nan,
-        entropy=entropy[inputs[-1]].mean().item(),
-        tokens=int(inputs[-1].sum()),
-        step_seconds=seconds,
-        skipped=not any(results[0].applied),
-        rank_seconds=[r.seconds for r in results],
-        padding_fraction=padding_fraction(shards),
-        extra={
-            **mismatch_by_lag(batch, inputs[0], inputs[1], inputs[-1], version_before),
-            "learner_threads": sum(r.mean_threads for r in results) / len(results),
-        },
-        **metrics,
-    )
-
-
-def _update_losses(batch, shards, results, merged, algorithm) -> tuple[list[float], list[tuple[float, int]]]:
-    """Each update's loss and (clip fraction, tokens), recomputed from its π_θ."""
-    losses, clipped = [], []
-    ranges = mini_batch_ranges(len(batch.samples), algorithm.mini_batches)
-    for update in range(shards[0].updates):
-        positions = ranges[update % len(ranges)]
-        new = {}
-        for result in results:
-            new.update(result.new_logprobs[update])
-        old, *rest = _loss_inputs(
-            batch, positions, merged["old"], merged["ref"] if algorithm.kl_coef > 0 else None
-        )
-        new_logprobs = _stack([new[i] for i in positions], old.shape[1])
-        loss, metrics = policy_loss(new_logprobs, old, *rest, algorithm)
-        losses.append(loss.item())
-        clipped.append((metrics["clip_fraction"], int(rest[-1].sum())))
-    return losses, clipped
-
-
-def _loss_inputs(batch: TrainBatch, positions, old: dict, ref: dict | None):
-    """(π_old, μ, π_ref | None, advantages, mask) of the samples at `positions`, right-padded."""
-    samples = [batch.samples[i] for i in positions]
-    width = max(len(s.completion_ids) for s in samples)
-    behaviour, advantages, mask = loss_tensors(samples, width)
-    old_logprobs = _stack([old[i] for i in positions], width)
-    ref_logprobs = _stack([ref[i] for i in positions], width) if ref is not None else None
-    return old_logprobs, behaviour, ref_logprobs, advantages, mask
-
-
-def mismatch_by_lag(batch: TrainBatch, old: Tensor, behaviour: Tensor, mask: Tensor, version: int) -> dict:
-    """KL(μ || π_old) (k3, token mean) over the samples of each staleness lag, as
-    `mismatch_kl_lag<k>`: how much of the engine/learner gap is staleness rather than numerics."""
-    lags = torch.tensor([version - s.policy_version for s in batch.samples])
-    per_token = torch.where(mask, k3(old.double() - behaviour.double()), 0.0)
-    out = {}
-    for lag in sorted(set(lags.tolist())):
-        rows = lags == lag
-        out[f"mismatch_kl_lag{lag}"] = per_token[rows].sum().item() / max(int(mask[rows].sum()), 1)
-    return out
-
-
-def _stack(rows: list[Tensor], width: int) -> Tensor:
-    return torch.stack([torch.nn.functional.pad(row.float(), (0, width - row.shape[0])) for row in rows])
-
-
-def skipped_stats(batch: TrainBatch, policy_version: int, seconds: float, why: dict[str, float]) -> StepStats:
-    """The stats of a step skipped before any rank ran it (`why`: non-finite inputs, refused samples)."""
-    nan = math.nan
-    return StepStats(
-        step=batch.step,
-        policy_version=policy_version,
-        loss=nan,
-        grad_norm=nan,
-        is_weight_mean=nan,
-        is_weight_max=nan,
-        is_truncated_fraction=nan,
-        mismatch_kl=nan,
-        clip_fraction=nan,
-        entropy=nan,
-        kl_ref=nan,
-        tokens=sum(policy_tokens(s) for s in batch.samples),
-        step_seconds=seconds,
-        skipped=True,
-        extra=why,
-    )
 
 
 DUMMY_SAMPLE = TrainSample("dummy", [0], [0], [0.0], 0.0, 0)  # what an empty micro-batch runs

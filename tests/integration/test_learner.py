@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import learner.learner as learner_module
+import learner.objectives.policy_gradient as policy_gradient_module
 from core.tokens import token_checksum
 from learner.interface import StepStats, TrainBatch, TrainSample
 from learner.learner import Learner
@@ -339,9 +339,9 @@ def test_non_finite_steps_are_skipped(tiny_model_dir, monkeypatch):
         assert stats.skipped and stats.policy_version == 0 and after == checksum
 
     # A non-finite loss from the computation itself: DeepSpeed's optimizer refuses the step.
-    real_loss = learner_module.policy_loss
+    real_loss = policy_gradient_module.policy_loss
     monkeypatch.setattr(
-        learner_module,
+        policy_gradient_module,
         "policy_loss",
         lambda *a, **k: (lambda loss, m: (loss * math.nan, m))(*real_loss(*a, **k)),
     )
