@@ -14,6 +14,12 @@ class AlgorithmConfig(Section):
     scale_by_std: bool = True  # False = Dr. GRPO (advantage = r - mean)
     advantage_eps: float = 1e-6
     skip_zero_signal_groups: bool = True
+    # Dynamic sampling (DAPO), run by the driver: a step whose groups have fewer than this many
+    # with reward variance takes more prompts from the data order until it has them, at most
+    # max_extra_prompts more (None: 2 x prompts_per_step). None = off. Signal groups beyond the
+    # target are trained too; flat ones are left out as skip_zero_signal_groups says.
+    min_signal_groups: int | None = Field(default=None, ge=1)
+    max_extra_prompts: int | None = Field(default=None, ge=0)
     # ppo_clip: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A). cispo (MiniMax-M1): -sg(clip(ρ, 1-ε_low,
     # 1+ε_high))·A·log π_θ, so a clipped token still passes gradient, only with a bounded weight.
     loss: Literal["ppo_clip", "cispo"] = "ppo_clip"

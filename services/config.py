@@ -26,6 +26,15 @@ class ModelConfig(Section):
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
+class DifficultyFilterConfig(Section):
+    """Online difficulty filtering: a prompt whose last `visits` groups were all flat (every
+    sample solved it or none did: equal rewards) is skipped with `skip_probability` each time the
+    data order reaches it (services/orchestrator/selection.py)."""
+
+    visits: int = Field(default=2, ge=1)
+    skip_probability: float = Field(default=0.75, ge=0, lt=1)  # below 1: a skipped prompt comes back
+
+
 class DataConfig(Section):
     # A JSONL file, a .parquet file or a `datasets` save_to_disk directory: local paths only.
     train: str = Field(description="training items (JSONL, parquet or a save_to_disk directory)")
@@ -35,6 +44,9 @@ class DataConfig(Section):
     fields: dict[str, str] = Field(default_factory=dict)
     heldout_limit: int | None = Field(default=None, ge=1, description="evaluate on the first N")
     max_prompt_tokens: int = Field(default=256, ge=8)
+    # Which prompts the driver draws, so here rather than in `algorithm` (the learner's section):
+    # the learner never sees the prompts it skips. None = off.
+    difficulty_filter: DifficultyFilterConfig | None = None
 
     @field_validator("fields")
     @classmethod
@@ -95,6 +107,24 @@ class JobConfig(Section):
     def _check_tis_bounds(self) -> "JobConfig":
         if self.algorithm.tis_mask_low >= self.algorithm.tis_mask_high:
             raise ValueError("algorithm.tis_mask_low must be below algorithm.tis_mask_high")
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_sampling_bounds(self) -> "JobConfig":
+        algorithm = self.algorithm
+        if algorithm.min_signal_groups is None:
+            if algorithm.max_extra_prompts is not None:
+                raise ValueError(
+                    "algorithm.max_extra_prompts bounds dynamic sampling: set algorithm.min_signal_groups too"
+                )
+            return self
+        if algorithm.min_signal_groups > self.prompts_per_step:
+            raise ValueError(
+                f"algorithm.min_signal_groups={algorithm.min_signal_groups} must be at most "
+                f"prompts_per_step={self.prompts_per_step}"
+            )
+        if algorithm.max_extra_prompts is None:
+            algorithm.max_extra_prompts = 2 * self.prompts_per_step
         return self
 
     @model_validator(mode="after")

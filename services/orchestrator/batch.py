@@ -11,42 +11,70 @@ import torch
 from learner.interface import TrainBatch, TrainSample
 from learner.losses import group_advantages
 from reward_workers.interface import ScoredRollout
-from rollout_workers.interface import GenerationRequest
+from rollout_workers.interface import GenerationRequest, SamplingSettings
 from services.config import JobConfig
-from services.orchestrator.data import PromptOrder
 from services.orchestrator.setup import JobInputs
 
 
-def step_requests(cfg: JobConfig, inputs: JobInputs, order: PromptOrder) -> list[GenerationRequest]:
-    """The next `prompts_per_step` items of the data order, a group of requests each."""
+def group_requests(
+    cfg: JobConfig, inputs: JobInputs, items: list[int], first: int = 0
+) -> list[GenerationRequest]:
+    """A group of requests for each of a step's items from `first` on (dataset indices, in the
+    order taken). An item the step took before gets the sample indices after its earlier
+    group's, so its sample ids stay unique and its groups apart (`group_key`)."""
+    size = cfg.rollout.samples_per_prompt
     requests = []
-    for index in order.take(cfg.prompts_per_step):
-        item = inputs.train_items[index]
+    for position in range(first, len(items)):
+        item = inputs.train_items[items[position]]
+        visit = items[:position].count(items[position])
         episode_item = item if cfg.rollout.environment else None  # what its reset receives
         requests += [
-            GenerationRequest(item["id"], k, inputs.prompt_ids[item["id"]], episode_item)
-            for k in range(cfg.rollout.samples_per_prompt)
+            GenerationRequest(item["id"], visit * size + k, inputs.prompt_ids[item["id"]], episode_item)
+            for k in range(size)
         ]
     return requests
+
+
+def step_sampling(cfg: JobConfig, step: int) -> SamplingSettings:
+    """Seeded by step (each request by its sample id too), so a rerun draws the same samples."""
+    return SamplingSettings(
+        cfg.rollout.temperature, cfg.rollout.max_new_tokens, seed=cfg.seed * 1_000_003 + step
+    )
+
+
+def group_key(scored: ScoredRollout, samples_per_prompt: int) -> tuple[str, int]:
+    """(prompt id, the step's visit of it): one group of `samples_per_prompt` samples."""
+    return scored.rollout.prompt_id, scored.rollout.sample_index // samples_per_prompt
+
+
+def groups_of(scored: list[ScoredRollout], samples_per_prompt: int) -> dict[tuple[str, int], list]:
+    groups: dict[tuple[str, int], list[ScoredRollout]] = defaultdict(list)
+    for s in scored:
+        groups[group_key(s, samples_per_prompt)].append(s)
+    return groups
+
+
+def is_flat(members: list[ScoredRollout]) -> bool:
+    """Every reward of the group equal: no GRPO signal (zero advantages)."""
+    return all(m.reward == members[0].reward for m in members)
 
 
 @dataclass
 class BuiltBatch:
     batch: TrainBatch
     zero_signal_groups: int  # groups whose rewards were all equal (no learning signal)
+    signal_groups: int  # groups with reward variance
     stale_dropped: int  # rollouts more than max_staleness versions behind the learner
 
 
 def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_version: int) -> BuiltBatch:
     """Group by prompt, normalise rewards within each group, enforce max_staleness."""
     algorithm = cfg.algorithm
-    groups: dict[str, list[ScoredRollout]] = defaultdict(list)
-    for s in scored:
-        groups[s.rollout.prompt_id].append(s)
+    groups = groups_of(scored, cfg.rollout.samples_per_prompt)
     samples, zero_signal, stale = [], 0, 0
     for members in groups.values():
         rewards = torch.tensor([m.reward for m in members], dtype=torch.float32)
-        if bool((rewards == rewards[0]).all()):
+        if is_flat(members):
             zero_signal += 1
             if algorithm.skip_zero_signal_groups:
                 continue
@@ -71,5 +99,8 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
                 )
             )
     return BuiltBatch(
-        TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature), zero_signal, stale
+        TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature),
+        zero_signal,
+        len(groups) - zero_signal,
+        stale,
     )

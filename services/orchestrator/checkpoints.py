@@ -1,9 +1,11 @@
 """Checkpoints of a run: `runs/<job>/checkpoints/step_N/` = the learner's state (adapter,
-optimizer, version) + the driver's state (step, data cursor, version, base held-out score).
+optimizer, version) + the driver's state (step, data cursor, prompts taken ahead, version, base
+held-out score, the difficulty filter's history).
 
 Written to a staging directory and renamed, so a crash mid-write leaves the previous checkpoint
 usable; the last `checkpoint.keep_last` are kept. The data order is a pure function of
-(seed, cursor), so the cursor is the whole RNG state of the data stream.
+(seed, cursor), and the difficulty filter draws by (seed, position), so the cursor and the
+filter's history are the whole RNG state of the data stream.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ class DriverState:
 
     step: int = 0  # steps completed
     policy_version: int = 0
-    data_cursor: int = 0
+    data_cursor: int = 0  # prompts taken from the data order, those of `pending_prompts` included
     base_heldout: dict = field(default_factory=dict)
     samples_trained: int = 0
     base_heldout_sets: dict = field(default_factory=dict)  # eval.extra_heldout name -> base summary
+    # str(step) -> `selection.StepPrompts` fields: the prompts taken for steps not done yet (submitted
+    # ahead), which a resumed run generates or replays again rather than taking new ones.
+    pending_prompts: dict = field(default_factory=dict)
+    flat_streaks: dict = field(default_factory=dict)  # the difficulty filter's history (selection.py)
 
 
 def save_checkpoint(cfg: JobConfig, run_dir: Path, learner, state: DriverState) -> Path:

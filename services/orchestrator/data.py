@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -170,11 +170,16 @@ class PromptOrder:
     num_items: int
     seed: int
     cursor: int = 0
+    # The last epoch's permutation: prompts are taken a few at a time (or one by one, through the
+    # difficulty filter), and shuffling the whole dataset for each take would cost O(items).
+    _epoch: tuple[int, list[int]] | None = field(default=None, repr=False, compare=False)
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(self.num_items))
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = list(range(self.num_items))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._epoch = (epoch, order)
+        return self._epoch[1]
 
     def take(self, count: int) -> list[int]:
         indices: list[int] = []

@@ -4,7 +4,8 @@
   submit ahead   scale the rollout fleet, then give it the prompts of the steps up to
                  s + max_staleness that are not generating yet (`GenerationRequest`s)
   collect        each prompt's group as it comes off a rollout worker (`Rollout`s), graded at
-                 once by the reward pool (`ScoredRollout`s), appended to the scored-rollout stream
+                 once by the reward pool (`ScoredRollout`s); topped up with more prompts while
+                 dynamic sampling wants more groups with signal; appended to the scored-rollout stream
   build batch    group-normalised advantages, stale rollouts left out (`TrainBatch`)
   train          one learner step (`StepStats`); too many non-finite steps in a row stop the job
   publish        the new version over the weight-sync channel to every rollout worker
@@ -18,6 +19,7 @@ The components never call the driver; it wires them up in `run_job` and drives t
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -25,10 +27,10 @@ from typing import Protocol
 
 from learner.group import LearnerFailedError
 from learner.interface import StepStats
-from rollout_workers.interface import SamplingSettings
+from reward_workers.interface import ScoredRollout
 from services.config import JobConfig, dump_config
 from services.jobs.registry import JobRegistry, open_registry
-from services.orchestrator.batch import build_batch, step_requests
+from services.orchestrator.batch import build_batch, group_requests, step_sampling
 from services.orchestrator.checkpoints import (
     DriverState,
     check_resumable,
@@ -36,7 +38,6 @@ from services.orchestrator.checkpoints import (
     roll_back,
     save_checkpoint,
 )
-from services.orchestrator.data import PromptOrder
 from services.orchestrator.evaluation import (
     HeldoutEvaluator,
     format_summary,
@@ -47,6 +48,7 @@ from services.orchestrator.metrics import RunMetrics
 from services.orchestrator.progress import StepProgress
 from services.orchestrator.records import StepRecord, step_metrics, write_samples
 from services.orchestrator.rollout_stream import ScoredRolloutStream
+from services.orchestrator.selection import PromptSource
 from services.orchestrator.setup import Actors, JobInputs, start_actors
 from weight_sync.channel import SyncResult
 
@@ -117,7 +119,7 @@ class Orchestrator:
         self.stream, self.registry, self.control = stream, registry, control
         self.state = DriverState()
         self.backlog: dict[int, list] = {}  # step -> its scored rollouts, from the stream (a resumed run)
-        self.order = PromptOrder(len(inputs.train_items), cfg.seed)
+        self.prompts = PromptSource(cfg, inputs.train_items)  # the data order, per step
         self.submitted = -1  # the last step whose prompts were taken
         self.submitted_at: dict[int, float] = {}  # step -> when its prompts were submitted
         self.skipped_in_a_row = 0
@@ -163,7 +165,7 @@ class Orchestrator:
         elif self.cfg.eval.at_start:
             self.evaluate_base()
         self.take_backlog()
-        self.order.cursor = self.state.data_cursor
+        self.prompts.resume(self.state)
         self.submitted = self.state.step - 1
 
     def evaluate_base(self) -> None:
@@ -197,36 +199,56 @@ class Orchestrator:
             self.actors.rollouts.resize(desired)
 
     def submit(self, step: int) -> None:
-        requests = step_requests(self.cfg, self.inputs, self.order)  # advances the data cursor either way
+        items = self.prompts.for_step(step).items  # taken from the data order either way
         if step not in self.backlog:
-            sampling = SamplingSettings(
-                self.cfg.rollout.temperature,
-                self.cfg.rollout.max_new_tokens,
-                seed=self.cfg.seed * 1_000_003 + step,
-            )
-            self.actors.rollouts.submit(step, requests, sampling)
+            requests = group_requests(self.cfg, self.inputs, items)
+            self.actors.rollouts.submit(step, requests, step_sampling(self.cfg, step))
         self.submitted, self.submitted_at[step] = step, time.perf_counter()
 
     def collect_and_grade(self, step: int) -> StepRecord:
         """The step's scored rollouts: replayed from the stream, or graded group by group as the
-        rollout workers finish them (then appended to the stream before anything trains on them)."""
+        rollout workers finish them and topped up (then appended to the stream before anything
+        trains on them)."""
         scored = self.backlog.pop(step, None)
         replayed = len(scored or [])
         last_group_at = time.perf_counter()
         if scored is None:
-            groups = self.actors.rollouts.stream(step)
-            scored = self.actors.reward_pool.score_shares(groups, self.inputs.items_by_id)
-            last_group_at = self.actors.rollouts.ended_at.pop(step)
+            scored, last_group_at = self.top_up(step, *self.grade_as_generated(step))
             self.stream.append(step, scored)
         return StepRecord(
             step,
             self.state.policy_version,
             scored,
             replayed,
+            self.prompts.complete(step, scored),
             # A step replayed after a learner restart was submitted (and its time taken) before.
             generation_seconds=last_group_at - self.submitted_at.pop(step, last_group_at),
             reward_seconds=time.perf_counter() - last_group_at,
         )
+
+    def grade_as_generated(self, tag) -> tuple[list[ScoredRollout], float]:
+        """The groups submitted under `tag`, each graded as it comes off a worker; and when the
+        last one came."""
+        groups = self.actors.rollouts.stream(tag)
+        scored = self.actors.reward_pool.score_shares(groups, self.inputs.items_by_id)
+        return scored, self.actors.rollouts.ended_at.pop(tag)
+
+    def top_up(
+        self, step: int, scored: list[ScoredRollout], last_group_at: float
+    ) -> tuple[list[ScoredRollout], float]:
+        """Dynamic sampling (algorithm.min_signal_groups): while the step has too few groups with
+        signal, more of its prompts from the data order, in rounds, at most
+        algorithm.max_extra_prompts in all. They generate on the version served now, so they are
+        the batch's freshest rollouts and max_staleness holds."""
+        for round_ in itertools.count(1):
+            added = self.prompts.take_extra(step, scored)
+            if not added:
+                return scored, last_group_at
+            items = self.prompts.steps[step].items
+            requests = group_requests(self.cfg, self.inputs, items, first=len(items) - added)
+            self.actors.rollouts.submit((step, round_), requests, step_sampling(self.cfg, step))
+            more, last_group_at = self.grade_as_generated((step, round_))
+            scored = scored + more
 
     def train(self, record: StepRecord) -> StepStats | None:
         """One learner step on the batch (none when it is empty)."""
@@ -263,12 +285,9 @@ class Orchestrator:
         record.workers_replaced = rollouts.workers_replaced - self.replaced_before
         record.requests_reissued = rollouts.requests_reissued - self.reissued_before
         self.replaced_before, self.reissued_before = rollouts.workers_replaced, rollouts.requests_reissued
-        # The first prompt not trained yet: those of steps submitted ahead are taken again on resume.
-        ahead = self.submitted - record.step
-        self.state.step, self.state.data_cursor = (
-            record.step + 1,
-            self.order.cursor - self.cfg.prompts_per_step * ahead,
-        )
+        self.state.step = record.step + 1
+        self.prompts.record(record.scored)
+        self.prompts.save(self.state)  # the data cursor, the prompts of steps taken ahead, the filter
         self.state.samples_trained += len(record.trained_ids)
         with (self.cfg.run_dir / "samples.jsonl").open("a") as samples_log:  # rewritten on roll-back
             write_samples(samples_log, record)
@@ -295,6 +314,7 @@ class Orchestrator:
         if self.state.step % self.cfg.checkpoint.every_steps == 0 or self.finished:
             save_checkpoint(self.cfg, self.cfg.run_dir, self.actors.learner, self.state)
             self.stream.acknowledge(before_step=self.state.step)  # trained and now on disk
+            self.prompts.forget(before_step=self.state.step)
 
     def recover_learner(self, failure: LearnerFailedError) -> None:
         """A learner rank failed and the group is down: start it again (at most
@@ -316,6 +336,7 @@ class Orchestrator:
             try:
                 self.actors.learner.restart()
                 self.state = roll_back(self.cfg.run_dir, self.actors.learner, self.state)
+                self.prompts.rewind(self.state)
                 break
             except LearnerFailedError as again:  # failed while starting or restoring: once more
                 failure = again

@@ -18,6 +18,8 @@ _SHOWN = [
     ("rollout_tokens_per_second", "tok/s", "{:.0f}"),
     ("learner_step_seconds", "learn s", "{:.1f}"),
     ("zero_signal_groups", "flat groups", "{:.0f}"),
+    ("extra_prompts", "extra prompts", "{:.0f}"),  # with dynamic sampling
+    ("filter_skipped_prompts", "skipped prompts", "{:.0f}"),  # with the difficulty filter
 ]
 
 

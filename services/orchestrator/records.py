@@ -15,6 +15,7 @@ from reward_workers.pool import hack_rates
 from services.config import JobConfig
 from services.orchestrator.batch import BuiltBatch
 from services.orchestrator.evaluation import heldout_metrics, heldout_sets_metrics
+from services.orchestrator.selection import StepPrompts
 from weight_sync.channel import SyncResult
 
 
@@ -26,6 +27,7 @@ class StepRecord:
     policy_version: int  # the version the learner had when the step's batch was built
     scored: list[ScoredRollout]
     replayed: int  # of `scored`, taken from the stream (a resumed run) instead of generated
+    prompts: StepPrompts  # the prompts it took from the data order (dynamic sampling's, skipped)
     generation_seconds: float  # submitting the step's prompts until its last group was back
     reward_seconds: float  # grading left after the last group arrived
     built: BuiltBatch | None = None
@@ -77,11 +79,16 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
     values: dict[str, Any] = rollout_stats(scored, record.generation_seconds)
     values.update(
         zero_signal_groups=record.built.zero_signal_groups,
+        signal_groups=record.built.signal_groups,
         rollout_workers=record.rollout_workers,
         generation_seconds=record.generation_seconds,
         reward_seconds=record.reward_seconds,
         staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
     )
+    if cfg.algorithm.min_signal_groups is not None:
+        values["extra_prompts"] = record.prompts.extra
+    if cfg.data.difficulty_filter is not None:
+        values["filter_skipped_prompts"] = record.prompts.skipped
     per_worker = {}
     if record.stats is not None:
         values.update({k: v for k, v in record.stats.__dict__.items() if isinstance(v, (int, float))})
