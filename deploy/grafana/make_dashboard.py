@@ -77,6 +77,9 @@ PANELS = [
                 "none",
                 [
                     (f"rft_zero_signal_groups{JOB}", "{{job}} zero-signal groups"),
+                    (f"rft_signal_groups{JOB}", "{{job}} groups with signal"),
+                    (f"rft_extra_prompts{JOB}", "{{job}} extra prompts (dynamic sampling)"),
+                    (f"rft_filter_skipped_prompts{JOB}", "{{job}} prompts skipped (difficulty filter)"),
                     (f"rft_truncated_completions_fraction{JOB}", "{{job}} completions at max length"),
                     (f"rft_completion_length_mean{JOB}", "{{job}} mean completion tokens"),
                     (f"rft_token_mismatch_samples{JOB}", "{{job}} samples refused (tokens changed)"),

@@ -61,6 +61,9 @@ PLOTS = [
         "Learning signal and staleness",
         [
             ("zero_signal_groups", "zero-signal groups"),
+            ("signal_groups", "groups with signal"),
+            ("extra_prompts", "extra prompts (dynamic sampling)"),
+            ("filter_skipped_prompts", "prompts skipped (difficulty filter)"),
             ("truncated_completions_fraction", "completions at max length"),
             ("staleness_max", "max policy lag trained"),
         ],
