@@ -3,10 +3,10 @@
 `rft run` (without --verbose) names a directory in RFT_ACTOR_LOG_DIR; every actor then calls
 `log_to_file(name)` first thing, which points its stdout and stderr -- file descriptors 1 and 2,
 so C libraries' and child processes' output too -- at <dir>/<name>.log, and sends its Python
-logging there at INFO. Ray forwards only what an actor writes to its original stderr to the
-driver's terminal: `TerminalFilter`'s records (this project's warnings, anyone's errors). vLLM,
-DeepSpeed and transformers log through handlers of their own that do not propagate; all of
-their lines, warnings included, stay in the file.
+logging there at INFO. Ray forwards to the driver's terminal only what the actor writes to its
+original stderr: the root logger's records that pass `TerminalFilter` (this project's warnings,
+errors of any logger that propagates). vLLM, DeepSpeed and transformers log through handlers of
+their own that do not propagate: all of their lines, warnings and errors too, stay in the file.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ PROJECT_LOGGERS = frozenset({"core", "learner", "rollout_workers", "reward_worke
 
 
 class TerminalFilter(logging.Filter):
-    """What reaches the terminal: this project's warnings and anyone's errors."""
+    """What reaches the terminal: this project's warnings and errors of any logger."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:

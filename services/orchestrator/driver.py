@@ -116,7 +116,7 @@ class Orchestrator:
         stream: ScoredRolloutStream,
         registry: JobRegistry,
         control: JobControl,
-        budget: WallClockBudget | None = None,
+        budget: WallClockBudget,
     ):
         self.cfg, self.inputs, self.actors, self.metrics = cfg, inputs, actors, metrics
         self.stream, self.registry, self.control = stream, registry, control
@@ -131,7 +131,7 @@ class Orchestrator:
         self.last_heldout_sets: dict[str, dict] = {}
         self.progress: StepProgress | None = None  # the terminal's bar, while `run` runs
         self.evaluator = HeldoutEvaluator(cfg, inputs, actors)
-        self.budget = budget or WallClockBudget(cfg.max_minutes, started_at=time.perf_counter())
+        self.budget = budget
         self.last_step = cfg.steps  # earlier when the budget runs out
 
     def run(self, resume: bool) -> dict:
