@@ -15,7 +15,8 @@
 # GPU_CHECK_TRANSPORT overrides the transport either way.
 #
 # Output: the lines below on stdout, and the same in runs/gpu-check/<job>.txt (nvidia-smi,
-# versions, the overrides, the report); the whole log in runs/gpu-check/<job>.log.
+# versions, the overrides, the report); the whole log in runs/gpu-check/<job>.log, the actors'
+# logs in runs/<job>/logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -110,7 +111,7 @@ else
   for o in "${OVERRIDES[@]}"; do override_args+=(-o "$o"); done
   SECONDS=0
   HF_HUB_OFFLINE=1 timeout "$RUN_TIMEOUT_S" "$VENV/bin/rft" run examples/arithmetic.yaml "${override_args[@]}" \
-    || die "rft run failed or passed ${RUN_TIMEOUT_S}s (exit $?); see $OUT_DIR/$JOB.log and $RUN_DIR/"
+    || die "rft run failed or passed ${RUN_TIMEOUT_S}s (exit $?); see $OUT_DIR/$JOB.log and $RUN_DIR/logs/"
   echo "job wall time: ${SECONDS}s" | record
 fi
 

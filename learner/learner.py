@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from core.logs import log_to_file
 from core.telemetry import ComponentMetrics, MetricsContext
 from learner.checkpoint import load_engine_checkpoint, save_model_directory, staged, write_engine_checkpoint
 from learner.config import AlgorithmConfig, LearnerConfig
@@ -51,6 +52,7 @@ class Learner(WeightsSender):
         metrics: MetricsContext | None = None,
         world: WorldSpec | None = None,
     ):
+        log_to_file(f"learner-{world.rank if world else 0}")  # before anything prints
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 

@@ -16,6 +16,7 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError
 
+from core.logs import log_to_file
 from core.telemetry import ComponentMetrics, MetricsContext
 from reward_workers.config import RewardConfig
 from reward_workers.grader_spec import GraderConfig, MultiGrader, check_grader
@@ -108,6 +109,7 @@ class RewardWorker:
         secrets: tuple[str, ...] = (),
     ):
         """`secrets`: values to redact from grader results besides those redaction.py finds."""
+        log_to_file(worker_id)
         self._sandbox = GraderSandbox(reward_cfg.grader, reward_cfg, secrets)
         self.metrics = metrics and ComponentMetrics(
             metrics,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 
+from core.logs import log_to_file
 from core.telemetry import ComponentMetrics, MetricsContext
 from weight_sync.adapter import AdapterWeights, WeightsRefused
 from weight_sync.endpoints import WeightsReceiver
@@ -39,6 +40,7 @@ class RolloutWorker(WeightsReceiver):
         engine: EngineSpec,
         metrics: MetricsContext | None = None,
     ):
+        log_to_file(worker_id)  # before the engine prints
         self.worker_id = worker_id
         self.metrics = metrics and ComponentMetrics(
             metrics,

@@ -89,6 +89,8 @@ class JobConfig(Section):
     name: str = "job"
     seed: int = 0
     steps: int = Field(default=20, ge=1)
+    # Wall-clock budget of one `rft run` (services/orchestrator/budget.py); None = none.
+    max_minutes: float | None = Field(default=None, gt=0)
     prompts_per_step: int = Field(default=8, ge=1)
     run_root: str = "runs"
     model: ModelConfig = ModelConfig()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -42,12 +41,15 @@ def run(
     override: list[str] = typer.Option(
         [], "--set", "-o", help="override a config field: section.field=value"
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="print every log line here (default: in RUN_DIR/logs/)"
+    ),
 ) -> None:
     """Run a job on this machine (an embedded Ray unless --address is given)."""
+    from services.cli.console import configure_console
     from services.orchestrator.driver import run_job
     from services.orchestrator.setup import prepare_inputs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if resume is not None:
             config = config or resume / "config.yaml"
@@ -67,10 +69,18 @@ def run(
     from learner.group import LearnerFailedError
     from services.orchestrator.driver import TrainingDivergedError
 
+    log_dir = configure_console(cfg.run_dir, verbose)
+    if log_dir:
+        typer.echo(f"logs: {log_dir}/ (the driver's and each actor's; --verbose prints them here)")
     try:
         summary = run_job(cfg, inputs, resume=resume is not None)
     except (TrainingDivergedError, CheckpointWorldError, LearnerFailedError) as e:
-        fail(str(e))
+        fail(str(e) + (f"\n(logs: {log_dir}/)" if log_dir else ""))
+    if summary["stopped"] == "max_minutes":
+        typer.echo(
+            f"stopped for the time budget (max_minutes={cfg.max_minutes:g}) after {summary['steps']} of "
+            f"{summary['steps_planned']} steps; rft run --resume {cfg.run_dir} continues"
+        )
     from services.orchestrator.evaluation import format_comparison
 
     compared = {"held-out": (summary["heldout_base"], summary["heldout_final"])}

@@ -11,6 +11,9 @@
   publish        the new version over the weight-sync channel to every rollout worker
   record         driver state, samples.jsonl, metrics (assembled in `records.step_metrics`),
                  held-out evaluation and checkpoints when due
+The run ends after step `cfg.steps`, or earlier after the step when the wall-clock budget
+(`max_minutes`, budget.py) has no room for another: that step is evaluated and checkpointed
+as a last one, and the steps submitted ahead are left untrained (a resume generates them again).
 A learner rank that dies or hangs fails the step (`LearnerFailedError`); the learner group is
 restarted and the run rolled back to its last checkpoint, replaying the steps after it from the
 scored-rollout stream (`recover_learner`).
@@ -31,6 +34,7 @@ from reward_workers.interface import ScoredRollout
 from services.config import JobConfig, dump_config
 from services.jobs.registry import JobRegistry, open_registry
 from services.orchestrator.batch import build_batch, group_requests, step_sampling
+from services.orchestrator.budget import WallClockBudget
 from services.orchestrator.checkpoints import (
     DriverState,
     check_resumable,
@@ -81,6 +85,7 @@ def run_job(
     cfg: JobConfig, inputs: JobInputs, resume: bool = False, control: JobControl | None = None
 ) -> dict:
     """Run (or with `resume`, continue) the job; returns the summary also written to summary.json."""
+    budget = WallClockBudget(cfg.max_minutes, started_at=time.perf_counter())
     if resume:
         check_resumable(cfg.run_dir, cfg.learner.num_ranks)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,9 +100,8 @@ def run_job(
         metrics = RunMetrics(cfg.name, cfg.run_dir, cfg.metrics.host, cfg.metrics.port)
         print(f"metrics: http://{metrics.address}/metrics   run dir: {cfg.run_dir}", flush=True)
         try:
-            orchestrator = Orchestrator(
-                cfg, inputs, actors, metrics, stream, registry, control or RegistryControl(registry, cfg.name)
-            )
+            control = control or RegistryControl(registry, cfg.name)
+            orchestrator = Orchestrator(cfg, inputs, actors, metrics, stream, registry, control, budget)
             return orchestrator.run(resume)
         finally:
             metrics.close()
@@ -114,6 +118,7 @@ class Orchestrator:
         stream: ScoredRolloutStream,
         registry: JobRegistry,
         control: JobControl,
+        budget: WallClockBudget,
     ):
         self.cfg, self.inputs, self.actors, self.metrics = cfg, inputs, actors, metrics
         self.stream, self.registry, self.control = stream, registry, control
@@ -128,11 +133,14 @@ class Orchestrator:
         self.last_heldout_sets: dict[str, dict] = {}
         self.progress: StepProgress | None = None  # the terminal's bar, while `run` runs
         self.evaluator = HeldoutEvaluator(cfg, inputs, actors)
+        self.budget = budget
+        self.last_step = cfg.steps  # earlier when the budget runs out
 
     def run(self, resume: bool) -> dict:
         """The main loop: one learner step (and one policy version, unless skipped) per iteration.
         A learner rank that fails rolls the run back to its last checkpoint (`recover_learner`)."""
         self.start(resume)
+        self.budget.steps_begin()
         with StepProgress(self.cfg.steps, self.state.step) as self.progress:
             while True:
                 try:
@@ -150,6 +158,8 @@ class Orchestrator:
         record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
         record.stats = self.train(record)
         record.sync = self.publish(record.stats)
+        if not self.budget.step_ended():
+            self.last_step = step + 1  # this one: evaluated and checkpointed as the run's end
         self.record(record)
         self.checkpoint_if_due()
 
@@ -352,6 +362,8 @@ class Orchestrator:
         summary = {
             "job": self.cfg.name,
             "steps": self.state.step,
+            "steps_planned": self.cfg.steps,
+            "stopped": "max_minutes" if self.last_step < self.cfg.steps else None,  # None: all steps ran
             "policy_version": self.state.policy_version,
             "data_cursor": self.state.data_cursor,
             "samples_trained": self.state.samples_trained,
@@ -370,7 +382,7 @@ class Orchestrator:
 
     @property
     def finished(self) -> bool:
-        return self.state.step == self.cfg.steps
+        return self.state.step == self.last_step
 
     def export(self):
         return self.actors.learner.export(self.cfg.sync.payload)

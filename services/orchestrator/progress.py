@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +26,7 @@ _SHOWN = [
 
 class StepProgress:
     def __init__(self, total_steps: int, completed: int):
+        console = Console()
         self._progress = Progress(
             TextColumn("[bold]steps"),
             BarColumn(),
@@ -32,6 +34,9 @@ class StepProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.description}"),
+            console=console,
+            # A file or pipe gets the step lines only: a bar cannot redraw there.
+            disable=not console.is_terminal,
         )
         self._task = self._progress.add_task("", total=total_steps, completed=completed)
         self._latest: dict[str, float] = {}
@@ -50,8 +55,12 @@ class StepProgress:
         ]
         self._progress.update(self._task, advance=1, description="  ".join(shown))
         # A line per step too, so logs (CI, `rft logs`) keep the history the bar overwrites.
+        # soft_wrap: never cut the line at the console's width (80 columns when not a terminal).
         self._progress.console.print(
-            f"step {int(values.get('step', 0))}: " + "  ".join(shown), highlight=False
+            f"step {int(values.get('step', 0))}: " + "  ".join(shown),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
     def rewind(self, completed: int) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.config import ConfigError
+from core.logs import LOG_DIR_ENV
 from core.model_store import resolve_model_path
 from core.sandbox.redaction import url_password
 from core.telemetry import TARGETS_DIRNAME, MetricsContext
@@ -96,7 +97,7 @@ def actor_env(heavy_actors: int = 2) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
     }
-    for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "RFT_CACHE_DIR", "TORCH_EXTENSIONS_DIR", LOG_DIR_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -108,14 +109,17 @@ def init_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     env = actor_env(heavy_actors=cfg.learner.num_ranks + cfg.rollout.num_workers)
+    # The actors' output goes to files (core/logs.py): keep Ray's INFO lines off the terminal too.
+    ray_logging = logging.WARNING if LOG_DIR_ENV in env else logging.INFO
     if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env})
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, logging_level=ray_logging)
     else:
         ray.init(
             num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
             include_dashboard=False,
             runtime_env={"env_vars": env},
             log_to_driver=True,
+            logging_level=ray_logging,
         )
 
 
