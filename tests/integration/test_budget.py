@@ -43,8 +43,10 @@ def test_budget_stops_after_the_step_in_progress_and_resume_continues(tmp_path, 
     assert "heldout_accuracy" in records[1]  # the final evaluation, of the final weights
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_1"]
     state = json.loads((run_dir / "checkpoints" / "step_1" / "driver_state.json").read_text())
-    # Step 2's prompts went out ahead (max_staleness 1) but were not trained: not in the cursor.
-    assert (state["step"], state["data_cursor"], state["samples_trained"]) == (1, 2, 8)
+    # Step 2's prompts went out ahead (max_staleness 1) but were not trained: taken (in the
+    # cursor) and pending, so a resume generates them again for step 2.
+    assert (state["step"], state["data_cursor"], state["samples_trained"]) == (1, 4, 8)
+    assert list(state["pending_prompts"]) == ["1"]
     registry = open_registry(tmp_path / "runs")
     assert registry.get("e2e").state == SUCCEEDED
     assert ScoredRolloutStream(registry.redis, "e2e").unacknowledged() == {}  # trained, on disk
