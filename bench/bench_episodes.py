@@ -15,7 +15,6 @@ and episodes/s vs completions/s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,22 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    from bench.common import rollout_bench_parser
+
+    args = rollout_bench_parser(__doc__).parse_args()
     from services.orchestrator.setup import actor_env
 
     for name, value in actor_env(heavy_actors=1).items():  # one process computes here

@@ -12,7 +12,6 @@ Goal: worker / raw >= 0.95.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,17 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", default=None, help="HF model dir (default: the embedded SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
+    from bench.common import rollout_bench_parser
+
+    parser = rollout_bench_parser(__doc__)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     from services.orchestrator.setup import actor_env
