@@ -85,10 +85,33 @@ class MetricsConfig(Section):
     port: int = Field(default=9400, ge=0, le=65535, description="0 = any free port")
 
 
+class StageConfig(Section):
+    """One stage of a job's `stages:`, run in order, each from the weights the one before left
+    (services/orchestrator/stages.py). A job without `stages` is one grpo stage of `steps`."""
+
+    kind: Literal["grpo", "sft"]
+    steps: int = Field(ge=1)
+    # sft: demonstrations (JSONL): `messages` ending with the assistant turn to learn, or
+    # `prompt` + `completion`; the loss is on the assistant tokens only.
+    data: str | None = None
+    batch_size: int = Field(default=8, ge=1, description="sft: demonstrations a step")
+
+    @model_validator(mode="after")
+    def _data_for_sft_only(self) -> "StageConfig":
+        if self.kind == "sft" and self.data is None:
+            raise ValueError("an sft stage needs data: a JSONL file of demonstrations")
+        if self.kind == "grpo" and ("data" in self.model_fields_set or "batch_size" in self.model_fields_set):
+            raise ValueError(
+                "a grpo stage takes its prompts from data.train (prompts_per_step): no data/batch_size"
+            )
+        return self
+
+
 class JobConfig(Section):
     name: str = "job"
     seed: int = 0
-    steps: int = Field(default=20, ge=1)
+    steps: int = Field(default=20, ge=1)  # with `stages`: theirs, summed
+    stages: list[StageConfig] | None = Field(default=None, min_length=1)
     # Wall-clock budget of one `rft run` (services/orchestrator/budget.py); None = none.
     max_minutes: float | None = Field(default=None, gt=0)
     prompts_per_step: int = Field(default=8, ge=1)
@@ -128,6 +151,19 @@ class JobConfig(Section):
         if algorithm.max_extra_prompts is None:
             algorithm.max_extra_prompts = 2 * self.prompts_per_step
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_of_the_stages(cls, raw: Any) -> Any:
+        stages = raw.get("stages") if isinstance(raw, dict) else None
+        steps = [stage.get("steps") if isinstance(stage, dict) else None for stage in stages or []]
+        if not steps or not all(isinstance(n, int) and n >= 1 for n in steps):
+            return raw  # no stages, or ones the stage's own validation names
+        if "steps" in raw and raw["steps"] != sum(steps):
+            raise ValueError(
+                f"steps={raw['steps']}, but the stages have {sum(steps)}: leave steps out with stages"
+            )
+        return {**raw, "steps": sum(steps)}
 
     @model_validator(mode="after")
     def _full_weight_training_syncs_full_weights(self) -> "JobConfig":
@@ -215,6 +251,8 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     for name in extra_heldout if isinstance(extra_heldout, dict) else ():
         fix(extra_heldout, name)
     fix((raw.get("rollout") or {}).get("environment"), "path")
+    for stage in raw.get("stages") or []:
+        fix(stage, "data")
     resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 
 

@@ -159,7 +159,7 @@ def progress_cells(record: JobRecord | None) -> list[str]:
         return ["-"] * 6
     return [
         record.state,
-        str(record.step),
+        str(record.step) + (f" (stage {record.metrics['stage']:.0f})" if "stage" in record.metrics else ""),
         str(record.policy_version),
         _number(record.metrics.get("reward_mean")),
         _number(record.metrics.get("heldout_accuracy")),

@@ -146,12 +146,15 @@ def _check_prompt(item: dict[str, Any], where: str) -> None:
                 raise DatasetError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
 
 
+def chat_template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
+
+
 def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) -> list[int]:
     """Chat items go through the model's chat template; plain prompts are tokenized as they are."""
     if item.get("messages") is not None:
-        ids = tokenizer.apply_chat_template(item["messages"], tokenize=True, add_generation_prompt=True)
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
+        ids = chat_template_ids(tokenizer, item["messages"], generation_prompt=True)
     else:
         ids = tokenizer(item["prompt"], add_special_tokens=True)["input_ids"]
     ids = list(ids)

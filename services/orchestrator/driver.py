@@ -26,12 +26,12 @@ import itertools
 import json
 import logging
 import time
-from typing import Protocol
 
 from learner.group import LearnerFailedError
 from learner.interface import StepStats
 from reward_workers.interface import ScoredRollout
 from services.config import JobConfig, dump_config
+from services.jobs.control import JobControl, RegistryControl
 from services.jobs.registry import JobRegistry, open_registry
 from services.orchestrator.batch import build_batch, group_requests, step_sampling
 from services.orchestrator.budget import WallClockBudget
@@ -54,27 +54,10 @@ from services.orchestrator.records import StepRecord, step_metrics, write_sample
 from services.orchestrator.rollout_stream import ScoredRolloutStream
 from services.orchestrator.selection import PromptSource
 from services.orchestrator.setup import Actors, JobInputs, start_actors
+from services.orchestrator.stages import StagePlan, demonstration_step
 from weight_sync.channel import SyncResult
 
 log = logging.getLogger("rft.driver")
-
-
-class JobControl(Protocol):
-    """Instructions a running job takes from outside (e.g. `rft scale` through the registry)."""
-
-    def desired_rollout_workers(self) -> int | None:
-        """How many rollout workers the job should have now; None = leave as is."""
-        ...
-
-
-class RegistryControl:
-    """`rft scale` writes the desired worker count into the registry; the driver reads it here."""
-
-    def __init__(self, registry: JobRegistry, job_id: str):
-        self.registry, self.job_id = registry, job_id
-
-    def desired_rollout_workers(self) -> int | None:
-        return self.registry.desired_rollout_workers(self.job_id)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -135,6 +118,8 @@ class Orchestrator:
         self.evaluator = HeldoutEvaluator(cfg, inputs, actors)
         self.budget = budget
         self.last_step = cfg.steps  # earlier when the budget runs out
+        self.plan = StagePlan(cfg)
+        self.resumed_at: int | None = None  # the step a resumed run went on from
 
     def run(self, resume: bool) -> dict:
         """The main loop: one learner step (and one policy version, unless skipped) per iteration.
@@ -151,11 +136,17 @@ class Orchestrator:
                     self.recover_learner(failure)
 
     def step(self, step: int) -> None:
-        for ahead in self.unsubmitted_steps(through=step + self.cfg.sync.max_staleness):
+        self.announce_stage(step)
+        for ahead in self.unsubmitted_steps(
+            through=self.plan.submit_through(step, self.cfg.sync.max_staleness)
+        ):
             self.scale_fleet()  # `rft scale` takes effect before a step's prompts go out
             self.submit(ahead)
-        record = self.collect_and_grade(step)
-        record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
+        if self.plan.generates(step):
+            record = self.collect_and_grade(step)
+            record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
+        else:
+            record = self.take_demonstrations(step)
         record.stats = self.train(record)
         record.sync = self.publish(record.stats)
         if not self.budget.step_ended():
@@ -170,6 +161,7 @@ class Orchestrator:
         takes the scored rollouts of steps after it (generated, not trained) from the stream."""
         if resume:
             self.state = restore(self.cfg.run_dir, self.actors.learner)
+            self.resumed_at = self.state.step
             if self.state.policy_version > 0:
                 self.actors.rollouts.publish(self.state.policy_version, self.export())
         elif self.cfg.eval.at_start:
@@ -203,12 +195,22 @@ class Orchestrator:
         versions old when trained -- and the workers always have the next steps' prompts."""
         return range(self.submitted + 1, min(through, self.cfg.steps - 1) + 1)
 
+    def announce_stage(self, step: int) -> None:
+        """A job with stages says where each begins (and where a resumed run goes on)."""
+        stage = self.plan.of(step)
+        if self.cfg.stages and (step == stage.first_step or step == self.resumed_at):
+            last = stage.first_step + stage.config.steps
+            print(f"{stage.label}: steps {stage.first_step + 1}-{last}, from step {step + 1}", flush=True)
+
     def scale_fleet(self) -> None:
         desired = self.control.desired_rollout_workers()
         if desired is not None and desired != len(self.actors.rollouts.workers):
             self.actors.rollouts.resize(desired)
 
     def submit(self, step: int) -> None:
+        if not self.plan.generates(step):  # an sft step: nothing to generate
+            self.submitted = step
+            return
         items = self.prompts.for_step(step).items  # taken from the data order either way
         if step not in self.backlog:
             requests = group_requests(self.cfg, self.inputs, items)
@@ -235,6 +237,12 @@ class Orchestrator:
             generation_seconds=last_group_at - self.submitted_at.pop(step, last_group_at),
             reward_seconds=time.perf_counter() - last_group_at,
         )
+
+    def take_demonstrations(self, step: int) -> StepRecord:
+        """An sft step: its share of the stage's demonstrations (no rollouts, nothing to grade)."""
+        stage = self.plan.of(step)
+        demonstrations = self.inputs.demonstrations[stage.index]
+        return demonstration_step(stage, step, demonstrations, self.cfg.seed, self.state.policy_version)
 
     def grade_as_generated(self, tag) -> tuple[list[ScoredRollout], float]:
         """The groups submitted under `tag`, each graded as it comes off a worker; and when the
@@ -306,6 +314,8 @@ class Orchestrator:
         if self.finished:  # the final weights on the other held-out sets too
             record.heldout_sets = self.last_heldout_sets = self.evaluator.extra_sets(when="after training")
         assembled = step_metrics(self.cfg, record, self.state.policy_version)
+        if self.cfg.stages:
+            assembled.values["stage"] = self.plan.of(record.step).index + 1  # rft report marks stages
         self.metrics.record(
             self.state.step,
             assembled.values,

@@ -24,6 +24,7 @@ from core.telemetry import TARGETS_DIRNAME, advertised_host, write_targets_file
 GAUGES = {
     "step": "learner steps completed",
     "policy_version": "policy version the learner has published",
+    "stage": "the stage the step belongs to (1-based; jobs with `stages`)",
     "reward_mean": "mean reward of the step's rollouts",
     "reward_std": "standard deviation of the step's rewards",
     "heldout_accuracy": "greedy held-out accuracy (share of items with full reward)",

@@ -13,6 +13,7 @@ from rich.progress import (
 )
 
 _SHOWN = [
+    ("stage", "stage", "{:.0f}"),
     ("reward_mean", "reward", "{:.3f}"),
     ("heldout_accuracy", "held-out", "{:.3f}"),
     ("policy_version", "v", "{:.0f}"),

@@ -76,15 +76,16 @@ def rollout_stats(scored: list[ScoredRollout], seconds: float) -> dict[str, floa
 def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> StepMetrics:
     """Every number the step reports (`policy_version`: the learner's after the step)."""
     scored, trained = record.scored, record.trained_ids
-    values: dict[str, Any] = rollout_stats(scored, record.generation_seconds)
-    values.update(
-        zero_signal_groups=record.built.zero_signal_groups,
-        signal_groups=record.built.signal_groups,
-        rollout_workers=record.rollout_workers,
-        generation_seconds=record.generation_seconds,
-        reward_seconds=record.reward_seconds,
-        staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
-    )
+    values: dict[str, Any] = {"rollout_workers": record.rollout_workers}
+    if scored:  # none in an sft step
+        values.update(rollout_stats(scored, record.generation_seconds))
+        values.update(
+            zero_signal_groups=record.built.zero_signal_groups,
+            signal_groups=record.built.signal_groups,
+            generation_seconds=record.generation_seconds,
+            reward_seconds=record.reward_seconds,
+            staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
+        )
     if cfg.algorithm.min_signal_groups is not None:
         values["extra_prompts"] = record.prompts.extra
     if cfg.data.difficulty_filter is not None:

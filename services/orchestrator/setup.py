@@ -20,6 +20,7 @@ from rollout_workers.chat_render import ChatRenderer, TemplateNotAppendOnlyError
 from rollout_workers.environments.client import check_environment
 from services.config import DataConfig, JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
+from services.orchestrator.demonstrations import Demonstration, load_demonstrations
 from services.orchestrator.rollout_scheduler import RolloutScheduler
 from weight_sync.channel import WeightSyncChannel
 
@@ -35,6 +36,9 @@ class JobInputs:
     items_by_id: dict[str, dict]
     prompt_ids: dict[str, list[int]]  # item id -> prompt token ids
     extra_heldout: dict[str, list[dict]] = field(default_factory=dict)  # eval.extra_heldout, loaded
+    demonstrations: dict[int, list[Demonstration]] = field(
+        default_factory=dict
+    )  # sft stage index -> its data
 
 
 def prepare_inputs(cfg: JobConfig) -> JobInputs:
@@ -66,7 +70,14 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     prompt_ids = {
         i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()
     }
-    return JobInputs(model_path, train_items, heldout_items, items_by_id, prompt_ids, extra_heldout)
+    demonstrations = {  # sft stages' data, tokenized: a bad row fails here, before any actor starts
+        index: load_demonstrations(stage.data, tokenizer, cfg.data.max_prompt_tokens)
+        for index, stage in enumerate(cfg.stages or [])
+        if stage.kind == "sft"
+    }
+    return JobInputs(
+        model_path, train_items, heldout_items, items_by_id, prompt_ids, extra_heldout, demonstrations
+    )
 
 
 def load_heldout(path: str | None, data: DataConfig) -> list[dict]:

@@ -133,8 +133,16 @@ def plot_group(table: dict[int, dict], title: str, series: list[tuple[str, str]]
         axes.set_xlabel("step")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
+        for boundary in stage_boundaries(table):  # a job with stages: where each one begins
+            axes.axvline(boundary - 0.5, color="grey", linestyle="--", linewidth=1)
     figure.savefig(path, dpi=100)
     return True
+
+
+def stage_boundaries(table: dict[int, dict]) -> list[int]:
+    """The first step of every stage after the first (from the steps' `stage` numbers)."""
+    stages = [(step, row["stage"]) for step, row in table.items() if "stage" in row]
+    return [step for (_, before), (step, stage) in zip(stages, stages[1:]) if stage != before]
 
 
 def pick_samples(samples: list[dict], count: int) -> list[dict]:

@@ -181,3 +181,13 @@ def test_an_episode_shows_its_turns_after_the_prompt(tmp_path):
     assert "<i>assistant (policy version 3)</i>" in page and "84 &lt;b&gt;" in page
     assert "<i>tool</i>" in page and "episode ended: stop" in page
     assert "You can use a calculator." not in page  # the prompt is the group's, not the episode's
+
+
+def test_stage_boundaries_are_where_the_stage_changes():
+    from services.tools.report import stage_boundaries, steps_table
+
+    records = [{"step": 0, "heldout_accuracy": 0.1}] + [
+        {"step": s, "stage": 1 if s <= 2 else 2 if s <= 4 else 3} for s in range(1, 7)
+    ]
+    assert stage_boundaries(steps_table(records)) == [3, 5]
+    assert stage_boundaries(steps_table([{"step": 1, "loss": 1.0}])) == []  # no stages
