@@ -51,19 +51,14 @@ def reward_function(grader_path: str):
     return arithmetic_reward
 
 
-def main() -> None:
-    args = parse_args()
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
+def budget_callback(seconds: float):
+    """rft's max_minutes rule as a TrainerCallback: stop once elapsed + the last step's time
+    would pass the budget."""
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     class Budget(TrainerCallback):
-        """rft's max_minutes rule: stop when elapsed + the last step's time would pass the budget."""
-
-        def __init__(self, seconds: float):
-            self.seconds, self.last_end, self.step_seconds = seconds, None, []
+        def __init__(self):
+            self.step_seconds: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.began = time.monotonic()
@@ -71,15 +66,19 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kwargs):
             now = time.monotonic()
             self.step_seconds.append(now - self.began)
-            if now - START + self.step_seconds[-1] > self.seconds:
+            if now - START + self.step_seconds[-1] > seconds:
                 control.should_training_stop = True
 
-    items = [json.loads(line) for line in open(args.train)]
-    dataset = Dataset.from_list(
-        [{"prompt": item["messages"], "ground_truth": item["reward_model"]["ground_truth"]} for item in items]
-    )
-    config = GRPOConfig(
-        output_dir=args.output + ".trainer",
+    return Budget()
+
+
+def grpo_config(output_dir: str, seed: int):
+    """The demo's sampling, optimizer and loss in GRPOConfig's terms."""
+    import torch
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=output_dir,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=8,  # 8 x 8 = 64 completions = 8 prompts x 8 samples a step
         num_generations=8,
@@ -102,16 +101,28 @@ def main() -> None:
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        seed=args.seed,
+        seed=seed,
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOTrainer
+
+    items = [json.loads(line) for line in open(args.train)]
+    dataset = Dataset.from_list(
+        [{"prompt": item["messages"], "ground_truth": item["reward_model"]["ground_truth"]} for item in items]
     )
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    budget = Budget(args.minutes * 60)
+    budget = budget_callback(args.minutes * 60)
     trainer = GRPOTrainer(
         model=args.model,
         reward_funcs=reward_function(args.grader),
-        args=config,
+        args=grpo_config(args.output + ".trainer", args.seed),
         train_dataset=dataset,
         peft_config=lora,
         callbacks=[budget],
