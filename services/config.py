@@ -94,16 +94,16 @@ class StageConfig(Section):
     # sft: demonstrations (JSONL): `messages` ending with the assistant turn to learn, or
     # `prompt` + `completion`; the loss is on the assistant tokens only.
     data: str | None = None
-    batch_size: int = Field(default=8, ge=1, description="sft: demonstrations a step")
+    batch_size: int = Field(
+        default=8, ge=1, description="sft: demonstrations a step (grpo: prompts_per_step)"
+    )
 
     @model_validator(mode="after")
     def _data_for_sft_only(self) -> "StageConfig":
         if self.kind == "sft" and self.data is None:
             raise ValueError("an sft stage needs data: a JSONL file of demonstrations")
-        if self.kind == "grpo" and ("data" in self.model_fields_set or "batch_size" in self.model_fields_set):
-            raise ValueError(
-                "a grpo stage takes its prompts from data.train (prompts_per_step): no data/batch_size"
-            )
+        if self.kind == "grpo" and self.data is not None:
+            raise ValueError("a grpo stage takes its prompts from data.train (prompts_per_step): no data")
         return self
 
 
