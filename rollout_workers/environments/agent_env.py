@@ -83,9 +83,11 @@ class Conversation:
         new = messages[known:]
         if not new:
             raise ConversationError("the request adds no message after the model's last reply")
-        allowed = OBSERVATION_ROLES + (("system",) if not known else ())
+        # The first request is the prompt (few-shot assistant turns included); later ones add
+        # observations only: the model writes the assistant turns.
+        allowed = OBSERVATION_ROLES if known else ("system", "user", "assistant", "tool")
         wrong = [m["role"] for m in new if m["role"] not in allowed]
-        if wrong or (known and new[0]["role"] == "assistant"):
+        if wrong:
             raise ConversationError(
                 f"new messages may only be {' or '.join(allowed)} messages, got {wrong}: the model writes "
                 "the assistant turns"
