@@ -85,25 +85,59 @@ class MetricsConfig(Section):
     port: int = Field(default=9400, ge=0, le=65535, description="0 = any free port")
 
 
+StageKind = Literal["grpo", "sft", "rejection_sft", "dpo", "distill"]
+
+
 class StageConfig(Section):
     """One stage of a job's `stages:`, run in order, each from the weights the one before left
-    (services/orchestrator/stages.py). A job without `stages` is one grpo stage of `steps`."""
+    (services/orchestrator/stages.py). A job without `stages` is one grpo stage of `steps`.
 
-    kind: Literal["grpo", "sft"]
+      grpo           rollouts of data.train, group-normalised advantages (today's job)
+      sft            demonstrations from `data`; the loss on the assistant tokens
+      rejection_sft  rollouts of data.train, graded; the ones with reward >= min_reward (or the
+                     best of each group) are the step's sft data
+      dpo            pairs: from `data` (`prompt` or `messages`, `chosen`, `rejected`), or with
+                     `online` from each step's rollouts (the best and the worst of a group)
+      distill        rollouts of data.train scored token by token by `teacher`: the reverse KL
+                     to it as per-token advantages
+    """
+
+    kind: StageKind
     steps: int = Field(ge=1)
     # sft: demonstrations (JSONL): `messages` ending with the assistant turn to learn, or
-    # `prompt` + `completion`; the loss is on the assistant tokens only.
+    # `prompt` + `completion`; the loss is on the assistant tokens only. dpo: preference pairs.
     data: str | None = None
     batch_size: int = Field(
-        default=8, ge=1, description="sft: demonstrations a step (grpo: prompts_per_step)"
+        default=8, ge=1, description="sft: demonstrations a step; offline dpo: pairs a step"
     )
+    learning_rate: float | None = Field(default=None, gt=0, description="None: learner.learning_rate")
+    # rejection_sft: a sample is kept when its reward is at least this; None = the best of each
+    # group whose rewards are not all equal (ties: the first).
+    min_reward: float | None = None
+    # dpo: pairs from the current policy's rollouts each step (iterative DPO) instead of `data`;
+    # a group makes a pair when its best and worst rewards differ by more than min_margin.
+    online: bool = False
+    min_margin: float = Field(default=0.0, ge=0)
+
+    @property
+    def generates(self) -> bool:
+        """Whether its steps train on rollouts of data.train (their prompts go to the workers)."""
+        return self.kind in ("grpo", "rejection_sft", "distill") or (self.kind == "dpo" and self.online)
 
     @model_validator(mode="after")
-    def _data_for_sft_only(self) -> "StageConfig":
-        if self.kind == "sft" and self.data is None:
-            raise ValueError("an sft stage needs data: a JSONL file of demonstrations")
-        if self.kind == "grpo" and self.data is not None:
-            raise ValueError("a grpo stage takes its prompts from data.train (prompts_per_step): no data")
+    def _fields_of_its_kind(self) -> "StageConfig":
+        needs_data = self.kind == "sft" or (self.kind == "dpo" and not self.online)
+        if needs_data and self.data is None:
+            what = "demonstrations" if self.kind == "sft" else "preference pairs (or online: true)"
+            raise ValueError(f"stage kind {self.kind} needs data: a JSONL file of {what}")
+        if not needs_data and self.data is not None:
+            raise ValueError(
+                f"stage kind {self.kind}{' (online)' if self.online else ''} takes its prompts from "
+                "data.train (prompts_per_step): no data"
+            )
+        for name, kinds in (("min_reward", ("rejection_sft",)), ("online", ("dpo",)), ("min_margin", ("dpo",))):
+            if name in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(f"{name} is for {' or '.join(kinds)} stages, not {self.kind}")
         return self
 
 

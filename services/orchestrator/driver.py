@@ -33,7 +33,7 @@ from reward_workers.interface import ScoredRollout
 from services.config import JobConfig, dump_config
 from services.jobs.control import JobControl, RegistryControl
 from services.jobs.registry import JobRegistry, open_registry
-from services.orchestrator.batch import build_batch, group_requests, step_sampling
+from services.orchestrator.batch import BuiltBatch, build_batch, group_requests, step_sampling
 from services.orchestrator.budget import WallClockBudget
 from services.orchestrator.checkpoints import (
     DriverState,
@@ -144,7 +144,7 @@ class Orchestrator:
             self.submit(ahead)
         if self.plan.generates(step):
             record = self.collect_and_grade(step)
-            record.built = build_batch(self.cfg, step, record.scored, self.state.policy_version)
+            record.built = self.build_batch(step, record.scored)
         else:
             record = self.take_demonstrations(step)
         record.stats = self.train(record)
@@ -237,6 +237,13 @@ class Orchestrator:
             generation_seconds=last_group_at - self.submitted_at.pop(step, last_group_at),
             reward_seconds=time.perf_counter() - last_group_at,
         )
+
+    def build_batch(self, step: int, scored: list[ScoredRollout]) -> BuiltBatch:
+        """The step's rollouts as its stage trains them (services/orchestrator/stages.py)."""
+        stage = self.plan.of(step)
+        if stage.kind == "grpo":
+            return build_batch(self.cfg, step, scored, self.state.policy_version)
+        raise NotImplementedError(stage.kind)
 
     def take_demonstrations(self, step: int) -> StepRecord:
         """An sft step: its share of the stage's demonstrations (no rollouts, nothing to grade)."""

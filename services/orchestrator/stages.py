@@ -49,7 +49,7 @@ class StagePlan:
 
     def generates(self, step: int) -> bool:
         """Whether the step trains on rollouts (its prompts go to the rollout workers)."""
-        return self.of(step).kind == "grpo"
+        return self.of(step).config.generates
 
     def submit_through(self, step: int, max_staleness: int) -> int:
         """The last step whose prompts may be out while `step` trains: max_staleness ahead in a

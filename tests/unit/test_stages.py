@@ -64,10 +64,14 @@ def test_the_stages_are_a_schedule_over_the_jobs_steps(tmp_path):
 @pytest.mark.parametrize(
     "stages, extra, message",
     [
-        ("[{kind: sft, steps: 2}]", "", "an sft stage needs data"),
-        ("[{kind: grpo, steps: 2, data: demos.jsonl}]", "", "a grpo stage"),
+        ("[{kind: sft, steps: 2}]", "", "stage kind sft needs data"),
+        ("[{kind: grpo, steps: 2, data: demos.jsonl}]", "", "stage kind grpo takes its prompts from data.train"),
         ("[{kind: grpo, steps: 2}]", "steps: 5\n", "steps=5, but the stages have 2"),
-        ("[{kind: dpo, steps: 2}]", "", "stages.0.kind"),
+        ("[{kind: ppo, steps: 2}]", "", "stages.0.kind"),
+        ("[{kind: dpo, steps: 2}]", "", "stage kind dpo needs data: a JSONL file of preference pairs"),
+        ("[{kind: dpo, steps: 2, online: true, data: d.jsonl}]", "", r"dpo \(online\) takes its prompts"),
+        ("[{kind: grpo, steps: 2, min_reward: 1}]", "", "min_reward is for rejection_sft stages, not grpo"),
+        ("[{kind: sft, steps: 2, data: d.jsonl, online: true}]", "", "online is for dpo stages"),
     ],
 )
 def test_bad_stages_are_named(tmp_path, stages, extra, message):
