@@ -31,15 +31,16 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
-def resolve_model_path(path: str | None) -> Path:
-    """The model directory a job loads: `path` checked, or the embedded model (converted once)."""
+def resolve_model_path(path: str | None, field: str = "model.path") -> Path:
+    """The model directory a job loads: `path` checked (errors name the config `field`), or the
+    embedded model (converted once)."""
     if path is None:
         return ensure_default_model()
     model_dir = Path(path).expanduser()
     if not model_dir.is_dir():
-        raise ModelNotFoundError(f"model.path: {model_dir} is not a directory")
+        raise ModelNotFoundError(f"{field}: {model_dir} is not a directory")
     if not (model_dir / "config.json").is_file():
-        raise ModelNotFoundError(f"model.path: {model_dir} has no config.json (not a Hugging Face model dir)")
+        raise ModelNotFoundError(f"{field}: {model_dir} has no config.json (not a Hugging Face model dir)")
     return model_dir.resolve()
 
 

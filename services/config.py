@@ -88,6 +88,33 @@ class MetricsConfig(Section):
 StageKind = Literal["grpo", "sft", "rejection_sft", "dpo", "distill"]
 
 
+class TeacherConfig(Section):
+    """The teacher of a distill stage (services/orchestrator/teachers.py): a model that scores the
+    student's sampled tokens, in a Ray actor of its own. It sees the prompt with `system_prompt`
+    and the `few_shot` conversations before it; the student sees the prompt alone, so with the
+    job's own model as the teacher this is context distillation (the student learns to answer as
+    the model does with that context, without it)."""
+
+    # A local Hugging Face model directory sharing the student's tokenizer (it scores the
+    # student's token ids); None = the job's own model (model.path).
+    model: str | None = None
+    # A JSONL file of example conversations, each row {"messages": [user/assistant turns]}.
+    few_shot: str | None = None
+    system_prompt: str | None = None
+    batch_size: int = Field(default=16, ge=1, description="sequences a teacher forward pass")
+    num_cpus: float = Field(default=0, ge=0, description="Ray CPUs of the teacher's actor")
+    num_gpus: float = Field(default=0, ge=0, description="Ray GPUs of the teacher's actor; > 0: on cuda")
+
+    @model_validator(mode="after")
+    def _differs_from_the_student(self) -> "TeacherConfig":
+        if self.model is None and self.few_shot is None and self.system_prompt is None:
+            raise ValueError(
+                "teacher: the job's own model with the student's own prompt teaches nothing: "
+                "give teacher.model, teacher.few_shot or teacher.system_prompt"
+            )
+        return self
+
+
 class StageConfig(Section):
     """One stage of a job's `stages:`, run in order, each from the weights the one before left
     (services/orchestrator/stages.py). A job without `stages` is one grpo stage of `steps`.
@@ -118,6 +145,8 @@ class StageConfig(Section):
     # a group makes a pair when its best and worst rewards differ by more than min_margin.
     online: bool = False
     min_margin: float = Field(default=0.0, ge=0)
+    # distill: the model whose per-token log-probs of the rollouts the student is trained towards.
+    teacher: TeacherConfig | None = None
 
     @property
     def generates(self) -> bool:
@@ -135,7 +164,16 @@ class StageConfig(Section):
                 f"stage kind {self.kind}{' (online)' if self.online else ''} takes its prompts from "
                 "data.train (prompts_per_step): no data"
             )
-        for name, kinds in (("min_reward", ("rejection_sft",)), ("online", ("dpo",)), ("min_margin", ("dpo",))):
+        if self.kind == "distill" and self.teacher is None:
+            raise ValueError(
+                "stage kind distill needs teacher: {model, few_shot, system_prompt} (no model: the job's)"
+            )
+        for name, kinds in (
+            ("min_reward", ("rejection_sft",)),
+            ("online", ("dpo",)),
+            ("min_margin", ("dpo",)),
+            ("teacher", ("distill",)),
+        ):
             if name in self.model_fields_set and self.kind not in kinds:
                 raise ValueError(f"{name} is for {' or '.join(kinds)} stages, not {self.kind}")
         return self
@@ -184,6 +222,15 @@ class JobConfig(Section):
             )
         if algorithm.max_extra_prompts is None:
             algorithm.max_extra_prompts = 2 * self.prompts_per_step
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_is_single_turn(self) -> "JobConfig":
+        if self.rollout.environment is not None and any(s.kind == "distill" for s in self.stages or []):
+            raise ValueError(
+                "stages: distill is single-turn only, but rollout.environment makes multi-turn episodes "
+                "(their prompts come from the environment, which the teacher's context cannot be added to)"
+            )
         return self
 
     @model_validator(mode="before")
@@ -287,6 +334,9 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     fix((raw.get("rollout") or {}).get("environment"), "path")
     for stage in raw.get("stages") or []:
         fix(stage, "data")
+        if isinstance(stage, dict):
+            fix(stage.get("teacher"), "few_shot")
+            fix(stage.get("teacher"), "model")
     resolve_source_paths((raw.get("reward") or {}).get("grader"), base_dir)
 
 

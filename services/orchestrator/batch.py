@@ -4,14 +4,14 @@ prompt with group-normalised advantages (GRPO), rollouts older than `sync.max_st
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from learner.interface import TrainBatch, TrainSample
 from learner.losses import group_advantages
 from reward_workers.interface import ScoredRollout
-from rollout_workers.interface import GenerationRequest, SamplingSettings
+from rollout_workers.interface import GenerationRequest, Rollout, SamplingSettings
 from services.config import JobConfig
 from services.orchestrator.setup import JobInputs
 
@@ -65,6 +65,29 @@ class BuiltBatch:
     zero_signal_groups: int  # groups whose rewards were all equal (no learning signal)
     signal_groups: int  # groups with reward variance
     stale_dropped: int  # rollouts more than max_staleness versions behind the learner
+    extra: dict[str, float] = field(default_factory=dict)  # the stage kind's own step metrics
+
+
+def is_stale(rollout: Rollout, policy_version: int, max_staleness: int) -> bool:
+    """More than `max_staleness` versions behind the learner: left out of the batch."""
+    return policy_version - rollout.policy_version > max_staleness
+
+
+def train_sample(rollout: Rollout, advantage: float) -> TrainSample | None:
+    """The rollout as the learner trains it; None for an episode that failed before the model
+    acted (scored, but no token of the policy's to train)."""
+    if rollout.loss_mask is not None and not any(rollout.loss_mask):
+        return None
+    return TrainSample(
+        rollout.sample_id,
+        rollout.prompt_ids,
+        rollout.completion_ids,
+        rollout.behaviour_logprobs,
+        advantage,
+        rollout.policy_version,
+        loss_mask=rollout.loss_mask,
+        token_checksum=rollout.token_checksum,
+    )
 
 
 def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_version: int) -> BuiltBatch:
@@ -80,24 +103,11 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
                 continue
         advantages = group_advantages(rewards, algorithm.scale_by_std, algorithm.advantage_eps)
         for member, advantage in zip(members, advantages.tolist()):
-            r = member.rollout
-            if policy_version - r.policy_version > cfg.sync.max_staleness:
+            if is_stale(member.rollout, policy_version, cfg.sync.max_staleness):
                 stale += 1
                 continue
-            if r.loss_mask is not None and not any(r.loss_mask):
-                continue  # an episode that failed before the model acted: scored, nothing to train
-            samples.append(
-                TrainSample(
-                    r.sample_id,
-                    r.prompt_ids,
-                    r.completion_ids,
-                    r.behaviour_logprobs,
-                    advantage,
-                    r.policy_version,
-                    loss_mask=r.loss_mask,
-                    token_checksum=r.token_checksum,
-                )
-            )
+            sample = train_sample(member.rollout, advantage)
+            samples += [sample] if sample is not None else []
     return BuiltBatch(
         TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature),
         zero_signal,

@@ -135,15 +135,20 @@ def _check_prompt(item: dict[str, Any], where: str) -> None:
     if prompt is not None and not isinstance(prompt, str):
         raise DatasetError(f"{where}: 'prompt' must be a string")
     if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
-        for i, message in enumerate(messages):
-            if not (
-                isinstance(message, dict)
-                and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)
-            ):
-                raise DatasetError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
+        check_messages(messages, where)
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """A non-empty list of {'role': str, 'content': str}; else a DatasetError naming the message."""
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where}: 'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise DatasetError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
 
 
 def chat_template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -151,13 +156,16 @@ def chat_template_ids(tokenizer, messages: list[dict], generation_prompt: bool) 
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5: a BatchEncoding
 
 
-def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) -> list[int]:
+def item_prompt_ids(item: dict[str, Any], tokenizer) -> list[int]:
     """Chat items go through the model's chat template; plain prompts are tokenized as they are."""
     if item.get("messages") is not None:
-        ids = chat_template_ids(tokenizer, item["messages"], generation_prompt=True)
-    else:
-        ids = tokenizer(item["prompt"], add_special_tokens=True)["input_ids"]
-    ids = list(ids)
+        return chat_template_ids(tokenizer, item["messages"], generation_prompt=True)
+    return list(tokenizer(item["prompt"], add_special_tokens=True)["input_ids"])
+
+
+def prompt_token_ids(item: dict[str, Any], tokenizer, max_prompt_tokens: int) -> list[int]:
+    """The item's prompt ids (`item_prompt_ids`), at most `max_prompt_tokens` of them."""
+    ids = item_prompt_ids(item, tokenizer)
     if len(ids) > max_prompt_tokens:
         raise DatasetError(
             f"item {item['id']}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}"

@@ -42,6 +42,7 @@ from services.orchestrator.checkpoints import (
     roll_back,
     save_checkpoint,
 )
+from services.orchestrator.distillation import actor_scoring, distillation_batch
 from services.orchestrator.evaluation import (
     HeldoutEvaluator,
     format_summary,
@@ -243,6 +244,10 @@ class Orchestrator:
         stage = self.plan.of(step)
         if stage.kind == "grpo":
             return build_batch(self.cfg, step, scored, self.state.policy_version)
+        if stage.kind == "distill":
+            teacher = actor_scoring(self.actors.teachers[stage.index])
+            prompt_ids = self.inputs.teachers[stage.index].prompt_ids
+            return distillation_batch(self.cfg, step, scored, self.state.policy_version, teacher, prompt_ids)
         raise NotImplementedError(stage.kind)
 
     def take_demonstrations(self, step: int) -> StepRecord:

@@ -49,6 +49,9 @@ GAUGES = {
     "kl_ref": "KL to the reference (adapter disabled)",
     "grad_norm": "gradient norm before clipping",
     "loss": "policy loss",
+    "distill_reverse_kl": "distill steps: mean over the policy's tokens of behaviour minus teacher log-prob "
+    "(the sampled reverse KL to the teacher per token)",
+    "distill_teacher_seconds": "distill steps: wall time the teacher took to score the step's rollouts",
     "zero_signal_groups": "groups in the step whose rewards were all equal",
     "signal_groups": "groups in the step with reward variance (GRPO signal)",
     "extra_prompts": "prompts dynamic sampling added to the step (algorithm.min_signal_groups)",

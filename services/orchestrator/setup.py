@@ -22,6 +22,7 @@ from services.config import DataConfig, JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
 from services.orchestrator.demonstrations import Demonstration, load_demonstrations
 from services.orchestrator.rollout_scheduler import RolloutScheduler
+from services.orchestrator.teachers import TeacherInputs, prepare_teachers, start_teacher
 from weight_sync.channel import WeightSyncChannel
 
 log = logging.getLogger("rft.setup")
@@ -39,6 +40,7 @@ class JobInputs:
     demonstrations: dict[int, list[Demonstration]] = field(
         default_factory=dict
     )  # sft stage index -> its data
+    teachers: dict[int, TeacherInputs] = field(default_factory=dict)  # distill stage index -> its teacher's
 
 
 def prepare_inputs(cfg: JobConfig) -> JobInputs:
@@ -75,8 +77,16 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
         for index, stage in enumerate(cfg.stages or [])
         if stage.kind == "sft"
     }
+    teachers = prepare_teachers(cfg, model_path, tokenizer, train_items)  # their prompts, checked here too
     return JobInputs(
-        model_path, train_items, heldout_items, items_by_id, prompt_ids, extra_heldout, demonstrations
+        model_path,
+        train_items,
+        heldout_items,
+        items_by_id,
+        prompt_ids,
+        extra_heldout,
+        demonstrations,
+        teachers,
     )
 
 
@@ -141,9 +151,13 @@ class Actors:
     reward_pool: RewardPool
     channel: WeightSyncChannel
     metrics: MetricsContext
+    teachers: dict[int, object] = field(default_factory=dict)  # distill stage index -> its teacher's actor
 
     def shutdown(self) -> None:
+        import ray
 
+        for teacher in self.teachers.values():
+            ray.kill(teacher)
         self.reward_pool.shutdown()
         self.rollouts.shutdown()
         self.learner.shutdown()
@@ -204,13 +218,15 @@ def start_actors(cfg: JobConfig, inputs: JobInputs) -> Actors:
         on_worker_gone=metrics.forget,
     )
     reward_pool = RewardPool(cfg.reward, metrics=metrics, secrets=tuple(url_password(cfg.cluster.redis_url)))
-    actors = Actors(learner, rollouts, reward_pool, channel, metrics)
+    teachers = {index: start_teacher(cfg, index, teacher) for index, teacher in inputs.teachers.items()}
+    actors = Actors(learner, rollouts, reward_pool, channel, metrics, teachers)
     engines = ray.get([w.engine_name.remote() for w in rollouts.workers.values()])
     log.info(
-        "actors up: %d learner rank(s), %d rollout workers (%s), %d reward workers",
+        "actors up: %d learner rank(s), %d rollout workers (%s), %d reward workers, %d teacher(s)",
         cfg.learner.num_ranks,
         len(engines),
         ", ".join(engines),
         cfg.reward.num_workers,
+        len(teachers),
     )
     return actors
