@@ -174,7 +174,8 @@ class StageConfig(Section):
             ("min_margin", ("dpo",)),
             ("teacher", ("distill",)),
         ):
-            if name in self.model_fields_set and self.kind not in kinds:
+            # Set to other than its default: a saved config.yaml (a resume) holds every field.
+            if getattr(self, name) != type(self).model_fields[name].default and self.kind not in kinds:
                 raise ValueError(f"{name} is for {' or '.join(kinds)} stages, not {self.kind}")
         return self
 

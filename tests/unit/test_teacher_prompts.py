@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from core.config import ConfigError
 from core.model_store import ensure_default_model
 from services.cli import app
-from services.config import load_config
+from services.config import dump_config, load_config
 from services.orchestrator.data import DatasetError
 from services.orchestrator.setup import prepare_inputs
 from services.orchestrator.teachers import load_few_shot
@@ -91,6 +91,15 @@ def tokenizer():
 def test_bad_distill_configs_are_named(tmp_path, tiny_model_dir, stages, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_job(tmp_path, tiny_model_dir, stages, extra))
+
+
+def test_a_distill_jobs_saved_config_loads_again(tmp_path, tiny_model_dir):
+    """--resume reads the run's config.yaml, which holds every field of every stage."""
+    stages = "[{kind: distill, steps: 1, teacher: {system_prompt: x}}, {kind: grpo, steps: 1}]"
+    cfg = load_config(write_job(tmp_path, tiny_model_dir, stages))
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(saved) == cfg
 
 
 def test_the_teachers_prompts_are_the_chat_template_of_its_whole_conversation(tmp_path, tiny_model_dir):
