@@ -135,9 +135,9 @@ class StageConfig(Section):
                 f"stage kind {self.kind}{' (online)' if self.online else ''} takes its prompts from "
                 "data.train (prompts_per_step): no data"
             )
-        for name, kinds in (("min_reward", ("rejection_sft",)), ("online", ("dpo",)), ("min_margin", ("dpo",))):
-            if name in self.model_fields_set and self.kind not in kinds:
-                raise ValueError(f"{name} is for {' or '.join(kinds)} stages, not {self.kind}")
+        for name, kind in (("min_reward", "rejection_sft"), ("online", "dpo"), ("min_margin", "dpo")):
+            if name in self.model_fields_set and self.kind != kind:
+                raise ValueError(f"{name} is for {kind} stages, not {self.kind}")
         return self
 
 

@@ -4,14 +4,14 @@ prompt with group-normalised advantages (GRPO), rollouts older than `sync.max_st
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from learner.interface import TrainBatch, TrainSample
 from learner.losses import group_advantages
 from reward_workers.interface import ScoredRollout
-from rollout_workers.interface import GenerationRequest, SamplingSettings
+from rollout_workers.interface import GenerationRequest, Rollout, SamplingSettings
 from services.config import JobConfig
 from services.orchestrator.setup import JobInputs
 
@@ -65,6 +65,27 @@ class BuiltBatch:
     zero_signal_groups: int  # groups whose rewards were all equal (no learning signal)
     signal_groups: int  # groups with reward variance
     stale_dropped: int  # rollouts more than max_staleness versions behind the learner
+    extra: dict[str, float] = field(default_factory=dict)  # a stage kind's own step metrics
+
+
+def rollout_sample(rollout: Rollout, advantage: float, **fields) -> TrainSample:
+    """A rollout as the learner trains it (`fields`: the other TrainSample fields an objective uses)."""
+    return TrainSample(
+        rollout.sample_id,
+        rollout.prompt_ids,
+        rollout.completion_ids,
+        rollout.behaviour_logprobs,
+        advantage,
+        rollout.policy_version,
+        loss_mask=rollout.loss_mask,
+        token_checksum=rollout.token_checksum,
+        **fields,
+    )
+
+
+def has_policy_tokens(rollout: Rollout) -> bool:
+    """False for an episode that failed before the model acted: scored, nothing to train."""
+    return rollout.loss_mask is None or any(rollout.loss_mask)
 
 
 def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_version: int) -> BuiltBatch:
@@ -84,20 +105,8 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
             if policy_version - r.policy_version > cfg.sync.max_staleness:
                 stale += 1
                 continue
-            if r.loss_mask is not None and not any(r.loss_mask):
-                continue  # an episode that failed before the model acted: scored, nothing to train
-            samples.append(
-                TrainSample(
-                    r.sample_id,
-                    r.prompt_ids,
-                    r.completion_ids,
-                    r.behaviour_logprobs,
-                    advantage,
-                    r.policy_version,
-                    loss_mask=r.loss_mask,
-                    token_checksum=r.token_checksum,
-                )
-            )
+            if has_policy_tokens(r):
+                samples.append(rollout_sample(r, advantage))
     return BuiltBatch(
         TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature),
         zero_signal,
