@@ -136,7 +136,8 @@ class StageConfig(Section):
                 "data.train (prompts_per_step): no data"
             )
         for name, kind in (("min_reward", "rejection_sft"), ("online", "dpo"), ("min_margin", "dpo")):
-            if name in self.model_fields_set and self.kind != kind:
+            # Its default is no setting at all (a dumped config, as --resume reads, holds every field).
+            if getattr(self, name) != StageConfig.model_fields[name].default and self.kind != kind:
                 raise ValueError(f"{name} is for {kind} stages, not {self.kind}")
         return self
 

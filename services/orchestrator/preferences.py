@@ -25,17 +25,17 @@ from services.orchestrator.stages import Stage, stage_rows
 ScoreSequences = Callable[[list[TrainSample]], list[float]]  # Σ log π of each, current weights
 
 
-def pair_samples(pair: PreferencePair, step: int, policy_version: int) -> list[TrainSample]:
-    """The pair as two dpo samples, chosen first (a pair trains once a pass: its id has the step)."""
+def pair_samples(pair: PreferencePair, tag: str, policy_version: int) -> list[TrainSample]:
+    """The pair as two dpo samples, chosen first (`tag`: its stage and pass, `stage_rows`)."""
     return [
         TrainSample(
-            f"{pair.id}/{side}@{step}",
+            f"{pair.id}/{side}@{tag}",
             pair.prompt_ids,
             completion_ids,
             behaviour_logprobs=[],
             advantage=0.0,
             policy_version=policy_version,
-            pair_id=f"{pair.id}@{step}",
+            pair_id=f"{pair.id}@{tag}",
             preferred=side == "chosen",
         )
         for side, completion_ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids))
@@ -61,7 +61,7 @@ class StageReference:
                 f"{self.path} is missing: the stage's reference log-probs are written when it starts, "
                 "and the run resumed after that without them"
             )
-        samples = [sample for pair in self.pairs for sample in pair_samples(pair, 0, 0)]
+        samples = [sample for pair in self.pairs for sample in pair_samples(pair, "reference", 0)]
         scores = score_sequences(samples)
         self.logprobs = {s.sample_id.rsplit("@", 1)[0]: score for s, score in zip(samples, scores)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,8 @@ class StageReference:
         """The step's pairs (`stage_rows`), each sample with its reference log-prob."""
         samples = [
             sample
-            for row in stage_rows(stage, step, len(self.pairs), seed)
-            for sample in pair_samples(self.pairs[row], step, policy_version)
+            for row, tag in stage_rows(stage, step, len(self.pairs), seed)
+            for sample in pair_samples(self.pairs[row], tag, policy_version)
         ]
         for sample in samples:
             sample.reference_logprob = self.logprobs[sample.sample_id.rsplit("@", 1)[0]]

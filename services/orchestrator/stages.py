@@ -67,10 +67,11 @@ def offline_step(step: int, policy_version: int, batch: TrainBatch) -> StepRecor
     return record
 
 
-def stage_rows(stage: Stage, step: int, count: int, seed: int) -> list[int]:
-    """Which of the stage's `count` rows (demonstrations, pairs) the step takes: `batch_size` of
-    them from an order shuffled per pass (seeded by the job's seed, the stage and the pass). A
-    function of the step, so a resumed or replayed step takes the same ones."""
+def stage_rows(stage: Stage, step: int, count: int, seed: int) -> list[tuple[int, str]]:
+    """Which of the stage's `count` rows (demonstrations, pairs) the step takes, `batch_size` of
+    them from an order shuffled per pass (seeded by the job's seed, the stage and the pass), each
+    with a tag naming the stage and the pass: a row is in a pass once, so `<row id>@<tag>` is
+    unique. A function of the step, so a resumed or replayed step takes the same ones."""
     size = stage.config.batch_size
     start = (step - stage.first_step) * size
     orders: dict[int, list[int]] = {}
@@ -80,7 +81,7 @@ def stage_rows(stage: Stage, step: int, count: int, seed: int) -> list[int]:
         if epoch not in orders:
             orders[epoch] = list(range(count))
             random.Random(f"{seed}/{stage.index}/{epoch}").shuffle(orders[epoch])
-        rows.append(orders[epoch][offset])
+        rows.append((orders[epoch][offset], f"{stage.index + 1}.{epoch}"))
     return rows
 
 
@@ -90,15 +91,13 @@ def demonstration_batch(
     """An sft step's demonstrations, `batch_size` of them (`stage_rows`)."""
     samples = [
         TrainSample(
-            sample_id=f"{demonstration.id}@{step}",  # a demonstration trains once a pass
-            prompt_ids=demonstration.prompt_ids,
-            completion_ids=demonstration.completion_ids,
+            sample_id=f"{demonstrations[row].id}@{tag}",
+            prompt_ids=demonstrations[row].prompt_ids,
+            completion_ids=demonstrations[row].completion_ids,
             behaviour_logprobs=[],
             advantage=0.0,
             policy_version=policy_version,
         )
-        for demonstration in (
-            demonstrations[row] for row in stage_rows(stage, step, len(demonstrations), seed)
-        )
+        for row, tag in stage_rows(stage, step, len(demonstrations), seed)
     ]
     return TrainBatch(step, samples, temperature=1.0, objective="sft")
