@@ -194,7 +194,7 @@ class JobConfig(Section):
         steps = [stage.get("steps") if isinstance(stage, dict) else None for stage in stages or []]
         if not steps or not all(isinstance(n, int) and n >= 1 for n in steps):
             return raw  # no stages, or ones the stage's own validation names
-        if "steps" in raw and raw["steps"] != sum(steps):
+        if raw.get("steps") is not None and raw["steps"] != sum(steps):
             raise ValueError(
                 f"steps={raw['steps']}, but the stages have {sum(steps)}: leave steps out with stages"
             )

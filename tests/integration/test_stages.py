@@ -55,12 +55,10 @@ def test_an_sft_then_grpo_job_resumes_inside_its_second_stage(tmp_path, tiny_mod
 def test_rejection_sft_then_online_and_offline_dpo_resume_inside_the_offline_stage(tmp_path, tiny_model_dir):
     config = write_job(tmp_path, tiny_model_dir, "hf", max_staleness=1)
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "".join(
-            json.dumps({"id": f"q{i}", "prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": " 0"}) + "\n"
-            for i in range(1, 4)
-        )
-    )
+    rows = [
+        {"id": f"q{i}", "prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": " 0"} for i in [1, 2, 3]
+    ]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
     stages = (
         "[{kind: rejection_sft, steps: 1, min_reward: 0.5}, {kind: dpo, steps: 1, online: true}, "
         f"{{kind: dpo, steps: 2, data: {pairs}, batch_size: 2, learning_rate: 0.001}}]"

@@ -106,13 +106,14 @@ def test_a_preference_pair_is_two_demonstrations_of_one_prompt(tmp_path, tokeniz
         tokenizer,
         max_prompt_tokens=256,
     )
-    assert plain.chosen_ids == tokenizer(" 5", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    eos = tokenizer.eos_token_id
+    assert plain.chosen_ids == tokenizer(" 5", add_special_tokens=False)["input_ids"] + [eos]
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"messages": QUESTION, "chosen": "5"}, r"pairs.jsonl:2: field 'rejected' must be a non-empty string"),
+        ({"messages": QUESTION, "chosen": "5"}, r"pairs.jsonl:2: field 'rejected' must be a non-empty"),
         ({"chosen": "5", "rejected": "6"}, r"pairs.jsonl:2: a preference pair needs 'prompt'"),
         (
             {"messages": QUESTION + [{"role": "assistant", "content": "5"}], "chosen": "5", "rejected": "6"},
@@ -128,7 +129,9 @@ def test_a_bad_preference_pair_names_its_line_and_field(tmp_path, tokenizer, row
 
 
 def test_the_reference_is_taken_at_the_stage_start_and_read_back_inside_it(tmp_path, tokenizer):
-    rows = [{"id": f"q{i}", "prompt": f"{i} + 1 =", "chosen": f" {i + 1}", "rejected": " 0"} for i in range(3)]
+    rows = [
+        {"id": f"q{i}", "prompt": f"{i} + 1 =", "chosen": f" {i + 1}", "rejected": " 0"} for i in (0, 1, 2)
+    ]
     pairs = load_preference_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows), tokenizer, 256)
     stage = Stage(1, StageConfig(kind="dpo", steps=4, data="pairs.jsonl", batch_size=2), first_step=5)
     calls = []
