@@ -24,10 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import EXAMPLE, compare, evaluate, measures  # noqa: E402
+
 TRL_PIN = "trl==1.16.0"
 TRL_VENV = ROOT / ".venv-trl"
-EXAMPLE = ROOT / "examples" / "arithmetic"
-SOLVED = 1.0 - 1e-6
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,35 +81,6 @@ def train_trl(python: Path, model: Path, minutes: float, out: Path) -> tuple[Pat
     line = next(line for line in finished.stdout.splitlines() if line.startswith("trl-result: "))
     result = json.loads(line.removeprefix("trl-result: "))
     return adapter, result["steps"], result["seconds"]
-
-
-def evaluate(adapter: Path | None, data: Path, limit: int, output: Path) -> dict[str, dict]:
-    """rft eval, greedy: per item (id -> its result line)."""
-    command = [sys.executable, "-m", "services.cli", "eval", "--data", str(data)]
-    command += ["--grader", str(EXAMPLE / "grader.py"), "--limit", str(limit), "--output", str(output)]
-    subprocess.run(
-        command + (["--adapter", str(adapter)] if adapter else []), check=True, capture_output=True
-    )
-    return {row["id"]: row for row in map(json.loads, output.read_text().splitlines())}
-
-
-def measures(results: dict[str, dict]) -> dict[str, set[str]]:
-    """The items each measure counts as right: accuracy (right in the format) and lenient."""
-    return {
-        "accuracy": {i for i, r in results.items() if r["reward"] >= SOLVED},
-        "lenient": {i for i, r in results.items() if r["components"].get("lenient_correct", 0) >= 1},
-    }
-
-
-def compare(base: dict, trained: dict, n: int) -> str:
-    cells = []
-    for measure, right in trained.items():
-        before = base[measure]
-        cells.append(
-            f"{measure} {len(before) / n:.3f} -> {len(right) / n:.3f} "
-            f"(right->wrong {len(before - right)}, wrong->right {len(right - before)})"
-        )
-    return "; ".join(cells)
 
 
 def main() -> None:

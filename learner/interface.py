@@ -45,6 +45,9 @@ class TrainBatch:
     # temperature 1 whatever this says: they train the model's own distribution.
     temperature: float
     objective: Objective = "policy_gradient"
+    # The optimizer's learning rate for this step (a job's stages may each have their own);
+    # None = learner.learning_rate.
+    learning_rate: float | None = None
 
 
 @dataclass

@@ -174,6 +174,8 @@ class Learner(WeightsSender):
         step whose gradient norm is not finite, on every rank alike, and zeroes the gradients).
         With more than one update, π_old is a snapshot taken first (one no-grad forward)."""
         started = time.perf_counter()
+        for group in self.engine.optimizer.param_groups:  # a stage's own, or the configured one
+            group["lr"] = shard.learning_rate or self.settings.learning_rate
         snapshot = shard.updates > 1
         result = ShardResult(
             policy_version=self.policy_version,

@@ -55,6 +55,7 @@ class TrainShard:
     packed: bool = False  # each micro-batch is one packed row (learner.pack_sequences)
     objective: str = "policy_gradient"  # the batch's (learner/objectives/)
     reference: bool = False  # the loss takes π_ref per token (the same on every rank)
+    learning_rate: float | None = None  # the batch's; None = learner.learning_rate
 
     @property
     def updates(self) -> int:
@@ -195,6 +196,7 @@ def plan_shards(
             settings.pack_sequences,
             batch.objective,
             objective.needs_reference(batch.samples, algorithm),
+            batch.learning_rate,
         )
         for _ in range(num_ranks)
     ]

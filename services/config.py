@@ -168,15 +168,15 @@ class StageConfig(Section):
             raise ValueError(
                 "stage kind distill needs teacher: {model, few_shot, system_prompt} (no model: the job's)"
             )
-        for name, kinds in (
-            ("min_reward", ("rejection_sft",)),
-            ("online", ("dpo",)),
-            ("min_margin", ("dpo",)),
-            ("teacher", ("distill",)),
+        for name, kind in (
+            ("min_reward", "rejection_sft"),
+            ("online", "dpo"),
+            ("min_margin", "dpo"),
+            ("teacher", "distill"),
         ):
-            # Set to other than its default: a saved config.yaml (a resume) holds every field.
-            if getattr(self, name) != type(self).model_fields[name].default and self.kind not in kinds:
-                raise ValueError(f"{name} is for {' or '.join(kinds)} stages, not {self.kind}")
+            # Its default is no setting at all (a dumped config, as --resume reads, holds every field).
+            if getattr(self, name) != StageConfig.model_fields[name].default and self.kind != kind:
+                raise ValueError(f"{name} is for {kind} stages, not {self.kind}")
         return self
 
 
@@ -241,7 +241,7 @@ class JobConfig(Section):
         steps = [stage.get("steps") if isinstance(stage, dict) else None for stage in stages or []]
         if not steps or not all(isinstance(n, int) and n >= 1 for n in steps):
             return raw  # no stages, or ones the stage's own validation names
-        if "steps" in raw and raw["steps"] != sum(steps):
+        if raw.get("steps") is not None and raw["steps"] != sum(steps):
             raise ValueError(
                 f"steps={raw['steps']}, but the stages have {sum(steps)}: leave steps out with stages"
             )

@@ -128,7 +128,9 @@ def evaluate(
         ..., "--grader", help=".py file with grade(sample, item), or a grader YAML/JSON"
     ),
     engine: str = typer.Option("auto", "--engine", help="auto | vllm | hf"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="per turn, with an environment"),
+    max_new_tokens: int = typer.Option(
+        64, "--max-new-tokens", help="new tokens a reply (a turn, with an environment)"
+    ),
     environment: Optional[Path] = typer.Option(
         None,
         "--environment",

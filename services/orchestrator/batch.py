@@ -65,19 +65,11 @@ class BuiltBatch:
     zero_signal_groups: int  # groups whose rewards were all equal (no learning signal)
     signal_groups: int  # groups with reward variance
     stale_dropped: int  # rollouts more than max_staleness versions behind the learner
-    extra: dict[str, float] = field(default_factory=dict)  # the stage kind's own step metrics
+    extra: dict[str, float] = field(default_factory=dict)  # a stage kind's own step metrics
 
 
-def is_stale(rollout: Rollout, policy_version: int, max_staleness: int) -> bool:
-    """More than `max_staleness` versions behind the learner: left out of the batch."""
-    return policy_version - rollout.policy_version > max_staleness
-
-
-def train_sample(rollout: Rollout, advantage: float) -> TrainSample | None:
-    """The rollout as the learner trains it; None for an episode that failed before the model
-    acted (scored, but no token of the policy's to train)."""
-    if rollout.loss_mask is not None and not any(rollout.loss_mask):
-        return None
+def rollout_sample(rollout: Rollout, advantage: float, **fields) -> TrainSample:
+    """A rollout as the learner trains it (`fields`: the other TrainSample fields an objective uses)."""
     return TrainSample(
         rollout.sample_id,
         rollout.prompt_ids,
@@ -87,7 +79,13 @@ def train_sample(rollout: Rollout, advantage: float) -> TrainSample | None:
         rollout.policy_version,
         loss_mask=rollout.loss_mask,
         token_checksum=rollout.token_checksum,
+        **fields,
     )
+
+
+def has_policy_tokens(rollout: Rollout) -> bool:
+    """False for an episode that failed before the model acted: scored, nothing to train."""
+    return rollout.loss_mask is None or any(rollout.loss_mask)
 
 
 def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_version: int) -> BuiltBatch:
@@ -103,11 +101,12 @@ def build_batch(cfg: JobConfig, step: int, scored: list[ScoredRollout], policy_v
                 continue
         advantages = group_advantages(rewards, algorithm.scale_by_std, algorithm.advantage_eps)
         for member, advantage in zip(members, advantages.tolist()):
-            if is_stale(member.rollout, policy_version, cfg.sync.max_staleness):
+            r = member.rollout
+            if policy_version - r.policy_version > cfg.sync.max_staleness:
                 stale += 1
                 continue
-            sample = train_sample(member.rollout, advantage)
-            samples += [sample] if sample is not None else []
+            if has_policy_tokens(r):
+                samples.append(rollout_sample(r, advantage))
     return BuiltBatch(
         TrainBatch(step=step, samples=samples, temperature=cfg.rollout.temperature),
         zero_signal,

@@ -8,6 +8,9 @@ into a prompt and the completion the loss is on.
   Earlier assistant turns are context.
 - `prompt` + `completion`: plain text, as a job's `prompt` items are generated from: the prompt
   tokenized as it is, the completion after it, then the end-of-sequence token.
+A dpo stage's preference pairs: rows of `prompt` (text) or `messages` (the conversation before
+the answer), with the `chosen` and the `rejected` answer as text, each answer tokenized as a
+demonstration's completion is.
 Every row is checked before any actor starts; a bad one names its file, line (or row) and field.
 """
 
@@ -29,7 +32,7 @@ class Demonstration:
 def load_demonstrations(path: str, tokenizer, max_prompt_tokens: int) -> list[Demonstration]:
     demonstrations = []
     for where, row in dataset_rows(path):
-        prompt_ids, completion_ids = _tokenized(row, tokenizer, where)
+        prompt_ids, completion_ids = demonstration_ids(row, tokenizer, where)
         if len(prompt_ids) > max_prompt_tokens:
             raise DatasetError(
                 f"{where}: the prompt has {len(prompt_ids)} tokens > "
@@ -41,7 +44,8 @@ def load_demonstrations(path: str, tokenizer, max_prompt_tokens: int) -> list[De
     return demonstrations
 
 
-def _tokenized(row: dict[str, Any], tokenizer, where: str) -> tuple[list[int], list[int]]:
+def demonstration_ids(row: dict[str, Any], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a `messages` or `prompt` + `completion` row."""
     if "messages" in row:
         return _chat_ids(_messages(row["messages"], where), tokenizer, where)
     prompt, completion = row.get("prompt"), row.get("completion")
@@ -80,3 +84,49 @@ def _chat_ids(messages: list[dict], tokenizer, where: str) -> tuple[list[int], l
             "assistant turn; give the demonstration as 'prompt' + 'completion' instead"
         )
     return prompt_ids, whole_ids[len(prompt_ids) :]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def load_preference_pairs(path: str, tokenizer, max_prompt_tokens: int) -> list[PreferencePair]:
+    pairs = []
+    for where, row in dataset_rows(path):
+        if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
+            raise DatasetError(
+                f"{where}: a preference pair needs 'prompt' (text) or 'messages' (the conversation "
+                "before the answer), with 'chosen' and 'rejected'"
+            )
+        answers = {}
+        for side in ("chosen", "rejected"):
+            if not isinstance(row.get(side), str) or not row[side]:
+                raise DatasetError(f"{where}: field {side!r} must be a non-empty string (the answer)")
+            answers[side] = demonstration_ids(_as_demonstration(row, row[side], where), tokenizer, where)
+        prompt_ids = answers["chosen"][0]
+        if len(prompt_ids) > max_prompt_tokens:
+            raise DatasetError(
+                f"{where}: the prompt has {len(prompt_ids)} tokens > "
+                f"data.max_prompt_tokens={max_prompt_tokens}"
+            )
+        pair_id = str(row.get("id", where))
+        pairs.append(PreferencePair(pair_id, prompt_ids, answers["chosen"][1], answers["rejected"][1]))
+    if not pairs:
+        raise DatasetError(f"{path}: no preference pairs")
+    return pairs
+
+
+def _as_demonstration(row: dict, answer: str, where: str) -> dict:
+    if "messages" not in row:
+        return {"prompt": row["prompt"], "completion": answer}
+    messages = row["messages"]
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        raise DatasetError(
+            f"{where}: field 'messages' ends with an assistant turn; it is the conversation before "
+            "the answer, which 'chosen' and 'rejected' give"
+        )
+    return {"messages": messages + [{"role": "assistant", "content": answer}]}

@@ -19,7 +19,7 @@ from learner.samples import policy_mask
 from learner.teacher import distillation_advantages
 from reward_workers.interface import ScoredRollout
 from services.config import JobConfig
-from services.orchestrator.batch import BuiltBatch, groups_of, is_flat, is_stale, train_sample
+from services.orchestrator.batch import BuiltBatch, groups_of, has_policy_tokens, is_flat, rollout_sample
 
 # (prompt_ids, completion_ids) pairs and a temperature -> each completion token's log-prob
 # (learner/teacher.py `Teacher.batch_token_logprobs`, here or in its actor).
@@ -49,13 +49,10 @@ def distillation_batch(
     behaviour log-probs are at)."""
     groups = groups_of(scored, cfg.rollout.samples_per_prompt)
     zero_signal = sum(is_flat(members) for members in groups.values())
-    fresh = [s.rollout for s in scored if not is_stale(s.rollout, policy_version, cfg.sync.max_staleness)]
-    samples, sequences = [], []
-    for rollout in fresh:
-        sample = train_sample(rollout, advantage=0.0)  # replaced by its token advantages
-        if sample is not None:
-            samples.append(sample)
-            sequences.append((teacher_prompt_ids[rollout.prompt_id], sample.completion_ids))
+    fresh = [s.rollout for s in scored if policy_version - s.rollout.policy_version <= cfg.sync.max_staleness]
+    trained = [r for r in fresh if has_policy_tokens(r)]
+    samples = [rollout_sample(r, advantage=0.0) for r in trained]  # 0: replaced by its token advantages
+    sequences = [(teacher_prompt_ids[r.prompt_id], r.completion_ids) for r in trained]
     started = time.perf_counter()
     scores = teacher(sequences, cfg.rollout.temperature) if sequences else []
     for sample, teacher_logprobs in zip(samples, scores):

@@ -50,12 +50,14 @@ from services.orchestrator.evaluation import (
     heldout_sets_metrics,
 )
 from services.orchestrator.metrics import RunMetrics
+from services.orchestrator.preferences import StageReference, online_pairs_batch
 from services.orchestrator.progress import StepProgress
 from services.orchestrator.records import StepRecord, step_metrics, write_samples
+from services.orchestrator.rejection import rejection_batch
 from services.orchestrator.rollout_stream import ScoredRolloutStream
 from services.orchestrator.selection import PromptSource
 from services.orchestrator.setup import Actors, JobInputs, start_actors
-from services.orchestrator.stages import StagePlan, demonstration_step
+from services.orchestrator.stages import StagePlan, demonstration_batch, offline_step
 from weight_sync.channel import SyncResult
 
 log = logging.getLogger("rft.driver")
@@ -120,6 +122,10 @@ class Orchestrator:
         self.budget = budget
         self.last_step = cfg.steps  # earlier when the budget runs out
         self.plan = StagePlan(cfg)
+        self.references = {  # offline dpo stages: their pairs' log-probs at the stage's start
+            index: StageReference(cfg.run_dir / "stages" / f"{index + 1}-dpo-reference.json", pairs)
+            for index, pairs in inputs.preference_pairs.items()
+        }
         self.resumed_at: int | None = None  # the step a resumed run went on from
 
     def run(self, resume: bool) -> dict:
@@ -147,7 +153,7 @@ class Orchestrator:
             record = self.collect_and_grade(step)
             record.built = self.build_batch(step, record.scored)
         else:
-            record = self.take_demonstrations(step)
+            record = self.take_stage_data(step)
         record.stats = self.train(record)
         record.sync = self.publish(record.stats)
         if not self.budget.step_ended():
@@ -241,20 +247,29 @@ class Orchestrator:
 
     def build_batch(self, step: int, scored: list[ScoredRollout]) -> BuiltBatch:
         """The step's rollouts as its stage trains them (services/orchestrator/stages.py)."""
-        stage = self.plan.of(step)
-        if stage.kind == "grpo":
-            return build_batch(self.cfg, step, scored, self.state.policy_version)
+        stage, group_size = self.plan.of(step), self.cfg.rollout.samples_per_prompt
+        if stage.kind == "rejection_sft":
+            return rejection_batch(step, scored, group_size, stage.config.min_reward)
+        if stage.kind == "dpo":  # online
+            return online_pairs_batch(stage, step, scored, group_size, self.actors.learner.score_sequences)
         if stage.kind == "distill":
             teacher = actor_scoring(self.actors.teachers[stage.index])
             prompt_ids = self.inputs.teachers[stage.index].prompt_ids
             return distillation_batch(self.cfg, step, scored, self.state.policy_version, teacher, prompt_ids)
-        raise NotImplementedError(stage.kind)
+        return build_batch(self.cfg, step, scored, self.state.policy_version)
 
-    def take_demonstrations(self, step: int) -> StepRecord:
-        """An sft step: its share of the stage's demonstrations (no rollouts, nothing to grade)."""
-        stage = self.plan.of(step)
-        demonstrations = self.inputs.demonstrations[stage.index]
-        return demonstration_step(stage, step, demonstrations, self.cfg.seed, self.state.policy_version)
+    def take_stage_data(self, step: int) -> StepRecord:
+        """A step on the stage's own data (no rollouts, nothing to grade): demonstrations for
+        sft, preference pairs against the stage's reference for dpo."""
+        stage, version = self.plan.of(step), self.state.policy_version
+        if stage.kind == "sft":
+            demonstrations = self.inputs.demonstrations[stage.index]
+            batch = demonstration_batch(stage, step, demonstrations, self.cfg.seed, version)
+        else:
+            reference = self.references[stage.index]
+            reference.take(step == stage.first_step, self.actors.learner.score_sequences)
+            batch = reference.batch(stage, step, self.cfg.seed, version)
+        return offline_step(step, version, batch)
 
     def grade_as_generated(self, tag) -> tuple[list[ScoredRollout], float]:
         """The groups submitted under `tag`, each graded as it comes off a worker; and when the
@@ -284,6 +299,7 @@ class Orchestrator:
         """One learner step on the batch (none when it is empty)."""
         if not record.built.batch.samples:
             return None
+        record.built.batch.learning_rate = self.plan.of(record.step).config.learning_rate
         stats = self.actors.learner.train_step(record.built.batch)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if stats.skipped else 0
         limit = self.cfg.learner.max_consecutive_skipped_steps

@@ -86,7 +86,8 @@ def step_metrics(cfg: JobConfig, record: StepRecord, policy_version: int) -> Ste
             reward_seconds=record.reward_seconds,
             staleness_max=max(record.policy_version - s.rollout.policy_version for s in scored),
         )
-    values.update(record.built.extra)  # the stage kind's own, e.g. distill_reverse_kl
+    if record.built is not None:
+        values.update(record.built.extra)  # a stage kind's own: pass rate, pairs, reverse KL
     if cfg.algorithm.min_signal_groups is not None:
         values["extra_prompts"] = record.prompts.extra
     if cfg.data.difficulty_filter is not None:

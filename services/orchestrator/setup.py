@@ -20,7 +20,12 @@ from rollout_workers.chat_render import ChatRenderer, TemplateNotAppendOnlyError
 from rollout_workers.environments.client import check_environment
 from services.config import DataConfig, JobConfig
 from services.orchestrator.data import DatasetError, load_items, prompt_token_ids
-from services.orchestrator.demonstrations import Demonstration, load_demonstrations
+from services.orchestrator.demonstrations import (
+    Demonstration,
+    PreferencePair,
+    load_demonstrations,
+    load_preference_pairs,
+)
 from services.orchestrator.rollout_scheduler import RolloutScheduler
 from services.orchestrator.teachers import TeacherInputs, prepare_teachers, start_teacher
 from weight_sync.channel import WeightSyncChannel
@@ -37,9 +42,9 @@ class JobInputs:
     items_by_id: dict[str, dict]
     prompt_ids: dict[str, list[int]]  # item id -> prompt token ids
     extra_heldout: dict[str, list[dict]] = field(default_factory=dict)  # eval.extra_heldout, loaded
-    demonstrations: dict[int, list[Demonstration]] = field(
-        default_factory=dict
-    )  # sft stage index -> its data
+    # Stage index -> its data: an sft stage's demonstrations, an offline dpo stage's pairs.
+    demonstrations: dict[int, list[Demonstration]] = field(default_factory=dict)
+    preference_pairs: dict[int, list[PreferencePair]] = field(default_factory=dict)
     teachers: dict[int, TeacherInputs] = field(default_factory=dict)  # distill stage index -> its teacher's
 
 
@@ -72,10 +77,11 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
     prompt_ids = {
         i: prompt_token_ids(item, tokenizer, cfg.data.max_prompt_tokens) for i, item in items_by_id.items()
     }
-    demonstrations = {  # sft stages' data, tokenized: a bad row fails here, before any actor starts
-        index: load_demonstrations(stage.data, tokenizer, cfg.data.max_prompt_tokens)
-        for index, stage in enumerate(cfg.stages or [])
-        if stage.kind == "sft"
+    stages = list(enumerate(cfg.stages or []))
+    limit = cfg.data.max_prompt_tokens  # the stages' data, tokenized: a bad row fails here, before any actor
+    demonstrations = {i: load_demonstrations(s.data, tokenizer, limit) for i, s in stages if s.kind == "sft"}
+    preference_pairs = {
+        i: load_preference_pairs(s.data, tokenizer, limit) for i, s in stages if s.kind == "dpo" and s.data
     }
     teachers = prepare_teachers(cfg, model_path, tokenizer, train_items)  # their prompts, checked here too
     return JobInputs(
@@ -86,6 +92,7 @@ def prepare_inputs(cfg: JobConfig) -> JobInputs:
         prompt_ids,
         extra_heldout,
         demonstrations,
+        preference_pairs,
         teachers,
     )
 

@@ -58,42 +58,46 @@ class StagePlan:
         return step + max_staleness if self.generates(step) else step
 
 
-def demonstration_step(
-    stage: Stage, step: int, demonstrations: list[Demonstration], seed: int, policy_version: int
-) -> StepRecord:
-    """An sft step's record, its batch built: no rollouts, nothing graded."""
+def offline_step(step: int, policy_version: int, batch: TrainBatch) -> StepRecord:
+    """The record of a step that trains on the stage's own data: no rollouts, nothing graded."""
     record = StepRecord(
         step, policy_version, [], 0, StepPrompts(), generation_seconds=0.0, reward_seconds=0.0
     )
-    batch = demonstration_batch(stage, step, demonstrations, seed, policy_version)
     record.built = BuiltBatch(batch, zero_signal_groups=0, signal_groups=0, stale_dropped=0)
     return record
 
 
-def demonstration_batch(
-    stage: Stage, step: int, demonstrations: list[Demonstration], seed: int, policy_version: int
-) -> TrainBatch:
-    """The sft step's demonstrations: the stage's data in an order shuffled per pass (seeded by
-    the job's seed, the stage and the pass), `batch_size` a step. A function of the step, so a
-    resumed or replayed step takes the same ones."""
-    size, count = stage.config.batch_size, len(demonstrations)
+def stage_rows(stage: Stage, step: int, count: int, seed: int) -> list[tuple[int, str]]:
+    """Which of the stage's `count` rows (demonstrations, pairs) the step takes, `batch_size` of
+    them from an order shuffled per pass (seeded by the job's seed, the stage and the pass), each
+    with a tag naming the stage and the pass: a row is in a pass once, so `<row id>@<tag>` is
+    unique. A function of the step, so a resumed or replayed step takes the same ones."""
+    size = stage.config.batch_size
     start = (step - stage.first_step) * size
     orders: dict[int, list[int]] = {}
-    samples = []
+    rows = []
     for position in range(start, start + size):
         epoch, offset = divmod(position, count)
         if epoch not in orders:
             orders[epoch] = list(range(count))
             random.Random(f"{seed}/{stage.index}/{epoch}").shuffle(orders[epoch])
-        demonstration = demonstrations[orders[epoch][offset]]
-        samples.append(
-            TrainSample(
-                sample_id=f"{demonstration.id}@{step}",  # a demonstration trains once a pass
-                prompt_ids=demonstration.prompt_ids,
-                completion_ids=demonstration.completion_ids,
-                behaviour_logprobs=[],
-                advantage=0.0,
-                policy_version=policy_version,
-            )
+        rows.append((orders[epoch][offset], f"{stage.index + 1}.{epoch}"))
+    return rows
+
+
+def demonstration_batch(
+    stage: Stage, step: int, demonstrations: list[Demonstration], seed: int, policy_version: int
+) -> TrainBatch:
+    """An sft step's demonstrations, `batch_size` of them (`stage_rows`)."""
+    samples = [
+        TrainSample(
+            sample_id=f"{demonstrations[row].id}@{tag}",
+            prompt_ids=demonstrations[row].prompt_ids,
+            completion_ids=demonstrations[row].completion_ids,
+            behaviour_logprobs=[],
+            advantage=0.0,
+            policy_version=policy_version,
         )
+        for row, tag in stage_rows(stage, step, len(demonstrations), seed)
+    ]
     return TrainBatch(step, samples, temperature=1.0, objective="sft")

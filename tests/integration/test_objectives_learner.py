@@ -145,3 +145,23 @@ def test_two_ranks_take_the_same_dpo_and_sft_steps_as_one(local_ray, tiny_model_
         assert two.extra.get("dpo_reward_margin_mean") == pytest.approx(
             one.extra.get("dpo_reward_margin_mean")
         )
+
+
+def test_a_batch_may_carry_its_own_learning_rate(tiny_model_dir):
+    """A stage's learning rate: Adam's first step moves each weight with a gradient by about the
+    learning rate itself (m̂ / √v̂ = ±1), so the step's size shows the rate it took."""
+    learner = fp32_learner(tiny_model_dir)
+    samples = make_samples([0.0] * 4)
+
+    def largest_move(batch: TrainBatch) -> float:
+        before = [p.detach().clone() for p in learner.trainable]
+        learner.train_step(batch)
+        return max((p.detach() - b).abs().max().item() for p, b in zip(learner.trainable, before))
+
+    own = largest_move(TrainBatch(0, samples, temperature=1.0, objective="sft", learning_rate=3e-3))
+    assert own == pytest.approx(3e-3, rel=0.01)
+    assert [g["lr"] for g in learner.engine.optimizer.param_groups] == [3e-3] * len(
+        learner.engine.optimizer.param_groups
+    )
+    learner.train_step(TrainBatch(1, samples, temperature=1.0, objective="sft"))  # None: the configured one
+    assert {g["lr"] for g in learner.engine.optimizer.param_groups} == {learner.settings.learning_rate}

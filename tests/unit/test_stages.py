@@ -65,7 +65,11 @@ def test_the_stages_are_a_schedule_over_the_jobs_steps(tmp_path):
     "stages, extra, message",
     [
         ("[{kind: sft, steps: 2}]", "", "stage kind sft needs data"),
-        ("[{kind: grpo, steps: 2, data: demos.jsonl}]", "", "stage kind grpo takes its prompts from data.train"),
+        (
+            "[{kind: grpo, steps: 2, data: demos.jsonl}]",
+            "",
+            "stage kind grpo takes its prompts from data.train",
+        ),
         ("[{kind: grpo, steps: 2}]", "steps: 5\n", "steps=5, but the stages have 2"),
         ("[{kind: ppo, steps: 2}]", "", "stages.0.kind"),
         ("[{kind: dpo, steps: 2}]", "", "stage kind dpo needs data: a JSONL file of preference pairs"),
