@@ -76,6 +76,20 @@ def test_the_stages_are_a_schedule_over_the_jobs_steps(tmp_path):
         ("[{kind: dpo, steps: 2, online: true, data: d.jsonl}]", "", r"dpo \(online\) takes its prompts"),
         ("[{kind: grpo, steps: 2, min_reward: 1}]", "", "min_reward is for rejection_sft stages, not grpo"),
         ("[{kind: sft, steps: 2, data: d.jsonl, online: true}]", "", "online is for dpo stages"),
+        ("[{kind: distill, steps: 1}]", "", "stage kind distill needs teacher"),
+        (
+            "[{kind: grpo, steps: 1, teacher: {system_prompt: x}}]",
+            "",
+            "teacher is for distill stages, not grpo",
+        ),
+        ("[{kind: distill, steps: 1, teacher: {}}]", "", "the job's own model with the student's own prompt"),
+        ("[{kind: distill, steps: 1, teacher: {system_prompt: x, batch_size: 0}}]", "", "teacher.batch_size"),
+        ("[{kind: distill, steps: 1, teacher: {temperature: 1}}]", "", "teacher.temperature: unknown field"),
+        (
+            "[{kind: distill, steps: 1, teacher: {system_prompt: x}}]",
+            "rollout: {environment: {type: tools, path: tools.py}}\n",
+            "distill is single-turn only",
+        ),
     ],
 )
 def test_bad_stages_are_named(tmp_path, stages, extra, message):
