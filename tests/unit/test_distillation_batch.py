@@ -138,3 +138,22 @@ def test_a_step_with_only_stale_rollouts_trains_nothing(job, scored, teacher):
     )
     assert built.batch.samples == [] and built.stale_dropped == len(scored)
     assert "distill_reverse_kl" not in built.extra  # no token to average over
+
+
+def test_a_shared_prompt_runs_once_and_scores_as_whole_sequences_do(tiny_model_dir):
+    """The teacher's prefix sharing (the prompt's KV cache extended by each completion) against
+    whole-sequence forwards: ragged completions, one of length 1, a group larger than batch_size."""
+    teacher = Teacher(str(tiny_model_dir), dtype="float32", batch_size=2)
+    prompt_a, prompt_b = [5, 9, 14, 2], [7, 3]
+    sequences = [(prompt_a, [4, 8, 15]), (prompt_b, [16]), (prompt_a, [23, 42]), (prompt_a, [1, 2, 3, 4, 5])]
+    calls = []
+    decoder = teacher.decoder.forward
+    teacher.decoder.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or decoder(*a, **k)
+    shared = teacher.batch_token_logprobs(sequences, TEMPERATURE)
+    # prompt_a: its prompt, then 2 completions (each but its last token); again for the third.
+    # prompt_b: its prompt only (a completion of one token is predicted by the prompt).
+    assert [tuple(shape) for shape in calls] == [(1, 4), (2, 2), (1, 4), (1, 4), (1, 2)]
+    whole = teacher._whole_sequences(sequences, TEMPERATURE)
+    assert [len(row) for row in shared] == [3, 1, 2, 5]
+    for got, expected in zip(shared, whole):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
