@@ -6,7 +6,9 @@
   collect        each prompt's group as it comes off a rollout worker (`Rollout`s), graded at
                  once by the reward pool (`ScoredRollout`s); topped up with more prompts while
                  dynamic sampling wants more groups with signal; appended to the scored-rollout stream
-  build batch    group-normalised advantages, stale rollouts left out (`TrainBatch`)
+  build batch    the step's stage makes its `TrainBatch` (stage_batches.py): grpo's group-normalised
+                 advantages, stale rollouts left out; or rejection sft, dpo pairs, distillation;
+                 or, for a stage with data of its own (sft, offline dpo), that data instead of rollouts
   train          one learner step (`StepStats`); too many non-finite steps in a row stop the job
   publish        the new version over the weight-sync channel to every rollout worker
   record         driver state, samples.jsonl, metrics (assembled in `records.step_metrics`),
@@ -33,7 +35,7 @@ from reward_workers.interface import ScoredRollout
 from services.config import JobConfig, dump_config
 from services.jobs.control import JobControl, RegistryControl
 from services.jobs.registry import JobRegistry, open_registry
-from services.orchestrator.batch import BuiltBatch, build_batch, group_requests, step_sampling
+from services.orchestrator.batch import group_requests, step_sampling
 from services.orchestrator.budget import WallClockBudget
 from services.orchestrator.checkpoints import (
     DriverState,
@@ -42,7 +44,6 @@ from services.orchestrator.checkpoints import (
     roll_back,
     save_checkpoint,
 )
-from services.orchestrator.distillation import actor_scoring, distillation_batch
 from services.orchestrator.evaluation import (
     HeldoutEvaluator,
     format_summary,
@@ -50,14 +51,13 @@ from services.orchestrator.evaluation import (
     heldout_sets_metrics,
 )
 from services.orchestrator.metrics import RunMetrics
-from services.orchestrator.preferences import StageReference, online_pairs_batch
 from services.orchestrator.progress import StepProgress
 from services.orchestrator.records import StepRecord, step_metrics, write_samples
-from services.orchestrator.rejection import rejection_batch
 from services.orchestrator.rollout_stream import ScoredRolloutStream
 from services.orchestrator.selection import PromptSource
 from services.orchestrator.setup import Actors, JobInputs, start_actors
-from services.orchestrator.stages import StagePlan, demonstration_batch, offline_step
+from services.orchestrator.stage_batches import StageBatches
+from services.orchestrator.stages import StagePlan
 from weight_sync.channel import SyncResult
 
 log = logging.getLogger("rft.driver")
@@ -122,10 +122,7 @@ class Orchestrator:
         self.budget = budget
         self.last_step = cfg.steps  # earlier when the budget runs out
         self.plan = StagePlan(cfg)
-        self.references = {  # offline dpo stages: their pairs' log-probs at the stage's start
-            index: StageReference(cfg.run_dir / "stages" / f"{index + 1}-dpo-reference.json", pairs)
-            for index, pairs in inputs.preference_pairs.items()
-        }
+        self.batches = StageBatches(cfg, inputs, actors)  # what a step trains on, by its stage
         self.resumed_at: int | None = None  # the step a resumed run went on from
 
     def run(self, resume: bool) -> dict:
@@ -151,9 +148,11 @@ class Orchestrator:
             self.submit(ahead)
         if self.plan.generates(step):
             record = self.collect_and_grade(step)
-            record.built = self.build_batch(step, record.scored)
+            record.built = self.batches.of_rollouts(
+                self.plan.of(step), step, record.scored, self.state.policy_version
+            )
         else:
-            record = self.take_stage_data(step)
+            record = self.batches.of_stage_data(self.plan.of(step), step, self.state.policy_version)
         record.stats = self.train(record)
         record.sync = self.publish(record.stats)
         if not self.budget.step_ended():
@@ -244,32 +243,6 @@ class Orchestrator:
             generation_seconds=last_group_at - self.submitted_at.pop(step, last_group_at),
             reward_seconds=time.perf_counter() - last_group_at,
         )
-
-    def build_batch(self, step: int, scored: list[ScoredRollout]) -> BuiltBatch:
-        """The step's rollouts as its stage trains them (services/orchestrator/stages.py)."""
-        stage, group_size = self.plan.of(step), self.cfg.rollout.samples_per_prompt
-        if stage.kind == "rejection_sft":
-            return rejection_batch(step, scored, group_size, stage.config.min_reward)
-        if stage.kind == "dpo":  # online
-            return online_pairs_batch(stage, step, scored, group_size, self.actors.learner.score_sequences)
-        if stage.kind == "distill":
-            teacher = actor_scoring(self.actors.teachers[stage.index])
-            prompt_ids = self.inputs.teachers[stage.index].prompt_ids
-            return distillation_batch(self.cfg, step, scored, self.state.policy_version, teacher, prompt_ids)
-        return build_batch(self.cfg, step, scored, self.state.policy_version)
-
-    def take_stage_data(self, step: int) -> StepRecord:
-        """A step on the stage's own data (no rollouts, nothing to grade): demonstrations for
-        sft, preference pairs against the stage's reference for dpo."""
-        stage, version = self.plan.of(step), self.state.policy_version
-        if stage.kind == "sft":
-            demonstrations = self.inputs.demonstrations[stage.index]
-            batch = demonstration_batch(stage, step, demonstrations, self.cfg.seed, version)
-        else:
-            reference = self.references[stage.index]
-            reference.take(step == stage.first_step, self.actors.learner.score_sequences)
-            batch = reference.batch(stage, step, self.cfg.seed, version)
-        return offline_step(step, version, batch)
 
     def grade_as_generated(self, tag) -> tuple[list[ScoredRollout], float]:
         """The groups submitted under `tag`, each graded as it comes off a worker; and when the
