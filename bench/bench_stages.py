@@ -1,18 +1,23 @@
-"""Stage kinds against each other on the demo task, in the same wall-clock budget, on this box.
+"""Recipes for the demo task against each other, in the same wall-clock budget, on this box.
 
 Each method is the demo job (examples/arithmetic.yaml: the embedded SmolLM2-135M-Instruct, 8
-prompts x 8 samples a step, LoRA r16) with `stages:` and `max_minutes`, run one after the other
-(alone on the machine); then the base model and every adapter are evaluated by `rft eval`
-(greedy, 48 new tokens) on the same held-out items and on their paraphrases (no format
-instruction): accuracy, lenient accuracy (the right number in any format), and per item which
-changed right -> wrong and wrong -> right against the base.
+prompts x 8 samples a step, LoRA r16) with `stages:`, its own overrides and `max_minutes`, run one
+after the other (alone on the machine); then the base model and every adapter are evaluated by
+`rft eval` (greedy, 48 new tokens, the demo's grader) on the same held-out items and on their
+paraphrases (no format instruction): accuracy, lenient accuracy (the right number in any format),
+per item which changed right -> wrong and wrong -> right against the base, and the gain per
+minute of training budget.
 
-  grpo             the demo as it is
-  rejection->grpo  rejection_sft (keep the samples with the right number, any format: reward >=
-                   0.3) for --rejection-steps steps, then grpo
-  dpo-online       dpo on each step's best and worst sample of a group
-  distill          on-policy distillation from the same base prompted with four worked examples
-                   (examples/arithmetic/few_shot.jsonl) the student never sees
+  grpo              the demo's stage with the partial-credit reward (0.2 of it for the format alone)
+  grpo+dynamic      the same with dynamic sampling (algorithm.min_signal_groups 6)
+  grpo+strict       dynamic sampling, and the format's credit paid only with the right number
+                    (the grader's FORMAT_NEEDS_RIGHT_NUMBER)
+  rejection->grpo   rejection_sft (keep the samples with the right number, any format: reward >=
+                    0.3) for --rejection-steps steps, then grpo
+  dpo-online        dpo on each step's best and worst sample of a group
+  dpo-online+strict the same on the strict reward
+  distill           on-policy distillation from the same base prompted with four worked examples
+                    (examples/arithmetic/few_shot.jsonl) the student never sees
 
     .venv/bin/python bench/bench_stages.py [--minutes 6] [--limit 200] [--methods grpo,distill]
 """
@@ -31,18 +36,35 @@ sys.path.insert(0, str(ROOT))
 from bench.common import EXAMPLE, compare, evaluate, measures  # noqa: E402
 
 LONG = 100_000  # a stage's steps: the budget ends it
+DYNAMIC = "algorithm.min_signal_groups=6"
+STRICT = "strict"  # stands for the strict grader's path, written into the run root
 
 
-def methods(rejection_steps: int) -> dict[str, str]:
-    """Method -> its `stages` (YAML)."""
+def methods(rejection_steps: int) -> dict[str, tuple[str, list[str]]]:
+    """Method -> its `stages` (YAML) and its other overrides."""
     few_shot = EXAMPLE / "few_shot.jsonl"
+    rejection = f"{{kind: rejection_sft, steps: {rejection_steps}, min_reward: 0.3}}"
+    grpo, dpo_online = f"[{{kind: grpo, steps: {LONG}}}]", f"[{{kind: dpo, steps: {LONG}, online: true}}]"
     return {
-        "grpo": f"[{{kind: grpo, steps: {LONG}}}]",
-        "rejection->grpo": f"[{{kind: rejection_sft, steps: {rejection_steps}, min_reward: 0.3}}, "
-        f"{{kind: grpo, steps: {LONG}}}]",
-        "dpo-online": f"[{{kind: dpo, steps: {LONG}, online: true}}]",
-        "distill": f"[{{kind: distill, steps: {LONG}, teacher: {{few_shot: {few_shot}}}}}]",
+        "grpo": (grpo, []),
+        "grpo+dynamic": (grpo, [DYNAMIC]),
+        "grpo+strict": (grpo, [DYNAMIC, STRICT]),
+        "rejection->grpo": (f"[{rejection}, {{kind: grpo, steps: {LONG}}}]", []),
+        "dpo-online": (dpo_online, []),
+        "dpo-online+strict": (dpo_online, [STRICT]),
+        "distill": (f"[{{kind: distill, steps: {LONG}, teacher: {{few_shot: {few_shot}}}}}]", []),
     }
+
+
+def strict_grader(out: Path) -> Path:
+    """The demo's grader with the format's credit paid only with the right number."""
+    source = (EXAMPLE / "grader.py").read_text()
+    assert "\nFORMAT_NEEDS_RIGHT_NUMBER = False\n" in source, "the grader's switch moved"
+    path = out / "grader_strict.py"
+    path.write_text(
+        source.replace("\nFORMAT_NEEDS_RIGHT_NUMBER = False\n", "\nFORMAT_NEEDS_RIGHT_NUMBER = True\n")
+    )
+    return path
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,29 +80,44 @@ def parse_args() -> argparse.Namespace:
 
 
 def file_name(method: str) -> str:
-    return method.replace(">", "").replace("-", "_")
+    return method.replace(">", "").replace("-", "_").replace("+", "_")
 
 
-def train(method: str, stages: str, minutes: float, out: Path) -> tuple[Path, int, float]:
+def train(method: str, recipe: tuple[str, list[str]], minutes: float, out: Path) -> dict:
+    """Runs the method's job; its adapter, steps, wall seconds and flat share of groups."""
+    stages, extra = recipe
     name = f"{file_name(method)}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.monotonic()
     command = [sys.executable, "-m", "services.cli", "run", str(ROOT / "examples" / "arithmetic.yaml")]
     overrides = [f"name={name}", f"run_root={out}", f"max_minutes={minutes}", f"stages={stages}"]
     overrides += ["steps=null", "data.heldout=null", "eval.extra_heldout={}"]  # evaluated alike, below
+    overrides += [f"reward.grader.source={strict_grader(out)}" if o == STRICT else o for o in extra]
     subprocess.run(command + [arg for o in overrides for arg in ("-o", o)], check=True)
     summary = json.loads((out / name / "summary.json").read_text())
-    return Path(summary["adapter"]), summary["steps"], time.monotonic() - started
+    steps = [
+        m
+        for m in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines())
+        if "signal_groups" in m
+    ]
+    groups = sum(m["zero_signal_groups"] + m["signal_groups"] for m in steps)
+    return {
+        "adapter": Path(summary["adapter"]),
+        "steps": summary["steps"],
+        "seconds": time.monotonic() - started,
+        "flat_share": sum(m["zero_signal_groups"] for m in steps) / groups if groups else float("nan"),
+    }
 
 
 def main() -> None:
     args = parse_args()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = {m: methods(args.rejection_steps)[m] for m in args.methods.split(",")}
-    trained = {method: train(method, stages, args.minutes, args.out) for method, stages in chosen.items()}
+    trained = {method: train(method, recipe, args.minutes, args.out) for method, recipe in chosen.items()}
     sets = {"held-out": EXAMPLE / "heldout.jsonl", "paraphrased": EXAMPLE / "heldout_paraphrased.jsonl"}
     n, gains = args.limit, {}
     for label, data in sets.items():
-        adapters = {"base": None} | {method: adapter for method, (adapter, _, _) in trained.items()}
+        adapters = {"base": None} | {method: run["adapter"] for method, run in trained.items()}
         right = {
             name: measures(evaluate(adapter, data, n, args.out / f"eval-{label}-{file_name(name)}.jsonl"))
             for name, adapter in adapters.items()
@@ -89,10 +126,16 @@ def main() -> None:
             print(f"{label} {method}: {compare(right['base'], right[method], n)}")
             for measure in ("accuracy", "lenient"):
                 points = 100 * (len(right[method][measure]) - len(right["base"][measure])) / n
-                gains.setdefault(method, []).append(f"{label} {measure} {points:+.1f}")
+                per_minute = points / args.minutes
+                gains.setdefault(method, []).append(
+                    f"{label} {measure} {points:+.1f} ({per_minute:+.2f}/min)"
+                )
     print(f"budget {args.minutes:g} min each, n={n}")
-    for method, (_, steps, seconds) in trained.items():
-        print(f"{method}: {steps} steps in {seconds:.0f} s wall; gain (points): {', '.join(gains[method])}")
+    for method, run in trained.items():
+        print(
+            f"{method}: {run['steps']} steps in {run['seconds']:.0f} s wall, flat groups "
+            f"{run['flat_share']:.2f}; gain (points): {', '.join(gains[method])}"
+        )
 
 
 if __name__ == "__main__":

@@ -261,8 +261,9 @@ def walk(grader, where: str = "reward.grader"):
 
 
 def resolve_source_paths(raw: Any, base_dir: Path) -> None:
-    """In a raw (unvalidated) grader spec, make relative python `source` file paths relative to
-    base_dir (the config file's folder) when that file exists there."""
+    """In a raw (unvalidated) grader spec, make relative python `source` file paths absolute:
+    relative to base_dir (the config file's folder) when that file exists there, else to the
+    working directory when it exists there (a `-o` override); the sandbox runs elsewhere."""
     if not isinstance(raw, dict):
         return
     source = raw.get("source")
@@ -270,6 +271,8 @@ def resolve_source_paths(raw: Any, base_dir: Path) -> None:
         path = Path(source).expanduser()
         if not path.is_absolute() and (base_dir / path).exists():
             raw["source"] = str((base_dir / path).resolve())
+        elif not path.is_absolute() and path.is_file():
+            raw["source"] = str(path.resolve())
     if raw.get("type") == "multi" and isinstance(raw.get("graders"), dict):
         for sub in raw["graders"].values():
             resolve_source_paths(sub, base_dir)

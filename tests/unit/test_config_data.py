@@ -49,6 +49,18 @@ def test_override_applies_and_is_validated(tmp_path):
         load_config(write_config(tmp_path), ["steps=zero"])
 
 
+def test_grader_path_from_an_override_is_made_absolute(tmp_path, monkeypatch):
+    """A relative `-o reward.grader.source=` that exists from the working directory (not from the
+    config's folder) becomes absolute: the sandbox opens it from elsewhere."""
+    config = write_config(tmp_path)
+    elsewhere = tmp_path / "cwd"
+    (elsewhere / "graders").mkdir(parents=True)
+    (elsewhere / "graders" / "strict.py").write_text("def grade(sample, item):\n    return 0.0\n")
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(config, ["reward.grader.source=graders/strict.py"])
+    assert cfg.reward.grader.source == str(elsewhere / "graders" / "strict.py")
+
+
 def test_malformed_dataset_line_names_its_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "prompt": "x"}\n\n{"id": "b", "prompt": "y"\n')
