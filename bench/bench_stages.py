@@ -10,8 +10,8 @@ minute of training budget.
 
   grpo              the demo's stage with the partial-credit reward (0.2 of it for the format alone)
   grpo+dynamic      the same with dynamic sampling (algorithm.min_signal_groups 6)
-  grpo+strict       dynamic sampling, and the format's credit paid only with the right number
-                    (the grader's FORMAT_NEEDS_RIGHT_NUMBER)
+  grpo+strict       grpo with the format's credit paid only with the right number (the grader's
+                    FORMAT_NEEDS_RIGHT_NUMBER)
   rejection->grpo   rejection_sft (keep the samples with the right number, any format: reward >=
                     0.3) for --rejection-steps steps, then grpo
   dpo-online        dpo on each step's best and worst sample of a group
@@ -20,6 +20,7 @@ minute of training budget.
                     (examples/arithmetic/few_shot.jsonl) the student never sees
 
     .venv/bin/python bench/bench_stages.py [--minutes 6] [--limit 200] [--methods grpo,distill]
+        [--reuse grpo=runs/bench-stages/grpo-...]   # a run made before, evaluated with the rest
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def methods(rejection_steps: int) -> dict[str, tuple[str, list[str]]]:
     return {
         "grpo": (grpo, []),
         "grpo+dynamic": (grpo, [DYNAMIC]),
-        "grpo+strict": (grpo, [DYNAMIC, STRICT]),
+        "grpo+strict": (grpo, [STRICT]),
         "rejection->grpo": (f"[{rejection}, {{kind: grpo, steps: {LONG}}}]", []),
         "dpo-online": (dpo_online, []),
         "dpo-online+strict": (dpo_online, [STRICT]),
@@ -75,6 +76,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=200, help="held-out items evaluated")
     parser.add_argument("--rejection-steps", type=int, default=8)
     parser.add_argument("--methods", default=",".join(methods(0)), help="comma-separated, in run order")
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="METHOD=RUN_DIR",
+        help="evaluate a run made before with the same --minutes instead of training it again",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-stages")
     return parser.parse_args()
 
@@ -93,19 +101,29 @@ def train(method: str, recipe: tuple[str, list[str]], minutes: float, out: Path)
     overrides += ["steps=null", "data.heldout=null", "eval.extra_heldout={}"]  # evaluated alike, below
     overrides += [f"reward.grader.source={strict_grader(out)}" if o == STRICT else o for o in extra]
     subprocess.run(command + [arg for o in overrides for arg in ("-o", o)], check=True)
-    summary = json.loads((out / name / "summary.json").read_text())
-    steps = [
-        m
-        for m in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines())
-        if "signal_groups" in m
-    ]
+    return read_run(out / name, time.monotonic() - started)
+
+
+def read_run(run_dir: Path, seconds: float) -> dict:
+    """A finished run: its adapter, steps, wall seconds and flat share of groups."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    steps = [m for m in metrics if "signal_groups" in m]
     groups = sum(m["zero_signal_groups"] + m["signal_groups"] for m in steps)
     return {
         "adapter": Path(summary["adapter"]),
         "steps": summary["steps"],
-        "seconds": time.monotonic() - started,
+        "seconds": seconds,
         "flat_share": sum(m["zero_signal_groups"] for m in steps) / groups if groups else float("nan"),
     }
+
+
+def reused(spec: str) -> tuple[str, dict]:
+    """--reuse METHOD=RUN_DIR: a run this bench made before (wall: config.yaml to summary.json)."""
+    method, _, run_dir = spec.partition("=")
+    run_dir = Path(run_dir).resolve()
+    seconds = (run_dir / "summary.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    return method, read_run(run_dir, seconds)
 
 
 def main() -> None:
@@ -113,7 +131,8 @@ def main() -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = {m: methods(args.rejection_steps)[m] for m in args.methods.split(",")}
-    trained = {method: train(method, recipe, args.minutes, args.out) for method, recipe in chosen.items()}
+    trained = dict(map(reused, args.reuse))
+    trained |= {method: train(method, recipe, args.minutes, args.out) for method, recipe in chosen.items()}
     sets = {"held-out": EXAMPLE / "heldout.jsonl", "paraphrased": EXAMPLE / "heldout_paraphrased.jsonl"}
     n, gains = args.limit, {}
     for label, data in sets.items():

@@ -83,6 +83,16 @@ def rollout_sample(rollout: Rollout, advantage: float, **fields) -> TrainSample:
     )
 
 
+def data_sample(
+    sample_id: str, prompt_ids: list[int], completion_ids: list[int], policy_version: int, **fields
+) -> TrainSample:
+    """A completion from data (a demonstration, a preference pair's side) as the learner trains it:
+    no behaviour log-probs (the policy never sampled it), no advantage."""
+    return TrainSample(
+        sample_id, prompt_ids, completion_ids, [], 0.0, policy_version=policy_version, **fields
+    )
+
+
 def has_policy_tokens(rollout: Rollout) -> bool:
     """False for an episode that failed before the model acted: scored, nothing to train."""
     return rollout.loss_mask is None or any(rollout.loss_mask)

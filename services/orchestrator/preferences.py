@@ -18,7 +18,14 @@ from typing import Callable
 
 from learner.interface import TrainBatch, TrainSample
 from reward_workers.interface import ScoredRollout
-from services.orchestrator.batch import BuiltBatch, groups_of, has_policy_tokens, is_flat, rollout_sample
+from services.orchestrator.batch import (
+    BuiltBatch,
+    data_sample,
+    groups_of,
+    has_policy_tokens,
+    is_flat,
+    rollout_sample,
+)
 from services.orchestrator.demonstrations import PreferencePair
 from services.orchestrator.stages import Stage, stage_rows
 
@@ -28,13 +35,11 @@ ScoreSequences = Callable[[list[TrainSample]], list[float]]  # Σ log π of each
 def pair_samples(pair: PreferencePair, tag: str, policy_version: int) -> list[TrainSample]:
     """The pair as two dpo samples, chosen first (`tag`: its stage and pass, `stage_rows`)."""
     return [
-        TrainSample(
+        data_sample(
             f"{pair.id}/{side}@{tag}",
             pair.prompt_ids,
             completion_ids,
-            behaviour_logprobs=[],
-            advantage=0.0,
-            policy_version=policy_version,
+            policy_version,
             pair_id=f"{pair.id}@{tag}",
             preferred=side == "chosen",
         )

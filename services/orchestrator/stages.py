@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from learner.interface import TrainBatch, TrainSample
+from learner.interface import TrainBatch
 from services.config import JobConfig, StageConfig
-from services.orchestrator.batch import BuiltBatch
+from services.orchestrator.batch import BuiltBatch, data_sample
 from services.orchestrator.demonstrations import Demonstration
 from services.orchestrator.records import StepRecord
 from services.orchestrator.selection import StepPrompts
@@ -90,13 +90,11 @@ def demonstration_batch(
 ) -> TrainBatch:
     """An sft step's demonstrations, `batch_size` of them (`stage_rows`)."""
     samples = [
-        TrainSample(
-            sample_id=f"{demonstrations[row].id}@{tag}",
-            prompt_ids=demonstrations[row].prompt_ids,
-            completion_ids=demonstrations[row].completion_ids,
-            behaviour_logprobs=[],
-            advantage=0.0,
-            policy_version=policy_version,
+        data_sample(
+            f"{demonstrations[row].id}@{tag}",
+            demonstrations[row].prompt_ids,
+            demonstrations[row].completion_ids,
+            policy_version,
         )
         for row, tag in stage_rows(stage, step, len(demonstrations), seed)
     ]
