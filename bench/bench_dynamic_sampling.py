@@ -15,7 +15,6 @@ signal, the extra prompts and the skipped ones, then lines that start exactly
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import flat_share, step_metrics  # noqa: E402
 
 
 def run_job(config: str, steps: int, name: str, run_root: Path, overrides: list[str]) -> dict:
@@ -42,8 +43,7 @@ def run_job(config: str, steps: int, name: str, run_root: Path, overrides: list[
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    lines = (run_root / name / "metrics.jsonl").read_text().splitlines()
-    return {"steps": [m for m in map(json.loads, lines) if "signal_groups" in m], "job_wall": wall}
+    return {"steps": step_metrics(run_root / name), "job_wall": wall}
 
 
 def report(name: str, run: dict) -> None:
@@ -78,14 +78,10 @@ def main() -> None:
             runs[name] = run_job(args.config, args.steps, f"dynamic-{name}", Path(tmp), args.override + extra)
             report(name, runs[name])
     off, on = runs["off"], runs["on"]
-    flat_share = {
-        name: sum(m["zero_signal_groups"] for m in run["steps"])
-        / sum(m["zero_signal_groups"] + m["signal_groups"] for m in run["steps"])
-        for name, run in runs.items()
-    }
+    flat = {name: flat_share(run["steps"]) for name, run in runs.items()}
     signal = {name: mean_of(run, "signal_groups") for name, run in runs.items()}
     print(f"signal groups per step off/on: {signal['off']:.2f} / {signal['on']:.2f}")
-    print(f"flat share of groups off/on: {flat_share['off']:.2f} / {flat_share['on']:.2f}")
+    print(f"flat share of groups off/on: {flat['off']:.2f} / {flat['on']:.2f}")
     trained = mean_of(on, "samples_trained_count") / max(mean_of(off, "samples_trained_count"), 1e-9)
     print(f"samples trained per step ratio on/off: {trained:.2f}")
     print(f"job wall ratio on/off: {on['job_wall'] / off['job_wall']:.2f}")

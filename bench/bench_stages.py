@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import EXAMPLE, compare, evaluate, measures  # noqa: E402
+from bench.common import EXAMPLE, compare, evaluate, flat_share, measures, step_metrics  # noqa: E402
 
 LONG = 100_000  # a stage's steps: the budget ends it
 DYNAMIC = "algorithm.min_signal_groups=6"
@@ -92,7 +92,7 @@ def file_name(method: str) -> str:
 
 
 def train(method: str, recipe: tuple[str, list[str]], minutes: float, out: Path) -> dict:
-    """Runs the method's job; its adapter, steps, wall seconds and flat share of groups."""
+    """Runs the method's job (`read_run`)."""
     stages, extra = recipe
     name = f"{file_name(method)}-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.monotonic()
@@ -107,14 +107,11 @@ def train(method: str, recipe: tuple[str, list[str]], minutes: float, out: Path)
 def read_run(run_dir: Path, seconds: float) -> dict:
     """A finished run: its adapter, steps, wall seconds and flat share of groups."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    steps = [m for m in metrics if "signal_groups" in m]
-    groups = sum(m["zero_signal_groups"] + m["signal_groups"] for m in steps)
     return {
         "adapter": Path(summary["adapter"]),
         "steps": summary["steps"],
         "seconds": seconds,
-        "flat_share": sum(m["zero_signal_groups"] for m in steps) / groups if groups else float("nan"),
+        "flat_share": flat_share(step_metrics(run_dir)),
     }
 
 

@@ -28,6 +28,18 @@ def rollout_bench_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def step_metrics(run_dir: Path) -> list[dict]:
+    """A finished run's metrics.jsonl lines of its training steps (the ones that count groups)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "signal_groups" in m]
+
+
+def flat_share(steps: list[dict]) -> float:
+    """The share of the steps' groups whose rewards were all equal (nan: no groups counted)."""
+    groups = sum(m["zero_signal_groups"] + m["signal_groups"] for m in steps)
+    return sum(m["zero_signal_groups"] for m in steps) / groups if groups else float("nan")
+
+
 def evaluate(adapter: Path | None, data: Path, limit: int, output: Path) -> dict[str, dict]:
     """rft eval, greedy: per item (id -> its result line)."""
     command = [sys.executable, "-m", "services.cli", "eval", "--data", str(data)]

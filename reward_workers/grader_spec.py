@@ -269,10 +269,11 @@ def resolve_source_paths(raw: Any, base_dir: Path) -> None:
     source = raw.get("source")
     if raw.get("type", "python") == "python" and isinstance(source, str) and "\n" not in source:
         path = Path(source).expanduser()
-        if not path.is_absolute() and (base_dir / path).exists():
-            raw["source"] = str((base_dir / path).resolve())
-        elif not path.is_absolute() and path.is_file():
-            raw["source"] = str(path.resolve())
+        if not path.is_absolute():
+            if (base_dir / path).exists():
+                raw["source"] = str((base_dir / path).resolve())
+            elif path.is_file():
+                raw["source"] = str(path.resolve())
     if raw.get("type") == "multi" and isinstance(raw.get("graders"), dict):
         for sub in raw["graders"].values():
             resolve_source_paths(sub, base_dir)
