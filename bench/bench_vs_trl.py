@@ -1,14 +1,14 @@
 """rft against TRL's GRPOTrainer on the same work, in the same wall-clock budget, on this box.
 
-Same model (the converted embedded SmolLM2-135M-Instruct), training items and reward function
-(the demo's: examples/arithmetic/), sampling (8 prompts x 8 samples a step, temperature 0.7, full
-vocabulary, <= 48 new tokens), LoRA r16 q/k/v/o, lr 1e-4, no KL. rft runs the demo job with
-`max_minutes`; TRL runs bench/trl_grpo_run.py (GRPOTrainer, installed here into its own venv,
-pinned: TRL_PIN, and the torch/transformers/peft versions of rft's venv) under the same budget
-rule. One after the other, alone on the machine. Both adapters, and the base model, are then
-evaluated by `rft eval` (greedy) on the same held-out items and on their paraphrases (no format
-instruction): accuracy, lenient accuracy (the right number in any format), and per item which
-changed right -> wrong and wrong -> right against the base.
+Same model (the converted embedded SmolLM2-135M-Instruct), training items and reward function (the
+demo's: examples/arithmetic/), sampling (8 prompts x 8 samples a step, temperature 0.7, full
+vocabulary, <= 48 new tokens), LoRA r16 q/k/v/o, the demo's lr (examples/arithmetic.yaml), no KL.
+rft runs the demo job with `max_minutes`; TRL runs bench/trl_grpo_run.py (GRPOTrainer, installed
+here into its own venv, pinned: TRL_PIN, and the torch/transformers/peft versions of rft's venv)
+under the same budget rule. One after the other, alone on the machine. Both adapters, and the base
+model, are then evaluated by `rft eval` (greedy) on the same held-out items and on their
+paraphrases (no format instruction): accuracy, lenient accuracy (the right number in any format),
+and per item which changed right -> wrong and wrong -> right against the base.
 
     .venv/bin/python bench/bench_vs_trl.py [--minutes 10] [--limit 200]
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import EXAMPLE, compare, evaluate, measures  # noqa: E402
+from services.config import load_config  # noqa: E402
 
 TRL_PIN = "trl==1.16.0"
 TRL_VENV = ROOT / ".venv-trl"
@@ -77,6 +78,8 @@ def train_trl(python: Path, model: Path, minutes: float, out: Path) -> tuple[Pat
     command = [str(python), str(ROOT / "bench" / "trl_grpo_run.py"), "--model", str(model)]
     command += ["--train", str(EXAMPLE / "train.jsonl"), "--grader", str(EXAMPLE / "grader.py")]
     command += ["--minutes", str(minutes), "--output", str(adapter)]
+    learning_rate = load_config(ROOT / "examples" / "arithmetic.yaml").learner.learning_rate
+    command += ["--learning-rate", str(learning_rate)]
     finished = subprocess.run(command, check=True, capture_output=True, text=True)
     line = next(line for line in finished.stdout.splitlines() if line.startswith("trl-result: "))
     result = json.loads(line.removeprefix("trl-result: "))

@@ -3,7 +3,7 @@
 The same model directory, training items, reward function (examples/arithmetic/grader.py, called
 in-process here: TRL has no sandbox), sampling (8 prompts x 8 samples a step, temperature 0.7,
 full vocabulary, <= 48 new tokens), LoRA (r 16, alpha 32, q/k/v/o, no dropout), optimizer (AdamW,
-lr 1e-4 constant, no weight decay, grad clip 1), no KL term, token-level loss with group
+the demo's lr, constant, no weight decay, grad clip 1), no KL term, token-level loss with group
 std-scaled advantages -- and the same wall-clock budget rule as rft's `max_minutes`: stop once
 the next step would end past it. Writes the adapter to --output and a JSON line of what it did
 to stdout (prefix `trl-result: `).
@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, required=True, help="rft's learner.learning_rate")
     return parser.parse_args()
 
 
@@ -72,7 +73,7 @@ def budget_callback(seconds: float):
     return Budget()
 
 
-def grpo_config(output_dir: str, seed: int):
+def grpo_config(output_dir: str, seed: int, learning_rate: float):
     """The demo's sampling, optimizer and loss in GRPOConfig's terms."""
     import torch
     from trl import GRPOConfig
@@ -86,7 +87,7 @@ def grpo_config(output_dir: str, seed: int):
         temperature=0.7,
         top_p=1.0,
         top_k=0,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=1.0,
@@ -122,7 +123,7 @@ def main() -> None:
     trainer = GRPOTrainer(
         model=args.model,
         reward_funcs=reward_function(args.grader),
-        args=grpo_config(args.output + ".trainer", args.seed),
+        args=grpo_config(args.output + ".trainer", args.seed, args.learning_rate),
         train_dataset=dataset,
         peft_config=lora,
         callbacks=[budget],

@@ -3,8 +3,10 @@
     python examples/arithmetic/generate.py   # writes train, heldout and heldout_paraphrased.jsonl here
 
 Each line: {"id", "messages": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": "42"}}.
-Train and held-out problems come from disjoint seeds and never share a question text;
-heldout_paraphrased.jsonl holds the held-out problems worded differently, without the instruction.
+Train and held-out problems come from disjoint seeds and never share a problem; training items
+are worded with several templates and instructions (or none), held-out ones with the first, and
+heldout_paraphrased.jsonl holds the held-out problems worded as training never is, without the
+instruction.
 """
 
 from __future__ import annotations
@@ -52,29 +54,54 @@ THINGS = [
 ]
 
 
-# How a problem is worded: `train` (training and data.heldout, with the format instruction) and
-# `paraphrased` (the same problems, worded as training never is, with no instruction about the
-# answer's format): a model that only learned the format gains nothing on the second.
+# How a problem is worded. `train`: the first template of each kind words data.heldout; training
+# items draw any of them, with one of TRAINING_INSTRUCTIONS (or none), so what training rewards is
+# answering the question, not answering one sentence pattern. `paraphrased`: the held-out problems
+# worded as training never is, with no instruction about the answer's format: a model that only
+# learned the format (or the wording) gains nothing there.
 WORDINGS = {
     "train": {
-        "add": "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
-        "sub": "{name} has {a} {thing} and gives away {b}. How many {thing} does {name} have left?",
-        "mul": "{name} buys {a} bags with {b} {thing} in each bag. "
-        "How many {thing} does {name} buy in total?",
-        "two_step": "{name} has {a} {thing}, finds {b} more, then gives {c} to a friend. "
-        "How many {thing} does {name} have now?",
+        "add": [
+            "{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+            "{name} collected {a} {thing}, then collected {b} more. "
+            "How many {thing} does {name} have altogether?",
+            "A shelf holds {a} {thing}. {name} puts {b} more on it. How many {thing} are on the shelf?",
+        ],
+        "sub": [
+            "{name} has {a} {thing} and gives away {b}. How many {thing} does {name} have left?",
+            "{name} had {a} {thing} and lost {b} of them. How many {thing} does {name} still have?",
+            "A jar had {a} {thing}. {name} took {b} out of it. How many {thing} does the jar hold now?",
+        ],
+        "mul": [
+            "{name} buys {a} bags with {b} {thing} in each bag. How many {thing} does {name} buy in total?",
+            "{name} lays out {a} rows of {thing} with {b} in every row. How many {thing} are laid out?",
+            "{name} makes {a} piles of {b} {thing}. How many {thing} does {name} make in all?",
+        ],
+        "two_step": [
+            "{name} has {a} {thing}, finds {b} more, then gives {c} to a friend. "
+            "How many {thing} does {name} have now?",
+            "{name} had {a} {thing}, bought {b} more and then lost {c}. How many {thing} does {name} have?",
+            "A bag has {a} {thing}. {name} adds {b} and takes out {c}. How many {thing} are in the bag?",
+        ],
     },
     "paraphrased": {
-        "add": "There are {a} {thing} in {name}'s box. A neighbour adds {b}. What is the total number "
-        "of {thing} in the box?",
-        "sub": "Out of {a} {thing}, {name} hands {b} to classmates. "
-        "What number of {thing} remain with {name}?",
-        "mul": "Each of {a} boxes holds {b} {thing}. {name} takes all the boxes. "
-        "Count the {thing} {name} takes.",
-        "two_step": "{name} starts the day with {a} {thing}. At lunch {name} picks up another {b}, and "
-        "in the evening {c} go to a friend. How many {thing} are left at the end of the day?",
+        "add": [
+            "There are {a} {thing} in {name}'s box. A neighbour adds {b}. What is the total number "
+            "of {thing} in the box?"
+        ],
+        "sub": [
+            "Out of {a} {thing}, {name} hands {b} to classmates. What number of {thing} remain with {name}?"
+        ],
+        "mul": [
+            "Each of {a} boxes holds {b} {thing}. {name} takes all the boxes. Count the {thing} {name} takes."
+        ],
+        "two_step": [
+            "{name} starts the day with {a} {thing}. At lunch {name} picks up another {b}, and "
+            "in the evening {c} go to a friend. How many {thing} are left at the end of the day?"
+        ],
     },
 }
+TRAINING_INSTRUCTIONS = [INSTRUCTION, "Give the final answer as 'Answer: <number>'.", None]
 
 
 def _one_step(rng: random.Random) -> tuple[dict, int]:
@@ -102,8 +129,8 @@ def make_problem(rng: random.Random) -> tuple[dict, int]:
     return _two_step(rng) if rng.random() < 0.3 else _one_step(rng)
 
 
-def worded(problem: dict, wording: str) -> str:
-    return WORDINGS[wording][problem["kind"]].format(**problem)
+def worded(problem: dict, wording: str, variant: int = 0) -> str:
+    return WORDINGS[wording][problem["kind"]][variant].format(**problem)
 
 
 def generate(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) -> list[tuple[dict, int]]:
@@ -121,21 +148,27 @@ def generate(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) ->
 
 
 def as_items(
-    problems: list[tuple[dict, int]], prefix: str, wording: str, instruction: str | None
+    problems: list[tuple[dict, int]],
+    prefix: str,
+    wording: str,
+    instruction: str | None,
+    mixed: random.Random | None = None,
 ) -> list[dict]:
-    return [
-        {
-            "id": f"{prefix}-{index:05d}",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": worded(problem, wording) + (f"\n{instruction}" if instruction else ""),
-                }
-            ],
-            "reward_model": {"ground_truth": str(answer)},
-        }
-        for index, (problem, answer) in enumerate(problems)
-    ]
+    """One item per problem, worded with the first template and `instruction`; with `mixed`, each
+    draws its template and instruction (TRAINING_INSTRUCTIONS) from that generator instead."""
+    items = []
+    for index, (problem, answer) in enumerate(problems):
+        variant = mixed.randrange(len(WORDINGS[wording][problem["kind"]])) if mixed else 0
+        said = mixed.choice(TRAINING_INSTRUCTIONS) if mixed else instruction
+        content = worded(problem, wording, variant) + (f"\n{said}" if said else "")
+        items.append(
+            {
+                "id": f"{prefix}-{index:05d}",
+                "messages": [{"role": "user", "content": content}],
+                "reward_model": {"ground_truth": str(answer)},
+            }
+        )
+    return items
 
 
 def write_jsonl(items: list[dict], path: Path) -> None:
@@ -153,7 +186,9 @@ def main() -> None:
     train = generate(
         args.train, seed=args.seed, prefix="train", exclude={worded(p, "train") for p, _ in heldout}
     )
-    write_jsonl(as_items(train, "train", "train", INSTRUCTION), args.out / "train.jsonl")
+    # Its own generator, so the wording drawn does not change which problems are drawn.
+    mixed = random.Random(args.seed + 2)
+    write_jsonl(as_items(train, "train", "train", INSTRUCTION, mixed), args.out / "train.jsonl")
     write_jsonl(as_items(heldout, "heldout", "train", INSTRUCTION), args.out / "heldout.jsonl")
     # The same held-out problems, worded differently and without the format instruction.
     write_jsonl(as_items(heldout, "paraphrased", "paraphrased", None), args.out / "heldout_paraphrased.jsonl")
