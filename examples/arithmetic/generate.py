@@ -147,6 +147,13 @@ def generate(n: int, seed: int, prefix: str, exclude: set[str] = frozenset()) ->
     return problems
 
 
+def train_and_heldout(n_train: int, n_heldout: int, seed: int) -> tuple[list, list]:
+    """The training and held-out problems: disjoint seeds, and no held-out problem in training."""
+    heldout = generate(n_heldout, seed=seed + 1, prefix="heldout")
+    train = generate(n_train, seed=seed, prefix="train", exclude={worded(p, "train") for p, _ in heldout})
+    return train, heldout
+
+
 def as_items(
     problems: list[tuple[dict, int]],
     prefix: str,
@@ -182,10 +189,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    heldout = generate(args.heldout, seed=args.seed + 1, prefix="heldout")
-    train = generate(
-        args.train, seed=args.seed, prefix="train", exclude={worded(p, "train") for p, _ in heldout}
-    )
+    train, heldout = train_and_heldout(args.train, args.heldout, args.seed)
     # Its own generator, so the wording drawn does not change which problems are drawn.
     mixed = random.Random(args.seed + 2)
     write_jsonl(as_items(train, "train", "train", INSTRUCTION, mixed), args.out / "train.jsonl")

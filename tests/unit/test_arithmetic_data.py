@@ -46,8 +46,6 @@ def test_training_mixes_wordings_and_never_uses_the_paraphrased_ones():
 
 
 def test_held_out_problems_are_not_trained_on():
-    heldout = generate.generate(300, seed=1235, prefix="heldout")
-    held_out_questions = {generate.worded(problem, "train") for problem, _ in heldout}
-    train = generate.generate(2000, seed=1234, prefix="train", exclude=held_out_questions)
+    train, heldout = generate.train_and_heldout(2000, 300, seed=1234)
     problems = [{tuple(sorted(problem.items())) for problem, _ in split} for split in (train, heldout)]
     assert len(problems[0]) == 2000 and not problems[0] & problems[1]
