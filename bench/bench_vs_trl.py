@@ -2,7 +2,8 @@
 
 Same model (the converted embedded SmolLM2-135M-Instruct), training items and reward function (the
 demo's: examples/arithmetic/), sampling (8 prompts x 8 samples a step, temperature 0.7, full
-vocabulary, <= 48 new tokens), LoRA r16 q/k/v/o, the demo's lr (examples/arithmetic.yaml), no KL.
+vocabulary, <= 48 new tokens), LoRA r16 q/k/v/o, the demo's lr and dtype (examples/arithmetic.yaml;
+dtype auto as rft resolves it on this box), no KL.
 rft runs the demo job with `max_minutes`; TRL runs bench/trl_grpo_run.py (GRPOTrainer, installed
 here into its own venv, pinned: TRL_PIN, and the torch/transformers/peft versions of rft's venv)
 under the same budget rule. One after the other, alone on the machine. Both adapters, and the base
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import EXAMPLE, compare, evaluate, measures  # noqa: E402
+from core.dtypes import resolve_dtype  # noqa: E402
 from services.config import load_config  # noqa: E402
 
 TRL_PIN = "trl==1.16.0"
@@ -78,8 +80,10 @@ def train_trl(python: Path, model: Path, minutes: float, out: Path) -> tuple[Pat
     command = [str(python), str(ROOT / "bench" / "trl_grpo_run.py"), "--model", str(model)]
     command += ["--train", str(EXAMPLE / "train.jsonl"), "--grader", str(EXAMPLE / "grader.py")]
     command += ["--minutes", str(minutes), "--output", str(adapter)]
-    learning_rate = load_config(ROOT / "examples" / "arithmetic.yaml").learner.learning_rate
-    command += ["--learning-rate", str(learning_rate)]
+    demo = load_config(ROOT / "examples" / "arithmetic.yaml")
+    # the dtype rft's processes pick on this box (model.dtype auto), so both compute alike
+    command += ["--learning-rate", str(demo.learner.learning_rate)]
+    command += ["--dtype", resolve_dtype(demo.model.dtype)]
     finished = subprocess.run(command, check=True, capture_output=True, text=True)
     line = next(line for line in finished.stdout.splitlines() if line.startswith("trl-result: "))
     result = json.loads(line.removeprefix("trl-result: "))

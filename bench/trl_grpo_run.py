@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, required=True, help="rft's learner.learning_rate")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], required=True, help="rft's, resolved")
     return parser.parse_args()
 
 
@@ -73,7 +74,7 @@ def budget_callback(seconds: float):
     return Budget()
 
 
-def grpo_config(output_dir: str, seed: int, learning_rate: float):
+def grpo_config(output_dir: str, seed: int, learning_rate: float, dtype: str):
     """The demo's sampling, optimizer and loss in GRPOConfig's terms."""
     import torch
     from trl import GRPOConfig
@@ -96,9 +97,9 @@ def grpo_config(output_dir: str, seed: int, learning_rate: float):
         scale_rewards="group",
         num_iterations=1,
         max_steps=10_000,  # the budget ends it
-        bf16=True,
+        bf16=dtype == "bfloat16",
         use_cpu=not torch.cuda.is_available(),
-        model_init_kwargs={"dtype": "bfloat16"},
+        model_init_kwargs={"dtype": dtype},
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -123,7 +124,7 @@ def main() -> None:
     trainer = GRPOTrainer(
         model=args.model,
         reward_funcs=reward_function(args.grader),
-        args=grpo_config(args.output + ".trainer", args.seed, args.learning_rate),
+        args=grpo_config(args.output + ".trainer", args.seed, args.learning_rate, args.dtype),
         train_dataset=dataset,
         peft_config=lora,
         callbacks=[budget],

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from core.dtypes import resolve_dtype
 from core.logs import log_to_file
 from core.telemetry import ComponentMetrics, MetricsContext
 from learner.checkpoint import load_engine_checkpoint, save_model_directory, staged, write_engine_checkpoint
@@ -47,7 +48,7 @@ class Learner(WeightsSender):
         *,
         learner: LearnerConfig,
         algorithm: AlgorithmConfig,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         metrics: MetricsContext | None = None,
         world: WorldSpec | None = None,
@@ -56,13 +57,14 @@ class Learner(WeightsSender):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        dtype = getattr(torch, dtype)
+        setting, dtype_name = dtype, resolve_dtype(dtype)
+        dtype = getattr(torch, dtype_name)
         if learner.zero_stage == 0 and dtype == torch.float32:
             # DeepSpeed's plain fp32 optimizer applies non-finite gradients; every ZeRO stage and
             # its bf16 optimizer skip such a step, which train_step relies on.
             raise ValueError(
-                "learner.zero_stage=0 with model.dtype=float32 cannot skip non-finite steps; "
-                "use zero_stage >= 1 or bfloat16"
+                f"learner.zero_stage=0 with model.dtype={dtype_name} (set: {setting}) cannot skip "
+                "non-finite steps; use zero_stage >= 1 or bfloat16 on a device that has it"
             )
         self.deepspeed = init_distributed(world)
         self.rank, self.world_size = (world.rank, world.world_size) if world else (0, 1)
@@ -84,6 +86,7 @@ class Learner(WeightsSender):
         self.model_path = model_path
         self.lora = learner.lora
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        log.info("model dtype %s (model.dtype: %s)", dtype_name, setting)
         if learner.pack_sequences:
             check_packed_attention(self.model)
         # π_ref, when the loss has a KL term: a LoRA learner switches its adapter off; a full-weight

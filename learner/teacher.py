@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from core.dtypes import resolve_dtype
 from learner.interface import TrainSample
 from learner.logprobs import chunkable_head, completion_logprobs, right_pad
 from learner.samples import policy_mask
@@ -27,14 +28,16 @@ class Teacher:
     def __init__(
         self,
         model_path: str,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str = "cpu",
         batch_size: int = 16,
         chunk_tokens: int | None = 128,
     ):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, resolve_dtype(dtype, device))
+        )
         self.model.requires_grad_(False).eval().to(device)
         self.batch_size, self.chunk_tokens = batch_size, chunk_tokens or 128
         self.head = chunkable_head(self.model)  # None: the model's own logits, whole sequences

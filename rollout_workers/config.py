@@ -71,6 +71,6 @@ class EngineSpec:
     (what a synced adapter must have), and the longest prompt + completion it must hold."""
 
     model_path: str
-    dtype: Literal["bfloat16", "float32"]
+    dtype: Literal["auto", "bfloat16", "float32"]  # auto: core.dtypes.resolve_dtype, per engine
     lora: LoraShape
     max_model_len: int

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.dtypes import resolve_dtype
 from weight_sync.adapter import AdapterWeights
 from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, base_parameters
@@ -35,7 +36,8 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = min(self.eos_ids)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype))
         # The learner's LoRA shape; a fresh adapter has B = 0, so until the first
         # load_adapter this is exactly the base model (policy version 0).
         self.lora = lora

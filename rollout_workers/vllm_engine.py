@@ -35,6 +35,7 @@ from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 
+from core.dtypes import resolve_dtype
 from weight_sync.adapter import AdapterWeights
 from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, full_weight_shapes
@@ -71,7 +72,7 @@ class VLLMEngine:
         )
         self.llm = LLM(
             model=str(model_path),
-            dtype=dtype,
+            dtype=resolve_dtype(dtype),
             max_model_len=max_model_len,
             # Explicit KV-cache size on CPU and GPU alike (a set VLLM_CPU_KVCACHE_SPACE overrides it).
             kv_cache_memory_bytes=kv_cache_gib * 2**30,

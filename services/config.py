@@ -23,7 +23,9 @@ from weight_sync.config import SyncConfig
 class ModelConfig(Section):
     # A local Hugging Face model directory; None = the embedded SmolLM2-135M-Instruct.
     path: str | None = None
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # auto: each process picks bfloat16 where its device has it in hardware (CUDA, a CPU with
+    # AVX-512 BF16 or AMX), float32 elsewhere (core/dtypes.py); or name one for every process.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
 
 class DifficultyFilterConfig(Section):

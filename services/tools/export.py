@@ -87,12 +87,13 @@ def export_run(
     returns what EXPORT_INFO records."""
     policy = find_run_policy(run_dir, checkpoint)
     check_output(output, [run_dir, policy.source], force)
+    dtype = policy.dtype
     with staged(output) as staging:
         if policy.kind == "model":
             shutil.copytree(policy.source, staging, dirs_exist_ok=True)
             exported = "model"
         elif merge:
-            write_merged_model(policy.source, policy.base_model(), policy.dtype, staging)
+            dtype = write_merged_model(policy.source, policy.base_model(), policy.dtype, staging)
             exported = "merged model"
         else:
             shutil.copytree(policy.source, staging, dirs_exist_ok=True)
@@ -104,24 +105,28 @@ def export_run(
             "base_model": str(policy.base_model()) if policy.kind == "adapter" else None,
             "source": str(policy.source.resolve()),
             "checkpoint": policy.checkpoint,
-            "dtype": policy.dtype,
+            "dtype": dtype,
         }
         (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (staging / "README.md").write_text(export_readme(info, output.resolve()))
     return info
 
 
-def write_merged_model(adapter_dir: Path, base_model: Path, dtype: str, directory: Path) -> None:
-    """Base + adapter merged in fp32 (W + alpha/r B A), rounded once to the job's dtype, saved as
-    safetensors with the base's tokenizer, chat template and generation config."""
+def write_merged_model(adapter_dir: Path, base_model: Path, dtype: str, directory: Path) -> str:
+    """Base + adapter merged in fp32 (W + alpha/r B A), rounded once to the job's dtype (auto: the
+    base checkpoint's own, since the machine that loads it may not be this one), saved as
+    safetensors with the base's tokenizer, chat template and generation config. Returns the dtype."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    saved_as = AutoConfig.from_pretrained(base_model).dtype if dtype == "auto" else dtype
+    saved_as = str(saved_as or "float32").removeprefix("torch.")
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.to(getattr(torch, dtype)).save_pretrained(directory, safe_serialization=True)
+    merged.to(getattr(torch, saved_as)).save_pretrained(directory, safe_serialization=True)
     copy_model_side_files(base_model, directory)
+    return saved_as
 
 
 def export_readme(info: dict, output: Path) -> str:

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.dtypes import resolve_dtype
 from rollout_workers.engine_rules import vllm_max_lora_rank
 from services.tools.export import ExportError, find_run_policy
 
@@ -30,7 +31,7 @@ class ServeTarget:
 
     model: Path
     model_name: str
-    dtype: str  # "auto" = the model directory's own
+    dtype: str  # resolved for this machine (core/dtypes.py): a run's model.dtype, or auto
     adapter: Path | None = None
     adapter_name: str | None = None
     lora_rank: int | None = None
@@ -46,13 +47,13 @@ def serve_target(path: Path) -> ServeTarget:
     if (path / "config.yaml").is_file():
         policy = find_run_policy(path)
         if policy.kind == "model":
-            return ServeTarget(policy.source, policy.job, policy.dtype)
+            return ServeTarget(policy.source, policy.job, resolve_dtype(policy.dtype))
         base = policy.base_model()
         rank = json.loads((policy.source / "adapter_config.json").read_text())["r"]
         base_name = base.name if base.name != policy.job else f"{base.name}-base"
-        return ServeTarget(base, base_name, policy.dtype, policy.source, policy.job, rank)
+        return ServeTarget(base, base_name, resolve_dtype(policy.dtype), policy.source, policy.job, rank)
     if (path / "config.json").is_file():
-        return ServeTarget(path, path.resolve().name, "auto")
+        return ServeTarget(path, path.resolve().name, resolve_dtype("auto"))
     raise ExportError(
         f"{path}: neither a run directory (config.yaml) nor a Hugging Face model directory "
         "(config.json); a run's exported adapter is served through its run directory"
