@@ -203,9 +203,12 @@ def test_packed_steps_equal_sorted_ones_with_epochs_and_a_reference(tiny_model_d
             assert getattr(packed_step, name) == pytest.approx(getattr(sorted_step, name), rel=1e-4, abs=1e-6)
     assert stats[1].kl_ref > 0 and stats[1].clip_fraction > 0  # the reference and the clip took part
     # Eight Adam updates, each able to move an element whose gradient is ~eps by a fraction of lr
-    # (see the test above): measured 7e-4 at one element of 2048, the rest within 1e-4.
+    # (see the test above): measured 7e-4 (AVX-512 box) and 1.05e-3 (AVX2 box) at one element of
+    # 2048, the rest within 1e-4. A packing bug (a wrong mask or position) moves many elements.
     for name in tensors:
-        torch.testing.assert_close(packed_tensors[name], tensors[name], rtol=1e-4, atol=1e-3)
+        difference = (packed_tensors[name] - tensors[name]).abs()
+        assert float(difference.max()) < 1e-2  # below one step of lr
+        assert int((difference > 1e-4).sum()) <= max(1, difference.numel() // 1000), name
 
 
 def trained(samples: list[TrainSample], model_dir, **learner) -> tuple[StepStats, dict]:
