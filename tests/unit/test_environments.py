@@ -67,8 +67,8 @@ class Environment:
 
     def do_allocate(self, command):
         blocks = []
-        while True:
-            blocks.append(bytearray(64 * 2**20))
+        while True:  # bytes(n) is calloc'd: address space without touching every page, whose
+            blocks.append(bytes(64 * 2**20))  # faults cost CPU time (2 s was hit on a slow box)
 
     def do_flood(self, command):
         while True:
