@@ -36,8 +36,8 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = min(self.eos_ids)
-        self.dtype = resolve_dtype(dtype, self.device.type)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype))
+        torch_dtype = getattr(torch, resolve_dtype(dtype, self.device.type))
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         # The learner's LoRA shape; a fresh adapter has B = 0, so until the first
         # load_adapter this is exactly the base model (policy version 0).
         self.lora = lora
