@@ -108,7 +108,9 @@ def assert_same_steps(before, one_rank, one_stats, _, two_ranks, two_stats) -> N
     for one, two in zip(one_stats, two_stats):
         # The gradient norm shows a wrongly scaled gradient (which Adam's update would hide).
         assert two.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
-        assert two.loss == pytest.approx(one.loss, rel=1e-5, abs=1e-7)
+        # The loss averages the step's updates, so later updates see weights that already differ
+        # in the last digits (1.4e-5 relative after 4 updates on CI); a wrong share is off by ~2x.
+        assert two.loss == pytest.approx(one.loss, rel=1e-4, abs=1e-7)
         assert two.mismatch_kl == pytest.approx(one.mismatch_kl, rel=1e-6)
         assert two.clip_fraction == pytest.approx(one.clip_fraction, abs=1e-6)
         assert len(two.rank_seconds) == 2 and len(one.rank_seconds) == 1
