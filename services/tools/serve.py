@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.dtypes import resolve_dtype
-from rollout_workers.engine_rules import vllm_max_lora_rank
+from rollout_workers.engine_rules import VLLM_CPU_ENV_DEFAULTS, vllm_max_lora_rank
 from services.tools.export import ExportError, find_run_policy
 
 
@@ -78,8 +78,12 @@ def vllm_server_env(kv_cache_gib: int) -> dict[str, str]:
     """Models are local directories (never a hub); on CPU vLLM sizes its KV cache from
     VLLM_CPU_KVCACHE_SPACE (GiB), which the caller's environment may set itself. The server runs
     its engine in its own process (the rollout engine's in-process setting is dropped)."""
+    import torch
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    if not torch.cuda.is_available():
+        env = {**VLLM_CPU_ENV_DEFAULTS, **env}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     return env
 
